@@ -1,0 +1,38 @@
+"""The three ways a pipeline ends badly, each with its exit code (DESIGN.md: Exit codes)."""
+
+
+class InputError(Exception):
+    """The pipeline file or an input it names is invalid (exit 2).
+
+    `key` is the dotted path of the offending key in the pipeline file, so the
+    message can name file, key and what was expected on one line.
+    """
+
+    exit_code = 2
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+    def format(self, file: str | None) -> str:
+        where = f"{file}: " if file else ""
+        key = f"{self.key}: " if self.key else ""
+        return f"{where}{key}{self.message}"
+
+
+class GateFailed(Exception):
+    """At least one deployment gate failed (exit 1)."""
+
+    exit_code = 1
+
+
+class StageFailed(Exception):
+    """A stage raised at run time (exit 3)."""
+
+    exit_code = 3
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.cause = cause

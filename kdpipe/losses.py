@@ -1,0 +1,227 @@
+"""The distillation losses as pure functions, exactly as METHODS.md states them.
+
+Each returns a 0-dim tensor and is differentiable in the student's inputs.
+They are public API: `from kdpipe.losses import nst_loss` works in any loop.
+Shapes: logits N×C; feature maps N×K×H×W (channel counts may differ between
+student and teacher where the formula allows it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "kd_loss", "fitnet_loss", "at_loss", "nst_loss", "rkd_loss", "sp_loss", "dml_loss",
+    "cwtm_weights", "dkpp_targets", "adversarial_d_loss", "adversarial_g_loss",
+]
+
+KERNELS = ("linear", "polynomial", "gaussian")
+GAN_MODES = ("bce", "lsgan")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Hinton KD: T² · mean_n Σ_c p_t^T (log p_t^T − log p_s^T), i.e. T²·KL(p_t^T ‖ p_s^T) with "batchmean".
+
+    The T² factor keeps the gradient's scale comparable across temperatures:
+    ∂/∂z_s = T·(p_s^T − p_t^T)/N.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def fitnet_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """FitNets hint: mean over all elements of (regressed student feature − teacher feature)²."""
+    if student_feat.shape != teacher_feat.shape:
+        raise ValueError(f"fitnet_loss needs equal shapes after the regressor, got {tuple(student_feat.shape)} "
+                         f"and {tuple(teacher_feat.shape)}")
+    return (student_feat - teacher_feat).pow(2).mean()
+
+
+def _pool_to_smaller(student_feat: torch.Tensor, teacher_feat: torch.Tensor, name: str):
+    """Adaptive-average-pool the map with the larger H×W to the smaller one's H×W."""
+    if student_feat.ndim != 4 or teacher_feat.ndim != 4:
+        raise ValueError(f"{name} needs N×K×H×W feature maps, got {tuple(student_feat.shape)} and {tuple(teacher_feat.shape)}")
+    if student_feat.shape[0] != teacher_feat.shape[0]:
+        raise ValueError(f"{name}: batch sizes differ ({student_feat.shape[0]} vs {teacher_feat.shape[0]})")
+    hs, ws = student_feat.shape[2:]
+    ht, wt = teacher_feat.shape[2:]
+    if (hs, ws) == (ht, wt):
+        return student_feat, teacher_feat
+    if hs * ws > ht * wt:
+        student_feat = F.adaptive_avg_pool2d(student_feat, (ht, wt))
+    else:
+        teacher_feat = F.adaptive_avg_pool2d(teacher_feat, (hs, ws))
+    if student_feat.shape[2:] != teacher_feat.shape[2:]:
+        raise ValueError(f"{name}: cannot pool {hs}×{ws} and {ht}×{wt} to one size")
+    return student_feat, teacher_feat
+
+
+def _attention_map(feat: torch.Tensor, p: float) -> torch.Tensor:
+    return F.normalize(feat.abs().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+def at_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis): a(F) = normalize(mean_c |F|^p, flattened) per sample;
+    loss = mean over N and positions of (a(F_s) − a(F_t))². The larger map is pooled to the smaller H×W.
+    (|F|^p equals F^p for the default p = 2.)
+    """
+    student_feat, teacher_feat = _pool_to_smaller(student_feat, teacher_feat, "at_loss")
+    return (_attention_map(student_feat, p) - _attention_map(teacher_feat, p)).pow(2).mean()
+
+
+def _kernel(x: torch.Tensor, y: torch.Tensor, kernel: str, degree: int, c: float, sigma2: float) -> torch.Tensor:
+    """k(x_i, y_j) for every pair: x is N×A×D, y is N×B×D (rows unit-norm), result N×A×B."""
+    dot = torch.bmm(x, y.transpose(1, 2))
+    if kernel == "linear":
+        return dot
+    if kernel == "polynomial":
+        return (dot + c).pow(degree)
+    # ‖x − y‖² = 2 − 2xᵀy for unit vectors; clamped at 0 against rounding.
+    return torch.exp(-(2.0 - 2.0 * dot).clamp(min=0.0) / (2.0 * sigma2))
+
+
+def nst_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, kernel: str = "polynomial", degree: int = 2,
+             c: float = 0.0, sigma2: float = 1.0) -> torch.Tensor:
+    """Neuron Selectivity Transfer (Huang & Wang 2017): biased MMD² between channel distributions.
+
+    Each channel, L2-normalized over its H×W positions, is one sample; per batch item
+    MMD² = mean_{i,i'} k(t_i, t_i') + mean_{j,j'} k(s_j, s_j') − 2·mean_{i,j} k(t_i, s_j),
+    averaged over N. Kernels: linear xᵀy; polynomial (xᵀy + c)^degree; gaussian
+    exp(−‖x − y‖²/(2·sigma2)). Channel counts may differ; the larger map is pooled
+    to the smaller H×W.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel '{kernel}'; expected one of {', '.join(KERNELS)}")
+    if kernel == "gaussian" and sigma2 <= 0:
+        raise ValueError(f"sigma2 must be > 0, got {sigma2}")
+    student_feat, teacher_feat = _pool_to_smaller(student_feat, teacher_feat, "nst_loss")
+    s = F.normalize(student_feat.flatten(2), dim=2, eps=1e-12)
+    t = F.normalize(teacher_feat.flatten(2), dim=2, eps=1e-12)
+    if kernel == "linear":  # the three terms collapse to ‖mean_i t_i − mean_j s_j‖²
+        return (t.mean(dim=1) - s.mean(dim=1)).pow(2).sum(dim=1).mean()
+    k_tt = _kernel(t, t, kernel, degree, c, sigma2).mean(dim=(1, 2))
+    k_ss = _kernel(s, s, kernel, degree, c, sigma2).mean(dim=(1, 2))
+    k_ts = _kernel(t, s, kernel, degree, c, sigma2).mean(dim=(1, 2))
+    return (k_tt + k_ss - 2.0 * k_ts).mean()
+
+
+def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    sq = x.pow(2).sum(dim=1)
+    squared = (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp(min=1e-12)
+    off_diagonal = 1.0 - torch.eye(len(x), device=x.device, dtype=x.dtype)
+    return squared.sqrt() * off_diagonal
+
+
+def _normalized_distances(x: torch.Tensor) -> torch.Tensor:
+    dist = _pairwise_distances(x)
+    return dist / dist[dist > 0].mean()
+
+
+def _angles(x: torch.Tensor) -> torch.Tensor:
+    """cos∠(x_i, x_j, x_k) = ⟨e_ij, e_kj⟩ with e_ij = normalize(x_i − x_j), for all N³ triples."""
+    e = F.normalize(x[None, :, :] - x[:, None, :], dim=2)  # e[j, i] = normalize(x_i − x_j)
+    return torch.bmm(e, e.transpose(1, 2))
+
+
+def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, distance_weight: float = 25.0,
+             angle_weight: float = 50.0) -> torch.Tensor:
+    """Relational KD (Park et al. 2019): distance_weight·smooth-L1(ψ_D) + angle_weight·smooth-L1(ψ_A).
+
+    ψ_D: pairwise Euclidean distances, each matrix divided by the mean of its positive
+    entries. ψ_A: cosines of the angle at x_j for every triple (i, j, k). Both smooth-L1
+    (δ = 1) are means; the teacher side carries no gradient.
+    """
+    s = student_emb.flatten(1)
+    t = teacher_emb.flatten(1).detach()
+    if s.shape[0] < 3:
+        raise ValueError(f"rkd_loss needs a batch of at least 3 samples, got {s.shape[0]}")
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"rkd_loss: batch sizes differ ({s.shape[0]} vs {t.shape[0]})")
+    loss = s.new_zeros(())
+    if distance_weight:
+        with torch.no_grad():
+            d_t = _normalized_distances(t)
+        loss = loss + distance_weight * F.smooth_l1_loss(_normalized_distances(s), d_t, beta=1.0)
+    if angle_weight:
+        with torch.no_grad():
+            a_t = _angles(t)
+        loss = loss + angle_weight * F.smooth_l1_loss(_angles(s), a_t, beta=1.0)
+    return loss
+
+
+def sp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019): ‖G̃_t − G̃_s‖_F² / N² with G = QQᵀ, rows L2-normalized."""
+    q_s, q_t = student_feat.flatten(1), teacher_feat.flatten(1)
+    n = q_s.shape[0]
+    if n < 3:
+        raise ValueError(f"sp_loss needs a batch of at least 3 samples, got {n}")
+    if q_t.shape[0] != n:
+        raise ValueError(f"sp_loss: batch sizes differ ({n} vs {q_t.shape[0]})")
+    g_s = F.normalize(q_s @ q_s.T, dim=1)
+    g_t = F.normalize(q_t @ q_t.T, dim=1)
+    return (g_t - g_s).pow(2).sum() / n**2
+
+
+def dml_loss(logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], target: str = "pairwise") -> torch.Tensor:
+    """Deep Mutual Learning's mimicry term for one network k (T = 1, peers detached, "batchmean"):
+    pairwise: (1/(K−1)) Σ_{l≠k} KL(p_l ‖ p_k); average: KL(mean_{l≠k} p_l ‖ p_k).
+    """
+    if len(peer_logits) == 0:
+        raise ValueError("dml_loss needs at least one peer")
+    log_p = F.log_softmax(logits, dim=1)
+    if target == "pairwise":
+        terms = [F.kl_div(log_p, F.log_softmax(z.detach(), dim=1), reduction="batchmean", log_target=True)
+                 for z in peer_logits]
+        return torch.stack(terms).mean()
+    if target == "average":
+        mean_p = torch.stack([F.softmax(z.detach(), dim=1) for z in peer_logits]).mean(dim=0)
+        return F.kl_div(log_p, mean_p, reduction="batchmean")
+    raise ValueError(f"unknown DML target '{target}'; expected pairwise or average")
+
+
+def cwtm_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Born-Again CWTM weights: w_n = max_c p_{n,c} / Σ_m max_c p_{m,c} (sum to 1 over the batch)."""
+    confidence = F.softmax(teacher_logits.detach(), dim=1).max(dim=1).values
+    return confidence / confidence.sum()
+
+
+def dkpp_targets(teacher_logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Born-Again DKPP targets: the teacher's softmax with its arg-max entry kept in place and the other
+    C − 1 probabilities permuted at random among the non-arg-max positions, per sample.
+    """
+    p = F.softmax(teacher_logits.detach(), dim=1)
+    n, c = p.shape
+    top = p.argmax(dim=1, keepdim=True)
+    positions = torch.arange(c, device=p.device).expand(n, c)
+    # The non-arg-max positions of every row, in order: N×(C−1).
+    others = positions[positions != top].view(n, c - 1)
+    keys = torch.rand(n, c - 1, generator=generator, device="cpu").to(p.device)
+    shuffled = p.gather(1, others).gather(1, keys.argsort(dim=1))
+    return p.scatter(1, others, shuffled)
+
+
+def adversarial_d_loss(d_teacher: torch.Tensor, d_student: torch.Tensor, mode: str = "lsgan") -> torch.Tensor:
+    """Discriminator loss on source scores. bce: BCE(d_t, 1) + BCE(d_s, 0); lsgan: ½[mean (d_t − 1)² + mean d_s²]."""
+    d_teacher, d_student = d_teacher.reshape(-1), d_student.reshape(-1)
+    if mode == "bce":
+        return (F.binary_cross_entropy_with_logits(d_teacher, torch.ones_like(d_teacher))
+                + F.binary_cross_entropy_with_logits(d_student, torch.zeros_like(d_student)))
+    if mode == "lsgan":
+        return 0.5 * ((d_teacher - 1.0).pow(2).mean() + d_student.pow(2).mean())
+    raise ValueError(f"unknown gan mode '{mode}'; expected one of {', '.join(GAN_MODES)}")
+
+
+def adversarial_g_loss(d_student: torch.Tensor, mode: str = "lsgan") -> torch.Tensor:
+    """The student's (generator's) loss: bce: BCE(D(z_s), 1); lsgan: mean (D(z_s) − 1)²."""
+    d_student = d_student.reshape(-1)
+    if mode == "bce":
+        return F.binary_cross_entropy_with_logits(d_student, torch.ones_like(d_student))
+    if mode == "lsgan":
+        return (d_student - 1.0).pow(2).mean()
+    raise ValueError(f"unknown gan mode '{mode}'; expected one of {', '.join(GAN_MODES)}")

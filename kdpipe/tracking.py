@@ -1,0 +1,109 @@
+"""MLflow: where runs go (mlflow.yaml), one run per pipeline run, metrics, artifacts and the model registry."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdpipe.errors import InputError
+
+MLFLOW_CONFIG = "mlflow.yaml"
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "kdpipe"
+    artifact_location: str | None = None
+
+
+def load_tracking_config(path: Path | None = None) -> TrackingConfig:
+    """mlflow.yaml from `path` or the working directory; MLFLOW_TRACKING_URI wins over the file."""
+    path = Path(path) if path else Path.cwd() / MLFLOW_CONFIG
+    values: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InputError("", f"{path}: YAML syntax error: {exc}") from None
+        known = set(TrackingConfig.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(unknown[0], f"{path}: unknown key; valid keys: {', '.join(sorted(known))}")
+    config = TrackingConfig(**values)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        config.tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+    return config
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys, for MLflow params."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+class Tracker:
+    """One MLflow run per pipeline run."""
+
+    def __init__(self, config: TrackingConfig):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.config = config
+        mlflow.set_tracking_uri(config.tracking_uri)
+        if mlflow.get_experiment_by_name(config.experiment) is None:
+            mlflow.create_experiment(config.experiment, artifact_location=config.artifact_location)
+        mlflow.set_experiment(config.experiment)
+        self.run_id: str | None = None
+
+    def start(self, run_name: str, tags: dict[str, str]) -> str:
+        run = self.mlflow.start_run(run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(params).items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.mlflow.log_metrics(metrics, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        self.mlflow.log_artifact(str(path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.mlflow.set_tags(tags)
+
+    def end(self, status: str) -> None:
+        if self.mlflow.active_run() is not None:
+            self.mlflow.end_run(status=status)
+
+    def log_onnx_model(self, onnx_path: Path, name: str, example, registered_name: str | None, providers: list[str]):
+        """Log the ONNX model with a signature and input example; register a version when `registered_name` is set."""
+        import numpy as np
+        import onnx
+        from mlflow.models import infer_signature
+
+        from kdpipe.onnx_runtime import session
+
+        outputs = session(onnx_path, ["CPUExecutionProvider"]).run(None, {"input": example})[0]
+        signature = infer_signature(example, outputs.astype(np.float32))
+        return self.mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)), name=name, signature=signature, input_example=example,
+            registered_model_name=registered_name, save_as_external_data=False, onnx_execution_providers=providers,
+        )
+
+    def set_alias(self, model_name: str, alias: str, version: str) -> None:
+        self.mlflow.MlflowClient().set_registered_model_alias(model_name, alias, version)
+
+    def set_version_tags(self, model_name: str, version: str, tags: dict[str, str]) -> None:
+        client = self.mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version, key, value)

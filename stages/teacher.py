@@ -1,0 +1,69 @@
+"""teacher: load the checkpoint, or train the teacher once and reuse it from a cache keyed by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from kdpipe import __version__
+from kdpipe.methods import get_method
+from kdpipe.models import count_params
+from kdpipe.train import Trainer, accuracy
+
+
+def cache_key(ctx) -> str:
+    cfg = ctx.pipeline.teacher
+    content = {
+        "model": cfg.model.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json"),
+        "batch_size": ctx.pipeline.data.batch_size,
+        "data": ctx.data.fingerprint,
+        "seed": ctx.pipeline.seed,
+        "kdpipe": __version__,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def run(ctx) -> None:
+    cfg = ctx.pipeline.teacher
+    if cfg is None:
+        ctx.report["teacher"] = None
+        return
+    teacher = ctx.teacher
+    if cfg.checkpoint is not None:
+        source = f"checkpoint {cfg.checkpoint}"
+    else:
+        key = cache_key(ctx)
+        cached = ctx.cache_dir / "teachers" / f"{key}.pt"
+        if cached.is_file():
+            teacher.load_state_dict(torch.load(cached, map_location=ctx.device, weights_only=True))
+            source = f"cache {cached}"
+            ctx.progress.info(f"  teacher loaded from cache {cached}")
+        else:
+            train(ctx, teacher)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            torch.save(teacher.state_dict(), tmp)
+            os.replace(tmp, cached)  # atomic: a concurrent or killed run never sees half a teacher
+            source = "trained"
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    torch.save(teacher.state_dict(), ctx.run_dir / "teacher.pt")
+    acc = accuracy(teacher, ctx.data.x_test, ctx.data.y_test)
+    ctx.tracker.log_metrics({"teacher/test_accuracy": acc})
+    ctx.report["teacher"] = {"source": source, "params": count_params(teacher), "accuracy": acc,
+                             "val_accuracy": accuracy(teacher, ctx.data.x_val, ctx.data.y_val)}
+
+
+def train(ctx, teacher) -> None:
+    cfg = ctx.pipeline.teacher.train
+    scratch = get_method("none")
+    trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
+                      seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch)
+    torch.manual_seed(ctx.pipeline.seed)
+    scratch(scratch.Params(), student=teacher, teacher=None, num_classes=ctx.data.num_classes,
+            input_shape=ctx.data.input_shape).fit(trainer, label="teacher")
