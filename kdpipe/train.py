@@ -17,6 +17,7 @@ from torch import nn
 
 from kdpipe.data import Splits
 from kdpipe.taps import Outputs, forward_with_taps
+from kdpipe.teacher_cache import TeacherOutputCache
 
 
 @dataclass
@@ -64,15 +65,14 @@ class Trainer:
     """Trains models on one `Splits` with one optimizer setting; reports each epoch to `on_epoch`."""
 
     def __init__(self, data: Splits, *, epochs: int, batch_size: int, optimizer, seed: int,
-                 on_epoch: EpochCallback | None = None):
+                 on_epoch: EpochCallback | None = None, teacher_cache: TeacherOutputCache | None = None):
         self.data = data
         self.epochs = epochs
         self.batch_size = batch_size
         self.optimizer = optimizer
         self.seed = seed
         self.on_epoch = on_epoch or (lambda label, epoch, epochs, metrics: None)
-        self._teacher_cache: dict[tuple[int, tuple[str, ...]], Outputs] = {}
-        self.teacher_forward_passes = 0  # full passes over the training split, for tests and benchmarks
+        self.teacher_cache = teacher_cache or TeacherOutputCache()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -89,14 +89,7 @@ class Trainer:
 
     def teacher_outputs(self, teacher: nn.Module, taps: list[str]) -> Outputs:
         """The frozen teacher's eval-mode outputs over the training split, computed once per (teacher, taps)."""
-        key = (id(teacher), tuple(taps))
-        if key not in self._teacher_cache:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-            self._teacher_cache[key] = predict(teacher, self.data.x_train, taps=taps)
-            self.teacher_forward_passes += 1
-        return self._teacher_cache[key]
+        return self.teacher_cache.get(teacher, self.data.x_train, taps, self.data.fingerprint)
 
     def fit(self, model: nn.Module, step: StepFn, *, extra: nn.Module | None = None, label: str = "student",
             params: list[nn.Parameter] | None = None, epochs: int | None = None) -> dict[str, float]:
