@@ -53,13 +53,12 @@ def _pool_to_smaller(student_feat: torch.Tensor, teacher_feat: torch.Tensor, nam
     ht, wt = teacher_feat.shape[2:]
     if (hs, ws) == (ht, wt):
         return student_feat, teacher_feat
-    if hs * ws > ht * wt:
-        student_feat = F.adaptive_avg_pool2d(student_feat, (ht, wt))
-    else:
-        teacher_feat = F.adaptive_avg_pool2d(teacher_feat, (hs, ws))
-    if student_feat.shape[2:] != teacher_feat.shape[2:]:
-        raise ValueError(f"{name}: cannot pool {hs}×{ws} and {ht}×{wt} to one size")
-    return student_feat, teacher_feat
+    if hs >= ht and ws >= wt:
+        return F.adaptive_avg_pool2d(student_feat, (ht, wt)), teacher_feat
+    if hs <= ht and ws <= wt:
+        return student_feat, F.adaptive_avg_pool2d(teacher_feat, (hs, ws))
+    # Pooling only shrinks: a map taller but narrower than the other has no common smaller size.
+    raise ValueError(f"{name}: neither map is larger in both dimensions ({hs}×{ws} vs {ht}×{wt}); cannot pool one to the other")
 
 
 def _attention_map(feat: torch.Tensor, p: float) -> torch.Tensor:
