@@ -33,21 +33,38 @@ def _fail(exc: BaseException, file: str | None, debug: bool) -> None:
 
 @app.command()
 def run(
-    pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")],
+    pipeline: Annotated[Path | None, typer.Argument(help="pipeline YAML file (not with --resume)")] = None,
     set_: SetOption = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="where run directories go")] = Path("runs"),
     mlflow_config: Annotated[Path | None, typer.Option("--mlflow-config", help="default: ./mlflow.yaml")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue an interrupted run from its run directory "
+                                                                 "(runs/NAME/RUN_ID), in the same MLflow run")] = None,
     debug: DebugOption = False,
 ) -> None:
-    """Run the pipeline: teacher → distill → export → validate → register. Prints report.json's path last."""
+    """Run the pipeline: teacher → distill → export → validate → register. Prints report.json's path last.
+
+    Under `torchrun --nproc-per-node N -m kdpipe run FILE` it trains with DistributedDataParallel; rank 0 prints.
+    """
     from kdpipe.runner import run_pipeline
 
+    shown = str(resume if pipeline is None else pipeline)
     try:
-        report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config)
+        if (pipeline is None) == (resume is None):
+            raise InputError("", "give a pipeline file, or --resume RUN_DIR to continue an interrupted run")
+        if resume is not None and set_:
+            raise InputError("--set", "a resumed run keeps its pipeline (run_dir/pipeline.yaml); --set cannot change it")
+        report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, resume=resume)
     except (InputError, StageFailed) as exc:
-        _fail(exc, str(pipeline), debug)
+        _fail(exc, shown, debug)
     except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
-        _fail(StageFailed("setup", exc), str(pipeline), debug)
+        _fail(StageFailed("setup", exc), shown, debug)
+    if report_path is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    _report_outcome(report_path, report)
+
+
+def _report_outcome(report_path: Path, report: dict) -> None:
+    """One summary line on stderr, report.json's path on stdout; exit 1 naming the failed gates."""
     student = report.get("student") or {}
     teacher = report.get("teacher") or {}
     summary = f"status {report['status']}: student accuracy {student.get('accuracy', float('nan')):.4f}"
@@ -59,6 +76,95 @@ def run(
         failed = [name for name, g in report["gates"].items() if not g["passed"]]
         typer.echo(f"gate failed: {', '.join(failed)}", err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def validate(
+    model: Annotated[Path, typer.Argument(help="ONNX classifier: float32 input (batch, *sample shape), logits output")],
+    pipeline: Annotated[Path, typer.Option("--pipeline", help="pipeline YAML file whose data, teacher and gates apply")],
+    set_: SetOption = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="where run directories go")] = Path("runs"),
+    mlflow_config: Annotated[Path | None, typer.Option("--mlflow-config", help="default: ./mlflow.yaml")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Validate any ONNX classifier against a pipeline's test split and gates (the teacher comes from the pipeline).
+    Writes the same report.json as `run` and prints its path last; exit 1 when a gate fails."""
+    from kdpipe.runner import run_pipeline
+
+    try:
+        report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, onnx_model=model)
+    except (InputError, StageFailed) as exc:
+        _fail(exc, str(pipeline), debug)
+    except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
+        _fail(StageFailed("setup", exc), str(pipeline), debug)
+    _report_outcome(report_path, report)
+
+
+@app.command()
+def promote(
+    model_name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[int, typer.Option("--version", min=1, help="the model version to promote")],
+    alias: Annotated[str, typer.Option("--alias", help="the alias to move")] = "champion",
+    force: Annotated[bool, typer.Option("--force", help="move the alias even when the checks refuse (recorded in a "
+                                                        "version tag)")] = False,
+    mlflow_config: Annotated[Path | None, typer.Option("--mlflow-config", help="default: ./mlflow.yaml")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Move ALIAS to a version that passed every gate and beats the alias's current holder on the primary metric
+    by at least min_improvement (registry policy in mlflow.yaml). Exit 1 when refused."""
+    import re
+
+    import mlflow
+
+    from kdpipe.registry import promote as promote_version
+    from kdpipe.tracking import load_tracking_config
+
+    try:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", alias):
+            raise InputError("--alias", f"expected letters, digits, '_' or '-', got '{alias}'")
+        tracking = load_tracking_config(mlflow_config)
+        client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri)
+        verdict = promote_version(client, tracking.registry, model_name, str(version), alias, force)
+    except InputError as exc:
+        _fail(exc, None, debug)
+    except Exception as exc:  # registry unreachable, ...
+        _fail(StageFailed("promote", exc), None, debug)
+    if not verdict.allowed:
+        typer.echo(f"refused: '{alias}' stays on version {verdict.current}: {verdict.reason} (--force overrides)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{model_name} version {version} is '{alias}': {verdict.reason}")
+
+
+@app.command()
+def search(
+    pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")],
+    storage: Annotated[str, typer.Option("--storage", help="sqlite:///FILE, postgresql://USER:PW@HOST/DB, "
+                                                           "or a file path (Optuna's journal file)")],
+    study: Annotated[str | None, typer.Option("--study", help="study name; default: search.study or the pipeline's name")] = None,
+    trials: Annotated[int | None, typer.Option("--trials", min=1, help="trials this worker runs; default: search.trials")] = None,
+    set_: SetOption = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="where run directories go")] = Path("runs"),
+    mlflow_config: Annotated[Path | None, typer.Option("--mlflow-config", help="default: ./mlflow.yaml")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Run one search worker: teacher, then trials on a shared study. Start any number on one study."""
+    from kdpipe.runner import run_pipeline
+
+    # JSON strings are YAML strings: a study named 2024 or a path with colons stays a string.
+    overrides = [*(set_ or []), f"search.storage={json.dumps(storage)}"]
+    overrides += [f"search.study={json.dumps(study)}"] if study else []
+    overrides += [f"search.trials={trials}"] if trials else []
+    try:
+        report_path, report = run_pipeline(pipeline, overrides, runs_dir, mlflow_config=mlflow_config, until="search")
+    except (InputError, StageFailed) as exc:
+        _fail(exc, str(pipeline), debug)
+    except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
+        _fail(StageFailed("setup", exc), str(pipeline), debug)
+    found = report["search"]
+    typer.echo(f"study {found['study']}: {found['n_trials']} trials ({found['n_complete']} complete, "
+               f"{found['n_pruned']} pruned, {found['n_failed']} failed), best {found['best_value']} "
+               f"with {found['best_params']}", err=True)
+    typer.echo(str(report_path))
 
 
 @app.command()
@@ -74,6 +180,44 @@ def check(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], 
     sizes = prepared.data.sizes()
     typer.echo(f"{pipeline}: ok ({prepared.pipeline.distill.method}; train {sizes['train']}, val {sizes['val']}, "
                f"test {sizes['test']}, {prepared.data.num_classes} classes)")
+
+
+@app.command()
+def taps(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], set_: SetOption = None,
+         debug: DebugOption = False) -> None:
+    """List both models' module paths with their output shapes (for `distill.taps`), and the pairs the method uses."""
+    from kdpipe.methods import FeatureMethod, get_method
+    from kdpipe.runner import prepare
+    from kdpipe.taps import output_shapes
+
+    try:
+        prepared = prepare(pipeline, set_ or [], check_models=False)
+    except InputError as exc:
+        _fail(exc, str(pipeline), debug)
+    shape_of = lambda s: "×".join(map(str, s)) if isinstance(s, tuple) else s  # noqa: E731
+    typer.echo(f"per-sample output shapes for inputs of shape {shape_of(prepared.data.input_shape)}; "
+               "* default tap, e embedding tap")
+    for role, model in (("teacher", prepared.teacher), ("student", prepared.student)):
+        if model is None:
+            continue
+        typer.echo(f"{role}:")
+        shapes = output_shapes(model, prepared.data.input_shape)
+        width = max(map(len, shapes), default=0)
+        defaults, embedding = getattr(model, "default_taps", []) or [], getattr(model, "embedding_tap", None)
+        for path, shape in shapes.items():
+            mark = ("*" if path in defaults else " ") + ("e" if path == embedding else " ")
+            typer.echo(f"  {path:<{width}}  {mark}  {shape_of(shape)}")
+    cfg, method_cls = prepared.pipeline.distill, get_method(prepared.pipeline.distill.method)
+    try:
+        if issubclass(method_cls, FeatureMethod) and prepared.teacher is not None:
+            for pair in method_cls.tap_pairs(method_cls.Params(**cfg.params), prepared.student, prepared.teacher,
+                                             cfg.taps, prepared.data.input_shape):
+                typer.echo(f"{cfg.method} compares {pair.describe()}")
+        else:
+            method_cls.check_models(prepared.pipeline, student=prepared.student, teacher=prepared.teacher,
+                                    input_shape=prepared.data.input_shape)
+    except InputError as exc:
+        _fail(exc, str(pipeline), debug)
 
 
 @app.command()

@@ -107,6 +107,15 @@ class DistillConfig(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     taps: TapsConfig | None = Field(None, description="feature taps by module path (`kdpipe taps FILE` lists them)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype for training and the teacher pass: auto = bf16 on CUDA (fp16 where "
+                            "bf16 is unsupported, with a gradient scaler), fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the trained model (pays a compile time up front)")
+    teacher_cache: Literal["auto", "off"] = Field(
+        "auto", description="auto: the teacher's outputs are computed once and reused every epoch unless the inputs "
+                            "are augmented or the method opts out; off: the teacher runs on every batch")
+    teacher_cache_memory_mb: NonNegativeFloat = Field(
+        2048.0, description="teacher outputs held in memory; larger ones are memory-mapped from the disk cache")
 
     @field_validator("method")
     @classmethod
@@ -125,33 +134,142 @@ class DistillConfig(Strict):
             raise ValueError(f"expected auto, cpu, cuda or cuda:N, got '{device}'")
         return device
 
+    @field_validator("teacher_cache", mode="before")
+    @classmethod
+    def _cache_switch(cls, value: Any) -> Any:
+        # YAML reads an unquoted `off` as false.
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
 
 class ExportConfig(Strict):
     opset: Annotated[int, Field(ge=13, le=23)] = 18
     dynamic_batch: bool = True
-    atol: PositiveFloat = 1.0e-4
+    atol: PositiveFloat = Field(1.0e-4, description="parity limit (max abs logit difference); validate.gates.parity_atol wins")
+    quantize: Literal["none", "dynamic", "static"] = Field(
+        "none", description="also build an INT8 model with onnxruntime's quantization (static: calibrated on the training split)")
+    calibration_batches: PositiveInt = Field(8, description="static quantization: training batches (data.batch_size) to calibrate on")
+    deliver: Literal["fp32", "int8", "best"] = Field(
+        "fp32", description="the model validated against the gates and registered; best: INT8 only when it passes every "
+                            "gate, is faster than FP32 at every batch size and loses at most int8_max_accuracy_drop")
+    int8_max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportConfig:
+        if self.deliver != "fp32" and self.quantize == "none":
+            raise ValueError(f"deliver '{self.deliver}' needs an INT8 model: set quantize to dynamic or static")
+        return self
+
+
+BatchLimit = PositiveFloat | dict[PositiveInt, PositiveFloat] | None
+PER_BATCH = "a number applies to the smallest batch size; a mapping gives a limit per batch size"
 
 
 class Gates(Strict):
     accuracy_min: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     max_accuracy_drop_vs_teacher: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    latency_p50_ms_max: PositiveFloat | dict[PositiveInt, PositiveFloat] | None = Field(
-        None, description="a number applies to the smallest batch size; a mapping gives a limit per batch size"
-    )
+    latency_p50_ms_max: BatchLimit = Field(None, description=PER_BATCH)
+    latency_p99_ms_max: BatchLimit = Field(None, description=PER_BATCH)
+    speedup_vs_teacher_min: BatchLimit = Field(
+        None, description=f"teacher ONNX p50 / student ONNX p50 at the same batch size; {PER_BATCH}")
+    parity_atol: PositiveFloat | None = Field(None, description="max abs logit difference ONNX vs PyTorch; null: export.atol")
+    size_mb_max: PositiveFloat | None = Field(None, description="size of the delivered ONNX file in MB (10^6 bytes)")
 
 
 class ValidateConfig(Strict):
-    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 64])
+    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 64], min_length=1)
     providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    require_provider: bool = Field(False, description="fail the gate when a requested provider is not the one in use")
     warmup: NonNegativeInt = 10
     runs: Annotated[int, Field(ge=50)] = 100
     threads: NonNegativeInt = Field(0, description="onnxruntime intra-op threads; 0: onnxruntime's default")
+    inter_op_threads: NonNegativeInt = Field(0, description="onnxruntime inter-op threads; 0: onnxruntime's default")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     gates: Gates = Field(default_factory=Gates)
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, providers: list[str]) -> list[str]:
+        from kdpipe.onnx_runtime import known_providers
+
+        known = known_providers()
+        for name in providers:
+            if known is not None and name not in known:
+                raise ValueError(f"unknown execution provider '{name}'{_suggest(name, known)}")
+        return providers
+
+    @model_validator(mode="after")
+    def _limits_name_validated_batch_sizes(self) -> ValidateConfig:
+        for key in ("latency_p50_ms_max", "latency_p99_ms_max", "speedup_vs_teacher_min"):
+            limit = getattr(self.gates, key)
+            missing = sorted(set(limit) - set(self.batch_sizes)) if isinstance(limit, dict) else []
+            if missing:
+                raise ValueError(f"gates.{key} names batch size {missing[0]}, which is not in batch_sizes {self.batch_sizes}")
+        return self
 
 
 class RegisterConfig(Strict):
     model_name: str = Field(min_length=1)
     alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+class RangeSpec(Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> RangeSpec:
+        if self.low >= self.high:
+            raise ValueError(f"expected low < high, got low {self.low}, high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class ChoicesSpec(Strict):
+    choices: list[str | bool | int | float | None] = Field(min_length=1)
+
+
+Objective = Literal["val_accuracy", "latency_p50"]
+
+
+class SearchConfig(Strict):
+    trials: PositiveInt = Field(20, description="trials this worker runs (workers sharing a study add theirs up)")
+    timeout: PositiveFloat | None = Field(None, description="seconds after which this worker starts no new trial")
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] | None = Field(
+        None, description="default: median; none when the objective is multi-objective (Optuna cannot prune those)")
+    seed: NonNegativeInt | None = Field(None, description="sampler seed; default: the pipeline's seed")
+    objective: list[Objective] = Field(
+        default_factory=lambda: ["val_accuracy"],
+        description="val_accuracy, or [val_accuracy, latency_p50] for a Pareto search over accuracy and ONNX latency")
+    # Entries are parsed against the method registry (kdpipe.search.resolve_space), which names the bad key.
+    space: Literal["auto"] | dict[str, Any] = Field(
+        "auto", description="auto: the method's declared ranges; or per parameter {low, high, log} | {choices} | auto; "
+                            "`method: {choices: [...]}` searches the method, a block named after a method applies to it alone")
+    storage: str | None = Field(None, description="null: a sqlite file in the run directory; sqlite:///…, postgresql://…, "
+                                                  "or a file path (Optuna's journal file, for several workers on one machine)")
+    study: str | None = Field(None, description="study name; default: the pipeline's name")
+    heartbeat_seconds: PositiveInt = Field(30, description="RDB storages: a trial whose worker stops beating for twice this "
+                                                           "long is failed and retried")
+    retrain: bool = Field(False, description="retrain with the best parameters instead of reusing the best trial's checkpoint")
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if "val_accuracy" not in self.objective or len(set(self.objective)) != len(self.objective):
+            raise ValueError(f"expected val_accuracy or [val_accuracy, latency_p50], got {self.objective}")
+        if len(self.objective) > 1 and self.pruner not in (None, "none"):
+            raise ValueError("Optuna cannot prune a multi-objective search: set pruner to none")
+        return self
+
+    @property
+    def pruner_name(self) -> str:
+        return self.pruner or ("median" if len(self.objective) == 1 else "none")
 
 
 class Pipeline(Strict):
@@ -164,6 +282,7 @@ class Pipeline(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     validation: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     registry: RegisterConfig | None = Field(None, alias="register")
+    search: SearchConfig | None = Field(None, description="an Optuna campaign over the method's parameters before distill")
 
     def resolved(self) -> dict[str, Any]:
         """The pipeline as plain data with every default filled in, keyed as in the file."""
@@ -230,6 +349,10 @@ def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
         raise _input_error(exc, method.Params, ("distill", "params")) from None
     pipeline.distill.params = params.model_dump(mode="json")
     method.check_pipeline(pipeline)
+    if pipeline.search is not None:
+        from kdpipe.search import resolve_space
+
+        resolve_space(pipeline)  # raises InputError naming the search.space key
     return pipeline
 
 

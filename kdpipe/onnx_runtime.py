@@ -1,13 +1,18 @@
-"""onnxruntime sessions: provider selection with honest fallback reporting, and batched inference."""
+"""onnxruntime sessions: session options, provider selection with honest fallback reporting, inference and latency."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from kdpipe.errors import InputError
+
 MISSING_ORT = "onnxruntime is not installed: pip install 'kdpipe[cpu]' (or 'kdpipe[gpu]' on a CUDA machine)"
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 
 
 def import_ort():
@@ -18,25 +23,127 @@ def import_ort():
     return onnxruntime
 
 
+def known_providers() -> list[str] | None:
+    """Every provider name onnxruntime knows (built in or not); None without onnxruntime."""
+    try:
+        return import_ort().get_all_providers()
+    except RuntimeError:
+        return None
+
+
 def available_providers(requested: list[str]) -> tuple[list[str], list[str]]:
     """(the requested providers this onnxruntime has, in order; those it lacks)."""
     have = set(import_ort().get_available_providers())
     kept = [p for p in requested if p in have]
     dropped = [p for p in requested if p not in have]
-    return kept or ["CPUExecutionProvider"], dropped
+    return kept or [CPU], dropped
 
 
-def session(path: Path, providers: list[str], threads: int = 0):
+def session(path: Path, providers=(CPU,), threads: int = 0, inter_op_threads: int = 0, graph_optimization: str = "all"):
+    """An inference session; `graph_optimization` is disable | basic | extended | all."""
     ort = import_ort()
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = inter_op_threads
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_optimization]
     options.log_severity_level = 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+
+
+def configured_session(path: Path, cfg):
+    """A session with a ValidateConfig's settings (the requested providers this onnxruntime has, threads,
+    graph optimization), so every model of a run is measured the same way."""
+    providers, _ = available_providers(cfg.providers)
+    return session(path, providers, cfg.threads, cfg.inter_op_threads, cfg.graph_optimization)
+
+
+def fixed_batch_size(sess) -> int | None:
+    """The batch size baked into the model's input, or None when the batch dimension is dynamic."""
+    first = sess.get_inputs()[0].shape[0]
+    return first if isinstance(first, int) else None
+
+
+def tile_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
+    """`batch_size` real samples: the first ones of `x`, repeated when `x` has fewer."""
+    reps = -(-batch_size // len(x))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size] if reps > 1 else x[:batch_size])
 
 
 def predict(sess, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Logits over `x`; a model with a fixed batch size gets its last chunk padded and trimmed back."""
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+    fixed = fixed_batch_size(sess)
+    step = fixed or batch_size
+    chunks = []
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        padded = tile_batch(chunk, fixed) if fixed and len(chunk) < fixed else chunk
+        chunks.append(sess.run(None, {name: padded})[0][:len(chunk)])
+    return np.concatenate(chunks)
+
+
+def check_classifier(path: Path, input_shape: tuple[int, ...], num_classes: int, batch_sizes: list[int], key: str) -> None:
+    """Raise InputError unless `path` is an ONNX model taking float32 (batch, *input_shape) and giving (batch, classes)."""
+    if not Path(path).is_file():
+        raise InputError(key, f"model file not found: {path}")
+    try:
+        sess = session(Path(path))
+    except Exception as exc:  # onnxruntime raises several types for a file it cannot load
+        raise InputError(key, f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+    inp = sess.get_inputs()[0]
+    if inp.type != "tensor(float)":
+        raise InputError(key, f"expected a float32 input, the model's '{inp.name}' is {inp.type}")
+    fixed = fixed_batch_size(sess)
+    if fixed is not None and set(batch_sizes) != {fixed}:
+        raise InputError("validate.batch_sizes", f"{path} has a fixed batch size {fixed}; set validate.batch_sizes to [{fixed}]")
+    try:
+        out = predict(sess, np.zeros((fixed or 1, *input_shape), np.float32))
+    except Exception as exc:
+        raise InputError(key, f"the model does not take inputs of shape (batch, {', '.join(map(str, input_shape))}): "
+                              f"{str(exc).splitlines()[0]}") from None
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise InputError(key, f"expected logits of shape (batch, {num_classes}), the model gives {out.shape}")
+
+
+def latency_stats(seconds: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Per-call latency in ms (p50/p90/p99/mean) and throughput in samples/s, from per-call times in seconds."""
+    ms = seconds * 1e3
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()),
+            "throughput": float(batch_size / seconds.mean()), "runs": len(seconds)}
+
+
+def time_calls(call, warmup: int, runs: int) -> np.ndarray:
+    for _ in range(warmup):
+        call()
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        call()
+        times[i] = time.perf_counter() - start
+    return times
+
+
+def measure_latency(sess, x: np.ndarray, batch_size: int, warmup: int, runs: int) -> dict[str, float]:
+    """Latency of one batch of real samples. On CUDA the input and output stay on the device (IO binding),
+    so what is timed is the model, not a host copy per call."""
+    batch = tile_batch(x, batch_size)
+    name = sess.get_inputs()[0].name
+    if sess.get_providers()[0] == CUDA:
+        ort = import_ort()
+        binding = sess.io_binding()
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0))
+        for out in sess.get_outputs():
+            binding.bind_output(out.name, "cuda", 0)
+        binding.synchronize_inputs()
+        stats = latency_stats(time_calls(lambda: sess.run_with_iobinding(binding), warmup, runs), batch_size)
+        return {**stats, "io_binding": True}
+    return {**latency_stats(time_calls(lambda: sess.run(None, {name: batch}), warmup, runs), batch_size),
+            "io_binding": False}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from kdpipe.errors import InputError
+from kdpipe.registry import RegistryPolicy
 
 MLFLOW_CONFIG = "mlflow.yaml"
 
@@ -19,6 +21,7 @@ class TrackingConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "kdpipe"
     artifact_location: str | None = None
+    registry: RegistryPolicy = field(default_factory=RegistryPolicy)
 
 
 def load_tracking_config(path: Path | None = None) -> TrackingConfig:
@@ -34,6 +37,12 @@ def load_tracking_config(path: Path | None = None) -> TrackingConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(unknown[0], f"{path}: unknown key; valid keys: {', '.join(sorted(known))}")
+    try:
+        values["registry"] = RegistryPolicy.model_validate(values.get("registry") or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(["registry", *map(str, err["loc"])])
+        raise InputError(key, f"{path}: {err['msg']}, got {err.get('input')!r}") from None
     config = TrackingConfig(**values)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         config.tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -85,25 +94,24 @@ class Tracker:
         if self.mlflow.active_run() is not None:
             self.mlflow.end_run(status=status)
 
-    def log_onnx_model(self, onnx_path: Path, name: str, example, registered_name: str | None, providers: list[str]):
-        """Log the ONNX model with a signature and input example; register a version when `registered_name` is set."""
+    def log_onnx_model(self, onnx_path: Path, name: str, example, providers: list[str]):
+        """Log the ONNX model to the run with a signature and an input example; returns its ModelInfo."""
         import numpy as np
         import onnx
         from mlflow.models import infer_signature
 
-        from kdpipe.onnx_runtime import session
+        from kdpipe.onnx_runtime import predict, session
 
-        outputs = session(onnx_path, ["CPUExecutionProvider"]).run(None, {"input": example})[0]
+        outputs = predict(session(onnx_path), example)
         signature = infer_signature(example, outputs.astype(np.float32))
         return self.mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name=name, signature=signature, input_example=example,
-            registered_model_name=registered_name, save_as_external_data=False, onnx_execution_providers=providers,
+            save_as_external_data=False, onnx_execution_providers=providers,
         )
 
-    def set_alias(self, model_name: str, alias: str, version: str) -> None:
-        self.mlflow.MlflowClient().set_registered_model_alias(model_name, alias, version)
+    def register_model(self, model_uri: str, model_name: str, tags: dict[str, str]) -> str:
+        """A new version of `model_name` with `tags`; returns the version number."""
+        return str(self.mlflow.register_model(model_uri, model_name, tags=tags).version)
 
-    def set_version_tags(self, model_name: str, version: str, tags: dict[str, str]) -> None:
-        client = self.mlflow.MlflowClient()
-        for key, value in tags.items():
-            client.set_model_version_tag(model_name, version, key, value)
+    def client(self):
+        return self.mlflow.MlflowClient(tracking_uri=self.config.tracking_uri)

@@ -14,18 +14,38 @@ def run(ctx) -> None:
     method_cls = get_method(cfg.method)
     method = method_cls(method_cls.Params(**cfg.params), student=ctx.student, teacher=ctx.teacher,
                         num_classes=ctx.data.num_classes, input_shape=ctx.data.input_shape, taps=cfg.taps)
-    trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
-                      seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch)
-    torch.manual_seed(ctx.pipeline.seed + 1)
-    student = method.fit(trainer)
+    trained = ctx.artifacts.get("student_checkpoint")  # the search's best trial, trained with these very params
+    if trained is not None and method_cls.fit_returns_student:
+        state = torch.load(trained, map_location=ctx.device, weights_only=True)
+        ctx.student.load_state_dict(state["student"])
+        if "extra" in state:
+            method.extra_modules().load_state_dict(state["extra"])
+        ctx.progress.info(f"  student reused from the search's best trial: {trained}")
+        student = ctx.student
+    else:
+        trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
+                          seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, **ctx.trainer_options("distill"))
+        torch.manual_seed(ctx.pipeline.seed + 1)
+        student = method.fit(trainer)
     student.eval()
     ctx.student = student
     checkpoint = {"student": student.state_dict()}
     extra = method.extra_modules()
     if extra is not None:
         checkpoint["extra"] = extra.state_dict()
-    torch.save(checkpoint, ctx.run_dir / "student.pt")
+    if ctx.is_main:
+        torch.save(checkpoint, ctx.run_dir / "student.pt")
     acc = accuracy(student, ctx.data.x_test, ctx.data.y_test)
     ctx.tracker.log_metrics({"student/test_accuracy_torch": acc})
     ctx.report["student"] = {"params": count_params(student), "accuracy_torch": acc,
                              "val_accuracy": accuracy(student, ctx.data.x_val, ctx.data.y_val)}
+
+
+def restore(ctx) -> None:
+    """--resume after this stage finished: the distilled student from the run directory."""
+    if not get_method(ctx.pipeline.distill.method).fit_returns_student:
+        # The exported module (a DML peer, a BAN ensemble) is built by fit itself: run the stage again.
+        run(ctx)
+        return
+    ctx.student.load_state_dict(torch.load(ctx.run_dir / "student.pt", map_location=ctx.device, weights_only=True)["student"])
+    ctx.student.eval()

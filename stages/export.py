@@ -1,10 +1,17 @@
-"""export: torch → one self-contained ONNX file, parity-checked against PyTorch on validation inputs."""
+"""export: torch → one self-contained ONNX file per model, parity-checked against PyTorch on validation inputs.
+
+The student is exported and its parity is a gate; the teacher is exported too
+(cached by content, it is frozen) so that validate measures both with the same
+onnxruntime settings; with `export.quantize`, an INT8 student is built as well.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -12,7 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdpipe.onnx_runtime import predict, session
+from kdpipe import __version__
+from kdpipe.onnx_runtime import session, tile_batch
+from kdpipe.quantize import calibration_batches, quantize
+from kdpipe.teacher_cache import teacher_fingerprint
+
+ODD_BATCH = 7  # an odd size that is neither 1 nor a power of two, to catch shape-specialized graphs
 
 
 class OnnxInterface(nn.Module):
@@ -42,32 +54,92 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
         exporter_log.setLevel(level)
 
 
-def parity(model: nn.Module, onnx_path: Path, x_val: torch.Tensor, batch_sizes: list[int]) -> dict[int, float]:
-    """Max abs difference between PyTorch and onnxruntime logits per batch size, on real validation inputs."""
-    sess = session(onnx_path, ["CPUExecutionProvider"])
+def parity(model: nn.Module, onnx_path: Path, x_val: torch.Tensor, batch_sizes: list[int]) -> dict[int, dict[str, float]]:
+    """PyTorch vs onnxruntime logits per batch size, on real validation inputs (repeated when a batch needs more).
+
+    max_abs_diff is the largest absolute logit difference; max_rel_diff divides each sample's largest difference
+    by its largest absolute logit, which stays meaningful where single logits are near zero.
+    """
+    sess = session(onnx_path)
+    name = sess.get_inputs()[0].name
     model = model.eval().cpu()
+    x_all = x_val.cpu().numpy()
     diffs = {}
     for b in batch_sizes:
-        x = x_val[:b].cpu()
+        x = tile_batch(x_all, b)
         with torch.no_grad():
-            expected = model(x).numpy()
-        diffs[b] = float(np.abs(predict(sess, x.numpy(), batch_size=b) - expected).max())
+            expected = model(torch.from_numpy(x)).numpy()
+        diff = np.abs(sess.run(None, {name: x})[0] - expected)
+        scale = np.abs(expected).max(axis=1).clip(min=np.finfo(np.float32).tiny)
+        diffs[b] = {"max_abs_diff": float(diff.max()), "max_rel_diff": float((diff.max(axis=1) / scale).max())}
     return diffs
+
+
+def parity_batch_sizes(ctx) -> list[int]:
+    """1, 2, an odd size, the largest validated batch and the whole validation split in one batch."""
+    return sorted({1, 2, ODD_BATCH, max(ctx.pipeline.validation.batch_sizes), len(ctx.data.x_val)})
+
+
+def export_teacher(ctx, example: torch.Tensor) -> Path:
+    """teacher.onnx in the run directory, from the cache when this exact teacher was exported before."""
+    cfg = ctx.pipeline.export
+    teacher = ctx.teacher.to("cpu")
+    salt = f"onnx:{cfg.opset}:{cfg.dynamic_batch}:{__version__}:{teacher!r}"
+    cached = ctx.cache_dir / "teacher-onnx" / f"{teacher_fingerprint(teacher, salt, [])}.onnx"
+    path = ctx.run_dir / "teacher.onnx"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        export_onnx(teacher, example, tmp, cfg.opset, cfg.dynamic_batch)
+        os.replace(tmp, cached)  # atomic: a concurrent run never reads half a file
+    shutil.copyfile(cached, path)
+    return path
 
 
 def run(ctx) -> None:
     cfg = ctx.pipeline.export
-    path = ctx.run_dir / "student.onnx"
-    x_val = ctx.data.x_val
-    example = x_val[: min(2, len(x_val))] if len(x_val) > 1 else x_val.repeat(2, *[1] * (x_val.ndim - 1))
-    student = ctx.student.to("cpu")
-    export_onnx(student, example, path, cfg.opset, cfg.dynamic_batch)
-    batch_sizes = sorted({1, 2, len(x_val)}) if cfg.dynamic_batch else [len(example)]
-    diffs = parity(student, path, x_val, batch_sizes)
-    ctx.student = student.to(ctx.device)
-    worst = max(diffs.values())
-    ctx.add_gate("parity_max_abs_diff", worst, cfg.atol, worst <= cfg.atol)
+    x_val = ctx.data.x_val.cpu()
+    # Two samples: a batch of one would let the exporter specialize the batch dimension to 1.
+    example = torch.from_numpy(tile_batch(x_val.numpy(), 2))
+    batch_sizes = parity_batch_sizes(ctx) if cfg.dynamic_batch else [len(example)]
+    given = ctx.artifacts.get("given_onnx")  # `kdpipe validate MODEL.onnx`: nothing to export or compare
+    if given is None:
+        path = ctx.run_dir / "student.onnx"
+        student = ctx.student.to("cpu")
+        export_onnx(student, example, path, cfg.opset, cfg.dynamic_batch)
+        diffs = parity(student, path, x_val, batch_sizes)
+        ctx.student = student.to(ctx.device)
+        worst_abs = max(d["max_abs_diff"] for d in diffs.values())
+        atol = ctx.pipeline.validation.gates.parity_atol or cfg.atol
+        ctx.add_gate("parity_atol", worst_abs, atol, worst_abs <= atol)
+        ctx.report["onnx"] = {"path": str(path), "opset": cfg.opset, "size_bytes": path.stat().st_size,
+                              "dynamic_batch": cfg.dynamic_batch, "parity_max_abs_diff": worst_abs,
+                              "parity_max_rel_diff": max(d["max_rel_diff"] for d in diffs.values()),
+                              "parity_by_batch_size": {str(b): d for b, d in diffs.items()}}
+    else:
+        path = Path(given)
+        ctx.report["onnx"] = {"path": str(path), "opset": None, "size_bytes": path.stat().st_size,
+                              "dynamic_batch": None, "parity_max_abs_diff": None, "parity_max_rel_diff": None,
+                              "parity_by_batch_size": {}}
     ctx.artifacts["onnx_path"] = path
-    ctx.report["onnx"] = {"path": str(path), "opset": cfg.opset, "size_bytes": path.stat().st_size,
-                          "dynamic_batch": cfg.dynamic_batch, "parity_max_abs_diff": worst,
-                          "parity_by_batch_size": {str(b): d for b, d in diffs.items()}}
+
+    if ctx.teacher is not None:
+        teacher_path = export_teacher(ctx, example)
+        teacher_diffs = parity(ctx.teacher, teacher_path, x_val, batch_sizes)
+        ctx.teacher.to(ctx.device)
+        ctx.artifacts["teacher_onnx_path"] = teacher_path
+        ctx.report["teacher"]["onnx"] = {
+            "path": str(teacher_path), "size_bytes": teacher_path.stat().st_size,
+            "parity_max_abs_diff": max(d["max_abs_diff"] for d in teacher_diffs.values())}
+
+    if cfg.quantize != "none" and given is None:
+        int8_path = ctx.run_dir / "student.int8.onnx"
+        calibration = None
+        if cfg.quantize == "static":
+            calibration = calibration_batches(ctx.data.x_train.cpu().numpy(), ctx.pipeline.data.batch_size,
+                                              cfg.calibration_batches, ctx.pipeline.seed)
+        quantize(path, int8_path, cfg.quantize, calibration)
+        ctx.artifacts["int8_onnx_path"] = int8_path
+        ctx.report["quantization"] = {
+            "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
+            "calibration_samples": sum(len(b) for b in calibration) if calibration else 0}

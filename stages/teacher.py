@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from kdpipe import __version__
+from kdpipe import __version__, distributed
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
 from kdpipe.train import Trainer, accuracy
@@ -38,21 +38,23 @@ def run(ctx) -> None:
     else:
         key = cache_key(ctx)
         cached = ctx.cache_dir / "teachers" / f"{key}.pt"
-        if cached.is_file():
+        if distributed.broadcast_object(cached.is_file()):  # every rank takes rank 0's decision
             teacher.load_state_dict(torch.load(cached, map_location=ctx.device, weights_only=True))
             source = f"cache {cached}"
             ctx.progress.info(f"  teacher loaded from cache {cached}")
         else:
             train(ctx, teacher)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            torch.save(teacher.state_dict(), tmp)
-            os.replace(tmp, cached)  # atomic: a concurrent or killed run never sees half a teacher
+            if ctx.is_main:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(".tmp")
+                torch.save(teacher.state_dict(), tmp)
+                os.replace(tmp, cached)  # atomic: a concurrent or killed run never sees half a teacher
             source = "trained"
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    torch.save(teacher.state_dict(), ctx.run_dir / "teacher.pt")
+    if ctx.is_main:
+        torch.save(teacher.state_dict(), ctx.run_dir / "teacher.pt")
     acc = accuracy(teacher, ctx.data.x_test, ctx.data.y_test)
     ctx.tracker.log_metrics({"teacher/test_accuracy": acc})
     ctx.report["teacher"] = {"source": source, "params": count_params(teacher), "accuracy": acc,
@@ -63,7 +65,17 @@ def train(ctx, teacher) -> None:
     cfg = ctx.pipeline.teacher.train
     scratch = get_method("none")
     trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
-                      seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch)
+                      seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, **ctx.trainer_options("teacher"))
     torch.manual_seed(ctx.pipeline.seed)
     scratch(scratch.Params(), student=teacher, teacher=None, num_classes=ctx.data.num_classes,
             input_shape=ctx.data.input_shape).fit(trainer, label="teacher")
+
+
+def restore(ctx) -> None:
+    """--resume after this stage finished: the teacher from the run directory, frozen."""
+    if ctx.teacher is None:
+        return
+    ctx.teacher.load_state_dict(torch.load(ctx.run_dir / "teacher.pt", map_location=ctx.device, weights_only=True))
+    ctx.teacher.eval()
+    for p in ctx.teacher.parameters():
+        p.requires_grad_(False)

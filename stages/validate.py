@@ -1,30 +1,18 @@
-"""validate: onnxruntime accuracy on the test split, latency percentiles per batch size, and the gates."""
+"""validate: onnxruntime accuracy on the test split, latency per batch size, INT8 vs FP32, and the gates.
+
+Every model of the run (FP32 student, INT8 student, teacher) is loaded with the
+same session settings from the pipeline file and timed the same way, so their
+ratios are honest. The gates apply to the delivered model (`export.deliver`).
+"""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from kdpipe.onnx_runtime import available_providers, predict, session
+from kdpipe.errors import InputError
+from kdpipe.onnx_runtime import available_providers, configured_session, fixed_batch_size, measure_latency, predict
 
-
-def measure_latency(sess, x: np.ndarray, batch_size: int, warmup: int, runs: int) -> dict[str, float]:
-    """Per-call latency in ms (p50/p90/p99/mean) and throughput in samples/s for one batch size."""
-    reps = -(-batch_size // len(x))
-    batch = np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size])
-    name = sess.get_inputs()[0].name
-    for _ in range(warmup):
-        sess.run(None, {name: batch})
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        sess.run(None, {name: batch})
-        times[i] = time.perf_counter() - start
-    ms = times * 1e3
-    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()),
-            "throughput": float(batch_size / times.mean()), "runs": runs}
+MB = 1e6
 
 
 def latency_limits(limit, batch_sizes: list[int]) -> dict[int, float]:
@@ -36,33 +24,121 @@ def latency_limits(limit, batch_sizes: list[int]) -> dict[int, float]:
     return {min(batch_sizes): float(limit)}
 
 
+def measure_model(path, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
+    """Accuracy, latency per batch size, size and the providers in use, for one ONNX file."""
+    sess = configured_session(path, cfg)
+    fixed = fixed_batch_size(sess)
+    if fixed is not None and set(cfg.batch_sizes) != {fixed}:
+        raise InputError("validate.batch_sizes", f"{path.name} has a fixed batch size {fixed}; set validate.batch_sizes to [{fixed}]")
+    return {
+        "path": str(path),
+        "accuracy": float((predict(sess, x_test).argmax(1) == y_test).mean()),
+        "latency_ms": {b: measure_latency(sess, x_test, b, cfg.warmup, cfg.runs) for b in cfg.batch_sizes},
+        "size_bytes": path.stat().st_size,
+        "providers_used": sess.get_providers(),
+    }
+
+
+def gates_for(model: dict, teacher: dict | None, cfg) -> list[tuple[str, float | None, float, bool]]:
+    """(name, value, limit, passed) for every configured gate that validate owns, on one measured model."""
+    gates = cfg.gates
+    out = []
+    acc = model["accuracy"]
+    if gates.accuracy_min is not None:
+        out.append(("accuracy_min", acc, gates.accuracy_min, acc >= gates.accuracy_min))
+    if gates.max_accuracy_drop_vs_teacher is not None and teacher is not None:
+        drop = teacher["accuracy"] - acc
+        out.append(("max_accuracy_drop_vs_teacher", drop, gates.max_accuracy_drop_vs_teacher,
+                    drop <= gates.max_accuracy_drop_vs_teacher))
+    for key, stat in (("latency_p50_ms_max", "p50"), ("latency_p99_ms_max", "p99")):
+        for b, limit in latency_limits(getattr(gates, key), cfg.batch_sizes).items():
+            value = model["latency_ms"][b][stat]
+            out.append((f"{key}:bs{b}", value, limit, value <= limit))
+    if teacher is not None:
+        for b, limit in latency_limits(gates.speedup_vs_teacher_min, cfg.batch_sizes).items():
+            value = teacher["latency_ms"][b]["p50"] / model["latency_ms"][b]["p50"]
+            out.append((f"speedup_vs_teacher_min:bs{b}", value, limit, value >= limit))
+    if gates.size_mb_max is not None:
+        size = model["size_bytes"] / MB
+        out.append(("size_mb_max", size, gates.size_mb_max, size <= gates.size_mb_max))
+    if cfg.require_provider:
+        fallback = [p for p in cfg.providers if p not in model["providers_used"]]
+        out.append(("require_provider", len(fallback), 0, not fallback))
+    return out
+
+
+def choose_delivery(deliver: str, fp32: dict, int8: dict | None, int8_gates, max_drop: float) -> tuple[str, str]:
+    """('fp32' | 'int8', why). `best` takes INT8 only when it passes every gate, loses at most `max_drop`
+    accuracy and is faster than FP32 at every batch size."""
+    if deliver != "best":
+        return deliver, f"export.deliver is {deliver}"
+    drop = fp32["accuracy"] - int8["accuracy"]
+    slower = [b for b in fp32["latency_ms"] if int8["latency_ms"][b]["p50"] >= fp32["latency_ms"][b]["p50"]]
+    failed = [name for name, _, _, passed in int8_gates if not passed]
+    if failed:
+        return "fp32", f"INT8 fails gate {', '.join(failed)}"
+    if drop > max_drop:
+        return "fp32", f"INT8 loses {drop:.4f} accuracy, more than int8_max_accuracy_drop {max_drop}"
+    if slower:
+        return "fp32", f"INT8 is not faster than FP32 at batch size {', '.join(map(str, slower))} (p50)"
+    return "int8", "INT8 passes every gate, is faster at every batch size and within the accuracy limit"
+
+
+def as_report(model: dict) -> dict:
+    return {**model, "latency_ms": {str(b): v for b, v in model["latency_ms"].items()}}
+
+
 def run(ctx) -> None:
     cfg = ctx.pipeline.validation
-    providers, dropped = available_providers(cfg.providers)
-    for p in dropped:
-        ctx.progress.info(f"  warning: {p} is not available in this onnxruntime; using {', '.join(providers)}")
-    sess = session(ctx.artifacts["onnx_path"], providers, cfg.threads)
+    _, dropped = available_providers(cfg.providers)
     x_test = ctx.data.x_test.cpu().numpy()
     y_test = ctx.data.y_test.cpu().numpy()
-    acc = float((predict(sess, x_test).argmax(1) == y_test).mean())
-    latency = {b: measure_latency(sess, x_test, b, cfg.warmup, cfg.runs) for b in cfg.batch_sizes}
 
-    ctx.report["student"]["accuracy"] = acc
-    ctx.report["latency_ms"] = {str(b): v for b, v in latency.items()}
-    ctx.report["validate"] = {"providers_requested": cfg.providers, "providers_used": sess.get_providers(),
-                              "providers_dropped": dropped}
-    ctx.tracker.log_metrics({"student/test_accuracy": acc,
-                             **{f"latency_ms/p50_bs{b}": v["p50"] for b, v in latency.items()},
-                             **{f"throughput/bs{b}": v["throughput"] for b, v in latency.items()}})
+    fp32 = measure_model(ctx.artifacts["onnx_path"], cfg, x_test, y_test)
+    fallback = [p for p in cfg.providers if p not in fp32["providers_used"]]
+    for p in fallback:
+        why = "not available in this onnxruntime" if p in dropped else "could not be initialized"
+        ctx.progress.info(f"  warning: {p} was requested but is {why}; running on {', '.join(fp32['providers_used'])}")
+    teacher = None
+    if "teacher_onnx_path" in ctx.artifacts:
+        teacher = measure_model(ctx.artifacts["teacher_onnx_path"], cfg, x_test, y_test)
+        ctx.report["teacher"]["onnx"].update(as_report(teacher))
 
-    gates = cfg.gates
-    if gates.accuracy_min is not None:
-        ctx.add_gate("accuracy_min", acc, gates.accuracy_min, acc >= gates.accuracy_min)
-    teacher = ctx.report.get("teacher")
-    if gates.max_accuracy_drop_vs_teacher is not None and teacher:
-        drop = teacher["accuracy"] - acc
-        ctx.add_gate("max_accuracy_drop_vs_teacher", drop, gates.max_accuracy_drop_vs_teacher,
-                     drop <= gates.max_accuracy_drop_vs_teacher)
-    for b, limit in latency_limits(gates.latency_p50_ms_max, cfg.batch_sizes).items():
-        value = latency[b]["p50"] if b in latency else None
-        ctx.add_gate(f"latency_p50_ms_max:bs{b}", value, limit, value is not None and value <= limit)
+    delivered, measured = "fp32", fp32
+    if "int8_onnx_path" in ctx.artifacts:
+        int8 = measure_model(ctx.artifacts["int8_onnx_path"], cfg, x_test, y_test)
+        int8_gates = gates_for(int8, teacher, cfg)
+        delivered, reason = choose_delivery(ctx.pipeline.export.deliver, fp32, int8, int8_gates,
+                                            ctx.pipeline.export.int8_max_accuracy_drop)
+        measured = int8 if delivered == "int8" else fp32
+        ctx.report["quantization"].update({
+            "fp32": as_report(fp32), "int8": as_report(int8),
+            "accuracy_drop": fp32["accuracy"] - int8["accuracy"],
+            "size_ratio": int8["size_bytes"] / fp32["size_bytes"],
+            "speedup_by_batch_size": {str(b): fp32["latency_ms"][b]["p50"] / int8["latency_ms"][b]["p50"]
+                                      for b in cfg.batch_sizes},
+            "delivered": delivered, "reason": reason,
+        })
+        ctx.progress.info(f"  delivering {delivered.upper()}: {reason}")
+        if delivered == "int8":
+            ctx.artifacts["onnx_path"] = ctx.artifacts["int8_onnx_path"]
+
+    ctx.report.setdefault("student", {})["accuracy"] = measured["accuracy"]
+    ctx.report["onnx"].update({"path": measured["path"], "size_bytes": measured["size_bytes"], "precision": delivered})
+    ctx.report["latency_ms"] = {str(b): v for b, v in measured["latency_ms"].items()}
+    if teacher is not None:
+        ctx.report["speedup_vs_teacher"] = {str(b): teacher["latency_ms"][b]["p50"] / measured["latency_ms"][b]["p50"]
+                                            for b in cfg.batch_sizes}
+    ctx.report["validate"] = {
+        "providers_requested": cfg.providers, "providers_used": measured["providers_used"],
+        "providers_dropped": dropped, "provider_fallback": fallback,
+        "io_binding": any(v["io_binding"] for v in measured["latency_ms"].values()),
+        "session": {"threads": cfg.threads, "inter_op_threads": cfg.inter_op_threads,
+                    "graph_optimization": cfg.graph_optimization, "warmup": cfg.warmup, "runs": cfg.runs},
+    }
+    ctx.tracker.log_metrics({"student/test_accuracy": measured["accuracy"],
+                             **{f"latency_ms/p50_bs{b}": v["p50"] for b, v in measured["latency_ms"].items()},
+                             **{f"latency_ms/p99_bs{b}": v["p99"] for b, v in measured["latency_ms"].items()},
+                             **{f"throughput/bs{b}": v["throughput"] for b, v in measured["latency_ms"].items()}})
+    for gate in gates_for(measured, teacher, cfg):
+        ctx.add_gate(*gate)

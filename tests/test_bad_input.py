@@ -178,3 +178,15 @@ def test_bad_run_exits_2_without_traceback_or_run_dir(workdir):
     assert proc.stdout == ""
     assert not (workdir / "runs").exists()
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_missing_onnxruntime_names_the_extra(workdir):
+    """With onnxruntime unimportable, `kdpipe run` says in one line which extra to install."""
+    shadow = workdir / "shadow"
+    shadow.mkdir()
+    (shadow / "onnxruntime.py").write_text("raise ImportError('No module named onnxruntime')\n")
+    proc = run_process("run", PIPELINES / "digits.yaml", env={"PYTHONPATH": str(shadow)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "onnxruntime is not installed: pip install 'kdpipe[cpu]' (or 'kdpipe[gpu]' on a CUDA machine)")
+    assert not (workdir / "runs").exists()

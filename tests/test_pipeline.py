@@ -42,14 +42,14 @@ def test_default_pipeline_end_to_end(workdir):
     assert abs(report["student"]["accuracy"] - report["student"]["accuracy_torch"]) < 1e-6
     assert report["onnx"]["opset"] == 18
     assert report["onnx"]["parity_max_abs_diff"] <= 1e-4
-    assert set(report["onnx"]["parity_by_batch_size"]) == {"1", "2", str(report["data"]["val"])}
+    assert set(report["onnx"]["parity_by_batch_size"]) == {"1", "2", "7", "64", str(report["data"]["val"])}
     for batch_size in ("1", "64"):
         lat = report["latency_ms"][batch_size]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
         assert lat["throughput"] > 0 and lat["runs"] == 50
     assert set(report["stage_seconds"]) == {"teacher", "distill", "export", "validate", "register"}
     assert all(g["passed"] for g in report["gates"].values())
-    assert set(report["gates"]) >= {"parity_max_abs_diff", "accuracy_min", "max_accuracy_drop_vs_teacher"}
+    assert set(report["gates"]) >= {"parity_atol", "accuracy_min", "max_accuracy_drop_vs_teacher"}
     for name in ("pipeline.yaml", "student.onnx", "student.pt", "teacher.pt", "ledger.json"):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "ledger.json").read_text())["finished"][-1] == "register"
@@ -99,9 +99,10 @@ def test_gate_failure_exits_1_without_alias(workdir):
     assert not report["gates"]["accuracy_min"]["passed"]
     assert not report["gates"]["latency_p50_ms_max:bs1"]["passed"]
     assert report["mlflow"]["alias"] is None
-    assert "gate failed: accuracy_min, latency_p50_ms_max:bs1" in result.stderr
+    failed_line = next(line for line in result.stderr.splitlines() if line.startswith("gate failed: "))
+    assert {"accuracy_min", "latency_p50_ms_max:bs1"} <= set(failed_line.removeprefix("gate failed: ").split(", "))
     assert client().get_run(report["mlflow"]["run_id"]).info.status == "FAILED"
-    assert client().get_registered_model("digits-student").aliases == {}
+    assert client().search_registered_models() == []  # a failing model is not registered
 
 
 def test_stage_failure_exits_3_and_ends_the_mlflow_run_failed(workdir):

@@ -8,6 +8,7 @@ teacher outputs) or its own `fit` procedure built from the shared trainer.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kdpipe.errors import InputError
-from kdpipe.taps import Outputs, forward_with_taps
+from kdpipe.taps import Outputs, TapPair, forward_with_taps, pair_taps
 from kdpipe.train import Batch, Trainer
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -53,6 +54,11 @@ class Method:
     summary: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
     needs_teacher: ClassVar[bool] = True
+    # False for a method whose teacher changes during training (its outputs must then be computed every step).
+    cache_teacher: ClassVar[bool] = True
+    # False for a method whose fit returns another module than `student` or creates its extra modules while
+    # fitting (DML peers, Born-Again generations): a trained student cannot be loaded into a fresh instance.
+    fit_returns_student: ClassVar[bool] = True
 
     def __init__(self, params: Params, *, student: nn.Module, teacher: nn.Module | None, num_classes: int,
                  input_shape: tuple[int, ...], taps=None):
@@ -69,6 +75,10 @@ class Method:
         if cls.needs_teacher and pipeline.teacher is None:
             raise InputError("teacher", f"method '{cls.name}' distills from a teacher: give a 'teacher' section")
 
+    @classmethod
+    def check_models(cls, pipeline, *, student: nn.Module, teacher: nn.Module | None, input_shape: tuple[int, ...]) -> None:
+        """Raise InputError for models this method cannot work with (runs in `prepare`, before any run starts)."""
+
     def student_taps(self) -> list[str]:
         return []
 
@@ -83,17 +93,55 @@ class Method:
         raise NotImplementedError
 
     def fit(self, trainer: Trainer, label: str = "student") -> nn.Module:
-        """The usual procedure: teacher outputs computed once, then the student trained on `loss`."""
-        teacher_outputs = trainer.teacher_outputs(self.teacher, self.teacher_taps()) if self.teacher else None
+        """The usual procedure: teacher outputs from the cache (or online, see `cache_teacher`), then the student trained on `loss`."""
+        teacher_outputs = trainer.teacher_step(self.teacher, self.teacher_taps(), self.cache_teacher) if self.teacher else None
         student_taps = self.student_taps()
 
         def step(batch: Batch):
             student_out = forward_with_taps(self.student, batch.x, student_taps)
-            teacher_out = teacher_outputs.select(batch.index) if teacher_outputs is not None else None
+            teacher_out = teacher_outputs(batch) if teacher_outputs is not None else None
             return self.loss(batch, student_out, teacher_out)
 
         trainer.fit(self.student, step, extra=self.extra_modules(), label=label)
         return self.student
+
+
+class FeatureMethod(Method):
+    """A method comparing student and teacher features at paired taps: `distill.taps` or the models' defaults.
+
+    `self.pairs` holds the pairs with their shapes; `check_pair` rejects a pair the method cannot compare.
+    """
+
+    @classmethod
+    def default_positions(cls, count: int) -> list[int]:
+        """Which of the student's `count` default taps to use (each paired with the teacher's at the same relative depth)."""
+        return list(range(count))
+
+    @classmethod
+    def check_pair(cls, pair: TapPair, params: Params) -> None:
+        """Raise InputError when the method cannot compare the pair's shapes."""
+
+    @classmethod
+    def tap_pairs(cls, params: Params, student: nn.Module, teacher: nn.Module, taps, input_shape) -> list[TapPair]:
+        pairs = pair_taps(student, teacher, taps, tuple(input_shape), cls.default_positions)
+        for pair in pairs:
+            cls.check_pair(pair, params)
+        return pairs
+
+    @classmethod
+    def check_models(cls, pipeline, *, student, teacher, input_shape) -> None:
+        if teacher is not None:
+            cls.tap_pairs(cls.Params(**pipeline.distill.params), student, teacher, pipeline.distill.taps, input_shape)
+
+    def __init__(self, params: Params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.pairs = self.tap_pairs(params, self.student, self.teacher, self.taps, self.input_shape)
+
+    def student_taps(self) -> list[str]:
+        return list(dict.fromkeys(p.student for p in self.pairs))
+
+    def teacher_taps(self) -> list[str]:
+        return list(dict.fromkeys(p.teacher for p in self.pairs))
 
 
 def method(name: str):
@@ -109,10 +157,15 @@ def method(name: str):
     return register
 
 
+@functools.cache
+def _import_method_modules() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
 def registry() -> dict[str, type[Method]]:
-    if not _REGISTRY:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
+    # Every method module, even when one was imported directly before (kdpipe.methods.ban): not only the first.
+    _import_method_modules()
     return _REGISTRY
 
 

@@ -1,0 +1,95 @@
+"""Data-parallel training under `torchrun`: the process group, which rank does what, and small collectives.
+
+`torchrun --nproc-per-node N -m kdpipe run FILE` starts N copies of the same
+command with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set.
+Every rank runs the same stages on the same data; the trainer shards each
+batch across ranks and DistributedDataParallel averages the gradients. Rank 0
+alone writes the run directory, talks to MLflow, exports, validates and
+registers. Without those variables everything here is a no-op for one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_current = DistEnv()
+
+
+def from_environment() -> DistEnv:
+    """The ranks torchrun announced in the environment (one process when it did not)."""
+    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device: torch.device) -> DistEnv:
+    """Join the process group torchrun prepared: nccl for CUDA, gloo for CPU. Idempotent."""
+    global _current
+    env = from_environment()
+    if env.enabled and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank,
+                                world_size=env.world_size, timeout=timedelta(minutes=30))
+    _current = env
+    return env
+
+
+def current() -> DistEnv:
+    return _current
+
+
+def shutdown() -> None:
+    global _current
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _current = DistEnv()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank, so that ranks take the same decisions."""
+    if not _current.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over ranks (in place and returned)."""
+    if _current.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), so all ranks hold the same model."""
+    if _current.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def barrier() -> None:
+    if _current.enabled:
+        dist.barrier()

@@ -1,0 +1,45 @@
+"""`at`: Zagoruyko & Komodakis 2017, attention transfer between paired feature maps."""
+
+import torch.nn.functional as F
+
+from kdpipe.errors import InputError
+from kdpipe.losses import at_loss, kd_loss
+from kdpipe.methods import FeatureMethod, Params, method, param
+
+
+class ATParams(Params):
+    weight: float = param(1000.0, gt=0.0, low=100.0, high=10000.0, log=True)
+    p: float = param(2.0, gt=0.0, low=1.0, high=4.0)
+    kd_weight: float = param(0.0, ge=0.0, low=0.0, high=1.0)
+    temperature: float = param(4.0, gt=0.0, low=1.0, high=20.0, log=True)
+
+
+def check_poolable(pair, name: str) -> None:
+    """at/nst pool the larger feature map to the smaller H×W: both must be maps, one no smaller on both sides."""
+    s, t = pair.student_shape, pair.teacher_shape
+    if len(s) != 3 or len(t) != 3:
+        raise InputError("distill.taps", f"{name} compares feature maps K×H×W, but got {pair.describe()}")
+    if not ((s[1] >= t[1] and s[2] >= t[2]) or (s[1] <= t[1] and s[2] <= t[2])):
+        raise InputError("distill.taps", f"{name} cannot pool {pair.describe()} to one H×W")
+
+
+@method("at")
+class AttentionTransfer(FeatureMethod):
+    summary = "attention transfer: CE + weight·Σ at_loss over tapped pairs (+ kd_weight·kd_loss)"
+    Params = ATParams
+
+    @classmethod
+    def check_pair(cls, pair, params):
+        check_poolable(pair, "at")
+
+    def loss(self, batch, student, teacher):
+        ce = F.cross_entropy(student.logits, batch.y)
+        at = sum(at_loss(student.features[pair.student], teacher.features[pair.teacher], p=self.params.p)
+                 for pair in self.pairs)
+        total = ce + self.params.weight * at
+        parts = {"ce": ce.detach(), "at": at.detach()}
+        if self.params.kd_weight > 0:
+            kd = kd_loss(student.logits, teacher.logits, temperature=self.params.temperature)
+            total = total + self.params.kd_weight * kd
+            parts["kd"] = kd.detach()
+        return total, parts

@@ -1,0 +1,42 @@
+"""`nst`: Huang & Wang 2017, neuron selectivity transfer (MMD between channel distributions)."""
+
+from typing import Literal
+
+import torch.nn.functional as F
+
+from kdpipe.losses import KERNELS, kd_loss, nst_loss
+from kdpipe.methods import FeatureMethod, Params, method, param
+from kdpipe.methods.at import check_poolable
+
+
+class NSTParams(Params):
+    weight: float = param(50.0, gt=0.0, low=1.0, high=100.0, log=True)
+    kernel: Literal["linear", "polynomial", "gaussian"] = param("polynomial", choices=list(KERNELS))
+    degree: int = param(2, ge=1, choices=[1, 2, 3])
+    c: float = param(0.0, ge=0.0, low=0.0, high=1.0)
+    sigma2: float = param(1.0, gt=0.0, low=0.1, high=10.0, log=True)
+    kd_weight: float = param(0.0, ge=0.0, low=0.0, high=1.0)
+    temperature: float = param(4.0, gt=0.0, low=1.0, high=20.0, log=True)
+
+
+@method("nst")
+class NeuronSelectivityTransfer(FeatureMethod):
+    summary = "NST: CE + weight·Σ nst_loss (MMD², kernel linear|polynomial|gaussian) over tapped pairs (+ kd_weight·kd_loss)"
+    Params = NSTParams
+
+    @classmethod
+    def check_pair(cls, pair, params):
+        check_poolable(pair, "nst")
+
+    def loss(self, batch, student, teacher):
+        ce = F.cross_entropy(student.logits, batch.y)
+        p = self.params
+        nst = sum(nst_loss(student.features[pair.student], teacher.features[pair.teacher], kernel=p.kernel,
+                           degree=p.degree, c=p.c, sigma2=p.sigma2) for pair in self.pairs)
+        total = ce + p.weight * nst
+        parts = {"ce": ce.detach(), "nst": nst.detach()}
+        if p.kd_weight > 0:
+            kd = kd_loss(student.logits, teacher.logits, temperature=p.temperature)
+            total = total + p.kd_weight * kd
+            parts["kd"] = kd.detach()
+        return total, parts

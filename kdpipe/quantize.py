@@ -1,0 +1,61 @@
+"""INT8 models from an FP32 ONNX file with onnxruntime's quantization tools.
+
+Static quantization calibrates activation ranges on batches of the training
+split and writes QDQ nodes (the format onnxruntime's CPU kernels fuse for conv
+nets); dynamic quantization stores INT8 weights and computes activation ranges
+per call, which needs no calibration data.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol over a list of input batches."""
+
+    def __init__(self, input_name: str, batches: list[np.ndarray]):
+        self._feeds = iter([{input_name: b} for b in batches])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def calibration_batches(x_train: np.ndarray, batch_size: int, count: int, seed: int) -> list[np.ndarray]:
+    """`count` batches drawn without replacement from the training split (a fixed draw per seed)."""
+    order = np.random.default_rng(seed).permutation(len(x_train))[: batch_size * count]
+    return [np.ascontiguousarray(x_train[order[i:i + batch_size]], dtype=np.float32)
+            for i in range(0, len(order), batch_size)]
+
+
+def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.ndarray] | None = None) -> None:
+    """Write the INT8 version of `fp32_path`; `mode` is dynamic or static (static needs `calibration`)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from kdpipe.onnx_runtime import session
+
+    # The tools log advice at WARNING for every model; kdpipe reports the outcome itself.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # Shape inference and graph folding first, so that every tensor has the type info quantization needs.
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(fp32_path), str(prepared))
+            if mode == "dynamic":
+                quantize_dynamic(str(prepared), str(int8_path), weight_type=QuantType.QInt8)
+                return
+            if not calibration:
+                raise ValueError("static quantization needs calibration batches")
+            input_name = session(fp32_path).get_inputs()[0].name
+            quantize_static(str(prepared), str(int8_path), _Batches(input_name, calibration),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,103 @@
+"""search: an Optuna campaign over the method's parameters (and the method itself); the best ones go to distill.
+
+Skipped when the pipeline has no `search:` section. Every trial is a nested
+MLflow run; the teacher's outputs are computed once and shared by all trials.
+The best parameters are written into the run's resolved pipeline file, and
+the best trial's student is handed to distill when this worker holds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import yaml
+
+from kdpipe.errors import InputError
+from kdpipe.methods import get_method
+from kdpipe.search import (DIRECTIONS, Campaign, TrialRuns, best_trial, make_pruner, make_sampler, open_study,
+                           resolve_space, save_plots, summarize)
+
+
+def run(ctx) -> None:
+    import optuna
+
+    pipeline = ctx.pipeline
+    search = pipeline.search
+    if ctx.dist.enabled:
+        raise InputError("search", "a campaign does not run under torchrun; start workers with `kdpipe search` instead")
+    space = resolve_space(pipeline)
+    _check_candidate_models(ctx, space)
+
+    storage = search.storage or f"sqlite:///{ctx.run_dir / 'search.db'}"
+    # A private study replays exactly from the seed; workers sharing a study must not all draw the same points.
+    seed = pipeline.seed if search.seed is None else search.seed
+    if search.storage is not None:
+        seed += os.getpid()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(storage, search.study or pipeline.name, [DIRECTIONS[o] for o in search.objective],
+                       sampler=make_sampler(search.sampler, space, seed),
+                       pruner=make_pruner(search.pruner_name, pipeline.distill.epochs),
+                       heartbeat_seconds=search.heartbeat_seconds)
+    # The run's teacher-output cache (memory, and disk shared by workers on this machine): computed once for
+    # every trial, and for distill after them. Trials keep no per-epoch checkpoints: they are never resumed.
+    options = {**ctx.trainer_options("search"), "checkpoint_dir": None}
+    cache = options.pop("teacher_cache")
+    campaign = Campaign(pipeline=pipeline, space=space, data=ctx.data, teacher=ctx.teacher,
+                        initial_student=copy.deepcopy(ctx.student), teacher_cache=cache, trainer_options=options,
+                        runs=TrialRuns(ctx.tracker.mlflow, ctx.tracker.run_id), work_dir=ctx.run_dir / "search",
+                        log=ctx.progress.info)
+    ctx.progress.info(f"  study '{study.study_name}': {search.trials} trials on {len(space.methods)} method(s), "
+                      f"sampler {search.sampler}, pruner {search.pruner_name}")
+    trials = search.trials
+    if search.storage is None:  # a private study: a resumed run only runs the trials still missing
+        trials -= sum(t.state.is_finished() for t in study.trials)
+    study.optimize(campaign, n_trials=max(0, trials), timeout=search.timeout, catch=(Exception,),
+                   callbacks=[campaign.trial_line])
+
+    summary = summarize(study, storage, search.objective)
+    summary["teacher_forward_passes"] = cache.forward_passes
+    ctx.report["search"] = summary
+    _log_campaign(ctx, study, summary)
+    best = best_trial(study, search.objective)
+    if best is None:
+        raise RuntimeError(f"no trial of study '{study.study_name}' completed ({summary['n_failed']} failed, "
+                           f"{summary['n_pruned']} pruned); the trials' nested MLflow runs say why")
+
+    choice = space.decode(best.params)
+    method = choice.method
+    pipeline.distill.method = method
+    pipeline.distill.params = get_method(method).Params.model_validate(choice.params).model_dump(mode="json")
+    pipeline.distill.optimizer = pipeline.distill.optimizer.model_copy(update=choice.optimizer)
+    (ctx.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(pipeline.resolved(), sort_keys=False))
+    ctx.report["method"] = {"name": method, "params": pipeline.distill.params}
+    reusable = not search.retrain and get_method(method).fit_returns_student
+    checkpoint = campaign.local_checkpoint(best) if reusable else None
+    if checkpoint is not None:
+        ctx.artifacts["student_checkpoint"] = checkpoint
+    summary["reused_checkpoint"] = checkpoint is not None
+    ctx.tracker.log_params({"search": {"best": {"method": method, **pipeline.distill.params, "optimizer": choice.optimizer}}})
+    ctx.tracker.set_tags({"kdpipe.method": method})
+
+
+def _check_candidate_models(ctx, space) -> None:
+    """Each candidate method must accept the models (taps, shapes) with its base parameters, before any trial runs."""
+    for name in space.methods:
+        if name == ctx.pipeline.distill.method:
+            continue  # checked in prepare
+        candidate = ctx.pipeline.model_copy(deep=True)
+        candidate.distill.method, candidate.distill.params = name, space.base[name]
+        get_method(name).check_models(candidate, student=ctx.student, teacher=ctx.teacher,
+                                      input_shape=ctx.data.input_shape)
+
+
+def _log_campaign(ctx, study, summary) -> None:
+    metrics = {f"search/{k}": summary[k] for k in ("n_trials", "n_complete", "n_pruned", "n_failed")}
+    if isinstance(summary["best_value"], float):
+        metrics["search/best_value"] = summary["best_value"]
+    ctx.tracker.log_metrics(metrics)
+    written, skipped = save_plots(study, ctx.pipeline.search.objective, ctx.run_dir / "search" / "plots")
+    for path in written:
+        ctx.tracker.mlflow.log_artifact(str(path), artifact_path="search")
+    for reason in skipped:
+        ctx.progress.info(f"  plot skipped: {reason}")

@@ -1,0 +1,139 @@
+"""`adversarial`: the discriminator on logits, the alternation (D step with the student frozen, then the
+student step with D frozen), the aux classifier, bad input and end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FAST, PIPELINES, cli, read_report
+from kdpipe.config import DataConfig, OptimizerConfig
+from kdpipe.data import load_data
+from kdpipe.losses import adversarial_d_loss, adversarial_g_loss
+from kdpipe.methods import get_method
+from kdpipe.methods.adversarial import Discriminator
+from kdpipe.models.zoo import CNN
+from kdpipe.taps import Outputs
+from kdpipe.train import Batch, Trainer, make_optimizer
+
+LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data(DataConfig(), 0)
+
+
+def build(digits, **params):
+    cls = get_method("adversarial")
+    torch.manual_seed(0)
+    teacher = CNN(digits.input_shape, 10, width=16, depth=2).eval()
+    student = CNN(digits.input_shape, 10, width=8, depth=2)
+    return cls(cls.Params(**params), student=student, teacher=teacher, num_classes=10, input_shape=digits.input_shape)
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def unchanged(module, before):
+    return all(torch.equal(b, p) for b, p in zip(before, module.parameters()))
+
+
+def batch_of(digits, n=32):
+    idx = torch.arange(n)
+    return Batch(idx, digits.x_train[idx], digits.y_train[idx])
+
+
+def test_discriminator_is_a_residual_mlp_on_logits_with_optional_class_head():
+    d = Discriminator(10, hidden=32, blocks=2)
+    scores, classes = d(torch.randn(5, 10))
+    assert scores.shape == (5,) and classes is None
+    assert len(d.blocks) == 2 and d.stem.out_features == 32
+    scores, classes = Discriminator(10, hidden=32, blocks=2, aux=True)(torch.randn(5, 10))
+    assert scores.shape == (5,) and classes.shape == (5, 10)
+
+
+@pytest.mark.parametrize("params", [{}, {"aux_classifier": True, "gan_mode": "bce"}])
+def test_discriminator_step_trains_d_and_leaves_the_student_unchanged(digits, params):
+    method = build(digits, hidden=32, blocks=1, **params)
+    batch = batch_of(digits)
+    z_s = method.student(batch.x)
+    z_t = method.teacher(batch.x).detach()
+    student_before, d_before = snapshot(method.student), snapshot(method.discriminator)
+    optimizer = method.discriminator_optimizer(epochs=1, steps_per_epoch=1)
+    parts = method.discriminator_step(optimizer, z_s, z_t, batch.y)
+    assert unchanged(method.student, student_before)
+    assert all(p.grad is None for p in method.student.parameters())
+    assert not unchanged(method.discriminator, d_before)
+    assert parts["d_loss"].item() > 0
+
+
+@pytest.mark.parametrize("params", [{}, {"aux_classifier": True}])
+def test_student_step_trains_the_student_and_leaves_d_unchanged(digits, params):
+    method = build(digits, hidden=32, blocks=1, **params)
+    batch = batch_of(digits)
+    z_t = method.teacher(batch.x).detach()
+    optimizer, _ = make_optimizer(method.student.parameters(), OptimizerConfig(scheduler="none"), 1, 1)
+    student_before, d_before = snapshot(method.student), snapshot(method.discriminator)
+    loss, parts = method.loss(batch, Outputs(method.student(batch.x)), Outputs(z_t))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert unchanged(method.discriminator, d_before)
+    assert all(p.grad is None for p in method.discriminator.parameters())
+    assert all(p.requires_grad for p in method.discriminator.parameters())  # frozen only while the loss was built
+    assert not unchanged(method.student, student_before)
+    # total = adv_weight·adversarial + l1_weight·L1 + ce_weight·CE (+ class-head CE with the aux head)
+    p = method.params
+    expected = p.adv_weight * parts["adversarial"] + p.l1_weight * parts["l1"] + p.ce_weight * parts["ce"]
+    if p.aux_classifier:
+        expected = expected + parts["class_ce"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_losses_follow_the_gan_mode(digits):
+    method = build(digits, hidden=16, blocks=1, gan_mode="bce")
+    batch = batch_of(digits, 8)
+    z_s, z_t = torch.randn(8, 10), torch.randn(8, 10)
+    _, parts = method.loss(batch, Outputs(z_s), Outputs(z_t))
+    with torch.no_grad():
+        d_s, _ = method.discriminator(z_s)
+    assert parts["adversarial"].item() == pytest.approx(adversarial_g_loss(d_s, mode="bce").item(), rel=1e-6)
+    assert parts["l1"].item() == pytest.approx((z_s - z_t).abs().mean().item(), rel=1e-6)
+    assert parts["ce"].item() == pytest.approx(F.cross_entropy(z_s, batch.y).item(), rel=1e-6)
+    with torch.no_grad():
+        d_t, _ = method.discriminator(z_t)
+        expected = adversarial_d_loss(d_t, d_s, mode="bce").item()
+    parts = method.discriminator_step(method.discriminator_optimizer(1, 1), z_s, z_t, batch.y)
+    assert parts["d_loss"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_fit_trains_student_and_discriminator_and_never_the_teacher(digits):
+    method = build(digits, hidden=32, blocks=1)
+    teacher_before, d_before = snapshot(method.teacher), snapshot(method.discriminator)
+    trainer = Trainer(digits, epochs=1, batch_size=128, optimizer=OptimizerConfig(), seed=0)
+    student = method.fit(trainer)
+    assert student is method.student
+    assert method.extra_modules() is method.discriminator
+    assert unchanged(method.teacher, teacher_before)
+    assert not unchanged(method.discriminator, d_before)
+
+
+def test_unknown_gan_mode_exits_2(workdir):
+    pipeline = PIPELINES / "adversarial.yaml"
+    result = cli("check", pipeline, "--set", "distill.params.gan_mode=wgan")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "distill.params.gan_mode" in lines[0] and "lsgan" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_end_to_end_checkpoints_the_discriminator(workdir):
+    result = cli("run", PIPELINES / "adversarial.yaml", *[a for o in (*FAST, *LENIENT) for a in ("--set", o)])
+    assert result.exit_code == 0, result.output
+    report = read_report(result.stdout)
+    assert report["status"] == "passed" and report["student"]["accuracy"] > 0.5
+    checkpoint = torch.load(f"{report['run_dir']}/student.pt", weights_only=True)
+    assert "stem.weight" in checkpoint["extra"] and "fc.weight" in checkpoint["student"]

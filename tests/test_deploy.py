@@ -1,0 +1,211 @@
+"""Deployment checks: parity over batch sizes, teacher ONNX, INT8 side by side with FP32, gates, `kdpipe validate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import FAST, PIPELINES, cli, read_report
+
+DIGITS = PIPELINES / "digits.yaml"
+LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
+# An execution provider no Linux onnxruntime build has, so that fallback is certain on every CI machine.
+ABSENT_PROVIDER = "CoreMLExecutionProvider"
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, teacher_cache):
+    """One run of the default pipeline (static INT8, deliver best) with its CLI result and report."""
+    workdir = tmp_path_factory.mktemp("deploy")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+        mp.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
+        result = cli("run", DIGITS, *sets(*FAST, *LENIENT))
+        assert result.exit_code == 0, result.output
+        yield workdir, result, read_report(result.stdout)
+
+
+@pytest.fixture
+def in_deploy_dir(deployed, monkeypatch, teacher_cache):
+    workdir = deployed[0]
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
+    return workdir
+
+
+def test_parity_over_batch_sizes_on_validation_inputs(deployed):
+    _, _, report = deployed
+    onnx_report = report["onnx"]
+    assert set(onnx_report["parity_by_batch_size"]) == {"1", "2", "7", "64", str(report["data"]["val"])}
+    for diffs in onnx_report["parity_by_batch_size"].values():
+        assert 0 <= diffs["max_abs_diff"] <= 1e-4 and 0 <= diffs["max_rel_diff"] < 1e-3
+    assert onnx_report["parity_max_abs_diff"] == max(d["max_abs_diff"] for d in onnx_report["parity_by_batch_size"].values())
+    assert report["gates"]["parity_atol"] == {"value": onnx_report["parity_max_abs_diff"], "limit": 1e-4, "passed": True}
+
+
+def test_teacher_is_exported_and_timed_the_same_way(deployed):
+    _, _, report = deployed
+    teacher_onnx = report["teacher"]["onnx"]
+    assert Path(teacher_onnx["path"]).name == "teacher.onnx" and teacher_onnx["parity_max_abs_diff"] <= 1e-4
+    assert abs(teacher_onnx["accuracy"] - report["teacher"]["accuracy"]) < 0.01
+    for b in ("1", "64"):
+        student, teacher = report["latency_ms"][b], teacher_onnx["latency_ms"][b]
+        assert teacher["runs"] == student["runs"] == 50
+        assert report["speedup_vs_teacher"][b] == pytest.approx(teacher["p50"] / student["p50"])
+    assert teacher_onnx["size_bytes"] > 10 * report["onnx"]["size_bytes"]
+
+
+def test_int8_is_validated_side_by_side_with_fp32(deployed):
+    """Acceptance 3: the default pipeline's INT8 model next to FP32 in report.json, and `best` picks honestly."""
+    _, _, report = deployed
+    quant = report["quantization"]
+    assert quant["mode"] == "static" and quant["deliver"] == "best" and quant["calibration_samples"] == 8 * 64
+    fp32, int8 = quant["fp32"], quant["int8"]
+    for model in (fp32, int8):
+        assert 0.5 < model["accuracy"] <= 1.0 and model["size_bytes"] > 0
+        assert set(model["latency_ms"]) == {"1", "64"}
+    assert quant["accuracy_drop"] == pytest.approx(fp32["accuracy"] - int8["accuracy"])
+    assert abs(quant["accuracy_drop"]) < 0.05
+    assert quant["size_ratio"] == pytest.approx(int8["size_bytes"] / fp32["size_bytes"])
+    for b in ("1", "64"):
+        assert quant["speedup_by_batch_size"][b] == pytest.approx(fp32["latency_ms"][b]["p50"] / int8["latency_ms"][b]["p50"])
+
+    int8_wins = all(s > 1 for s in quant["speedup_by_batch_size"].values()) and quant["accuracy_drop"] <= 0.01
+    assert quant["delivered"] == ("int8" if int8_wins else "fp32"), quant["reason"]
+    delivered = int8 if quant["delivered"] == "int8" else fp32
+    assert report["onnx"]["precision"] == quant["delivered"] and report["onnx"]["path"] == delivered["path"]
+    assert report["student"]["accuracy"] == delivered["accuracy"]
+
+    # The INT8 file holds QDQ nodes and reproduces its reported accuracy.
+    ops = {node.op_type for node in onnx.load(int8["path"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    sess = ort.InferenceSession(int8["path"], providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(None, {"input": np.zeros((5, 1, 8, 8), np.float32)})[0]).all()
+
+
+def test_every_gate_is_in_the_console_table(deployed):
+    _, result, report = deployed
+    table = result.stderr[result.stderr.index("gate "):]
+    for name, gate in report["gates"].items():
+        assert name in table and gate["passed"]
+    assert "delivering " in result.stderr and "CUDAExecutionProvider was requested but is not available" in result.stderr
+    assert report["validate"]["provider_fallback"] == ["CUDAExecutionProvider"]
+    assert report["validate"]["session"]["graph_optimization"] == "all"
+
+
+def test_validate_command_reproduces_the_run(deployed, in_deploy_dir):
+    _, _, run_report = deployed
+    fp32 = run_report["quantization"]["fp32"]
+    result = cli("validate", fp32["path"], "--pipeline", DIGITS, *sets(*FAST, *LENIENT))
+    assert result.exit_code == 0, result.output
+    report = read_report(result.stdout)
+    assert report["status"] == "passed"
+    assert report["student"]["accuracy"] == fp32["accuracy"]
+    assert set(report["stage_seconds"]) == {"teacher", "export", "validate"}
+    assert report["onnx"]["path"] == fp32["path"] and report["onnx"]["parity_max_abs_diff"] is None
+    assert "parity_atol" not in report["gates"] and set(report["gates"]) >= {"accuracy_min", "latency_p50_ms_max:bs1"}
+    assert report["teacher"]["onnx"]["latency_ms"]["64"]["runs"] == 50
+    assert "quantization" not in report  # a given model is validated as it is
+
+    int8 = run_report["quantization"]["int8"]
+    result = cli("validate", int8["path"], "--pipeline", DIGITS, *sets(*FAST, *LENIENT))
+    assert result.exit_code == 0, result.output
+    assert read_report(result.stdout)["student"]["accuracy"] == int8["accuracy"]
+
+
+def test_tight_gates_fail_and_the_report_marks_them(deployed, in_deploy_dir):
+    path = deployed[2]["quantization"]["fp32"]["path"]
+    result = cli("validate", path, "--pipeline", DIGITS, *sets(
+        *FAST, *LENIENT, "validate.gates.latency_p99_ms_max={64: 1.0e-6}", "validate.gates.size_mb_max=1.0e-6",
+        "validate.gates.speedup_vs_teacher_min={1: 1000}"))
+    assert result.exit_code == 1, result.output
+    report = read_report(result.stdout)
+    gates = report["gates"]
+    assert report["status"] == "failed"
+    assert gates["accuracy_min"]["passed"] and gates["latency_p50_ms_max:bs1"]["passed"]
+    failed = {name for name, g in gates.items() if not g["passed"]}
+    assert failed == {"latency_p99_ms_max:bs64", "size_mb_max", "speedup_vs_teacher_min:bs1"}
+    assert gates["size_mb_max"]["value"] == pytest.approx(report["onnx"]["size_bytes"] / 1e6)
+    assert "gate failed: latency_p99_ms_max:bs64, speedup_vs_teacher_min:bs1, size_mb_max" in result.stderr
+    assert "FAILED" in result.stderr
+
+
+def test_provider_fallback_fails_the_gate_when_required(deployed, in_deploy_dir):
+    path = deployed[2]["quantization"]["fp32"]["path"]
+    providers = f"validate.providers=[{ABSENT_PROVIDER}, CPUExecutionProvider]"
+    result = cli("validate", path, "--pipeline", DIGITS, *sets(*FAST, *LENIENT, providers, "validate.require_provider=true"))
+    assert result.exit_code == 1, result.output
+    report = read_report(result.stdout)
+    assert report["validate"]["provider_fallback"] == [ABSENT_PROVIDER]
+    assert report["validate"]["providers_used"] == ["CPUExecutionProvider"]
+    assert report["gates"]["require_provider"] == {"value": 1, "limit": 0, "passed": False}
+
+
+def test_validate_rejects_what_is_not_a_classifier_for_this_data(in_deploy_dir):
+    run_dirs = set((in_deploy_dir / "runs" / "digits").iterdir())
+    missing = cli("validate", "nowhere.onnx", "--pipeline", DIGITS)
+    assert missing.exit_code == 2 and "MODEL: model file not found: nowhere.onnx" in missing.stderr
+    (in_deploy_dir / "junk.onnx").write_bytes(b"not a model")
+    junk = cli("validate", "junk.onnx", "--pipeline", DIGITS)
+    assert junk.exit_code == 2 and "onnxruntime cannot load junk.onnx" in junk.stderr
+    assert set((in_deploy_dir / "runs" / "digits").iterdir()) == run_dirs  # bad input leaves no run directory
+
+
+@pytest.mark.parametrize("override, message", [
+    (["export.quantize=none", "export.deliver=int8"], "export: deliver 'int8' needs an INT8 model"),
+    (["validate.providers=[CUDAExecutionProvidr]"], "unknown execution provider 'CUDAExecutionProvidr' (did you mean 'CUDAExecutionProvider'?)"),
+    (["validate.gates.latency_p99_ms_max={32: 1.0}"], "gates.latency_p99_ms_max names batch size 32, which is not in batch_sizes [1, 64]"),
+    (["validate.graph_optimization=max"], "validate.graph_optimization: expected one of"),
+])
+def test_bad_deployment_settings_exit_2(workdir, override, message):
+    result = cli("check", DIGITS, *sets(*override))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr, result.stderr
+
+
+def test_registry_policy_in_mlflow_yaml_is_validated(workdir):
+    (workdir / "mlflow.yaml").write_text("registry: {primary_metric: loss}\n")
+    result = cli("run", DIGITS, *sets(*FAST))
+    assert result.exit_code == 2 and "registry.primary_metric" in result.stderr, result.stderr
+    assert not (workdir / "runs").exists()
+
+
+def test_dynamic_quantization_keeps_the_accuracy(deployed, tmp_path):
+    from kdpipe.quantize import quantize
+
+    fp32 = deployed[2]["quantization"]["fp32"]
+    path = tmp_path / "dynamic.onnx"
+    quantize(Path(fp32["path"]), path, "dynamic")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "ConvInteger" in ops or "DynamicQuantizeLinear" in ops
+    result = cli("validate", path, "--pipeline", DIGITS, *sets(*FAST, *LENIENT))
+    assert result.exit_code == 0, result.output
+    assert abs(read_report(result.stdout)["student"]["accuracy"] - fp32["accuracy"]) < 0.05
+
+
+def test_best_delivery_takes_int8_only_when_it_wins():
+    from kdpipe.stages.validate import choose_delivery
+
+    def model(accuracy, p50_bs1, p50_bs64):
+        return {"accuracy": accuracy, "latency_ms": {1: {"p50": p50_bs1}, 64: {"p50": p50_bs64}}}
+
+    fp32 = model(0.97, 0.02, 0.10)
+    passing = [("accuracy_min", 0.97, 0.9, True)]
+    assert choose_delivery("best", fp32, model(0.965, 0.01, 0.05), passing, 0.01)[0] == "int8"
+    slower = choose_delivery("best", fp32, model(0.97, 0.01, 0.20), passing, 0.01)
+    assert slower == ("fp32", "INT8 is not faster than FP32 at batch size 64 (p50)")
+    assert choose_delivery("best", fp32, model(0.90, 0.01, 0.05), passing, 0.01)[0] == "fp32"
+    failing = [("latency_p99_ms_max:bs1", 3.0, 1.0, False)]
+    assert choose_delivery("best", fp32, model(0.97, 0.01, 0.05), failing, 0.01) == (
+        "fp32", "INT8 fails gate latency_p99_ms_max:bs1")
+    assert choose_delivery("int8", fp32, model(0.5, 1.0, 1.0), failing, 0.01)[0] == "int8"  # the user's choice stands

@@ -1,0 +1,42 @@
+"""The default pipeline under `torchrun --nproc-per-node 2` (gloo on CPU) against one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FAST, PIPELINES, read_report, run_process
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_matches_one_process_and_only_rank_0_logs(workdir, monkeypatch):
+    overrides = [a for o in FAST for a in ("--set", o)]
+    # One thread per process, as torchrun sets for each rank.
+    single = run_process("run", PIPELINES / "digits.yaml", *overrides, "--runs-dir", workdir / "single",
+                         env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode in (0, 1), single.stderr  # 1: FAST settings may miss a gate
+    single_report = read_report(single.stdout)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'ddp-mlflow.db'}")  # a store of its own to count runs in
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "kdpipe", "run", str(PIPELINES / "digits.yaml"), *overrides, "--runs-dir", str(workdir / "ddp")],
+                         capture_output=True, text=True, env=os.environ.copy())
+    report = read_report(ddp.stdout)
+    assert report["status"] in ("passed", "failed"), ddp.stderr
+    assert ddp.stdout.count("report.json") == 1  # rank 1 prints nothing
+    assert abs(report["student"]["accuracy"] - single_report["student"]["accuracy"]) <= 0.01
+    assert len(list((workdir / "ddp" / "digits").iterdir())) == 1  # one run directory, rank 0's
+
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1 and runs[0].info.run_id == report["mlflow"]["run_id"]
+    client = mlflow.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "student/val_accuracy")]
+    assert steps == list(range(1, len(steps) + 1))  # each epoch logged once, not once per rank
+    versions = client.search_model_versions("name='digits-student'")
+    assert len(versions) == (1 if report["status"] == "passed" else 0)  # only a passing model is registered

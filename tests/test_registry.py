@@ -1,0 +1,212 @@
+"""Registry policy against a real `mlflow server` (sqlite backend): candidate on every passing run, champion only
+for a better one, no move from a failing run, `kdpipe promote` with the same checks, and the champion's ONNX model
+reproducing its reported accuracy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import onnxruntime as ort
+import pytest
+from mlflow import MlflowClient
+
+from conftest import FAST, PIPELINES, cli, read_report
+from kdpipe.registry import alias_holder
+
+DIGITS = PIPELINES / "digits.yaml"
+MODEL = "digits-student"
+# Short distillations give weak students; these gates let them pass so that the policy decides, not the gates.
+LENIENT = ["validate.gates.accuracy_min=0.2", "validate.gates.max_accuracy_drop_vs_teacher=0.9"]
+# INT8 and a second batch size are covered in test_deploy.py; here they would only cost time.
+CHEAP = ["export.quantize=none", "export.deliver=fp32", "validate.batch_sizes=[1]"]
+MIN_IMPROVEMENT = 0.005
+# distill.epochs for a middling, a worse and a better student (same seed, same cached teacher).
+MIDDLE, WORSE, BETTER = 3, 2, 6
+
+
+# A server start and four pipeline runs: long for a developer loop, so it runs with the slow tests (CI runs them).
+pytestmark = pytest.mark.slow
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free loopback port with a sqlite store; stopped (its whole process group) afterwards."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # The server's job runner (for GenAI jobs) would start worker processes these tests never use.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield uri
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory, mlflow_server, teacher_cache):
+    workdir = tmp_path_factory.mktemp("registry")
+    (workdir / "mlflow.yaml").write_text(
+        "experiment: kdpipe-registry-test\n"
+        f"registry: {{candidate_alias: candidate, primary_metric: test_accuracy, min_improvement: {MIN_IMPROVEMENT}}}\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
+        yield workdir
+
+
+@pytest.fixture(scope="module")
+def runs(registry_dir):
+    """Four runs in order: middling (champion), worse (candidate only), failing a gate, better (champion)."""
+    client = MlflowClient()
+    out = {}
+    for label, overrides in [("first", [f"distill.epochs={MIDDLE}"]),
+                             ("worse", [f"distill.epochs={WORSE}"]),
+                             ("failing", [f"distill.epochs={WORSE}", "validate.gates.accuracy_min=0.9999"]),
+                             ("better", [f"distill.epochs={BETTER}"])]:
+        # LENIENT comes first so that the failing run's tight accuracy_min overrides it.
+        result = cli("run", DIGITS, *sets(*FAST, *LENIENT, *CHEAP, *overrides))
+        champion = alias_holder(client, MODEL, "champion")
+        out[label] = {"result": result, "report": read_report(result.stdout),
+                      "champion_after": champion.version if champion else None,
+                      "versions_after": len(client.search_model_versions(f"name='{MODEL}'"))}
+    return out
+
+
+def test_first_passing_run_becomes_champion_and_candidate(runs):
+    first = runs["first"]
+    assert first["result"].exit_code == 0, first["result"].output
+    mlflow_info = first["report"]["mlflow"]
+    assert mlflow_info["model_version"] == "1" and mlflow_info["alias"] == "champion"
+    assert mlflow_info["aliases"] == ["candidate", "champion"]
+    assert first["champion_after"] == "1"
+
+
+def test_worse_run_is_a_candidate_and_the_champion_stays(runs):
+    first, worse = runs["first"]["report"], runs["worse"]
+    assert worse["result"].exit_code == 0, worse["result"].output
+    report = worse["report"]
+    assert report["student"]["accuracy"] < first["student"]["accuracy"] - MIN_IMPROVEMENT
+    assert report["mlflow"]["model_version"] == "2" and report["mlflow"]["alias"] is None
+    assert report["mlflow"]["aliases"] == ["candidate"]
+    assert "does not improve by min_improvement" in report["mlflow"]["registry"]
+    assert worse["champion_after"] == "1"
+
+
+def test_failing_gate_exits_1_registers_nothing_and_moves_no_alias(runs):
+    failing = runs["failing"]
+    assert failing["result"].exit_code == 1, failing["result"].output
+    report = failing["report"]
+    assert report["status"] == "failed"
+    assert report["gates"]["accuracy_min"] == {"value": report["student"]["accuracy"], "limit": 0.9999, "passed": False}
+    assert all(g["passed"] for name, g in report["gates"].items() if name != "accuracy_min")
+    assert report["mlflow"]["model_version"] is None and report["mlflow"]["alias"] is None
+    assert report["mlflow"]["registry"] == "not registered: gate failed: accuracy_min"
+    assert "gate failed: accuracy_min" in failing["result"].stderr
+    assert failing["champion_after"] == "1" and failing["versions_after"] == 2
+
+
+def test_better_run_takes_champion_and_the_champion_loads_into_onnxruntime(runs):
+    first, better = runs["first"]["report"], runs["better"]
+    assert better["result"].exit_code == 0, better["result"].output
+    report = better["report"]
+    assert report["student"]["accuracy"] >= first["student"]["accuracy"] + MIN_IMPROVEMENT
+    assert report["mlflow"]["model_version"] == "3" and report["mlflow"]["alias"] == "champion"
+    assert better["champion_after"] == "3"
+
+    # models:/<name>@champion, as a deployment would fetch it, reproduces the reported test accuracy.
+    from kdpipe.config import load_pipeline
+    from kdpipe.data import load_data
+
+    model = mlflow.onnx.load_model(f"models:/{MODEL}@champion")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pipeline = load_pipeline(DIGITS)
+    data = load_data(pipeline.data, pipeline.seed)
+    logits = sess.run(None, {"input": data.x_test.numpy()})[0]
+    assert float((logits.argmax(1) == data.y_test.numpy()).mean()) == report["student"]["accuracy"]
+
+
+def test_version_tags_record_gates_pipeline_hash_and_commit(runs):
+    report = runs["better"]["report"]
+    version = MlflowClient().get_model_version(MODEL, "3")
+    tags = version.tags
+    assert tags["kdpipe.gates_passed"] == "true"
+    for name, gate in report["gates"].items():
+        assert json.loads(tags[f"kdpipe.gate.{name}"]) == gate
+    assert tags["kdpipe.pipeline"] == "digits"
+    resolved = Path(report["run_dir"]) / "pipeline.yaml"
+    assert tags["kdpipe.pipeline_sha256"] == hashlib.sha256(resolved.read_bytes()).hexdigest()
+    head = subprocess.run(["git", "-C", str(PIPELINES), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert tags["kdpipe.git_commit"].split("+")[0] == (head.stdout.strip() if head.returncode == 0 else "none")
+    assert float(tags["kdpipe.metric.test_accuracy"]) == report["student"]["accuracy"]
+    assert tags["kdpipe.precision"] == report["onnx"]["precision"]
+    assert version.current_stage in (None, "None")  # aliases only, no deprecated stages
+
+
+def test_promote_applies_the_same_checks_and_force_is_recorded(runs):
+    client = MlflowClient()
+    refused = cli("promote", MODEL, "--version", "2", "--alias", "champion")
+    assert refused.exit_code == 1, refused.output
+    assert "refused: 'champion' stays on version 3" in refused.stderr
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "3"
+
+    forced = cli("promote", MODEL, "--version", "2", "--alias", "champion", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
+    record = json.loads(client.get_model_version(MODEL, "2").tags["kdpipe.forced.champion"])
+    assert record["replaced_version"] == "3" and "does not improve" in record["overridden_check"]
+
+    back = cli("promote", MODEL, "--version", "3", "--alias", "champion")
+    assert back.exit_code == 0, back.output
+    assert "better by" in back.stdout
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "3"
+
+    fresh_alias = cli("promote", MODEL, "--version", "1", "--alias", "staging")
+    assert fresh_alias.exit_code == 0 and "no version holds 'staging' yet" in fresh_alias.stdout
+
+    unknown = cli("promote", MODEL, "--version", "99")
+    assert unknown.exit_code == 2 and f"--version: model '{MODEL}' has no version 99" in unknown.stderr

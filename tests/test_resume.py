@@ -1,0 +1,63 @@
+"""A run killed with SIGKILL in the middle of distillation, resumed with `kdpipe run --resume RUN_DIR`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FAST, PIPELINES, cli, read_report, run_process
+
+EPOCHS = 8
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun sets too; threads only contend on a shared 2-core machine
+
+
+def mlflow_runs(workdir):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    return mlflow.search_runs(search_all_experiments=True, output_format="list"), mlflow.MlflowClient()
+
+
+@pytest.mark.slow
+def test_sigkill_during_distill_then_resume(workdir):
+    overrides = [a for o in [*FAST, f"distill.epochs={EPOCHS}"] for a in ("--set", o)]
+    proc = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", str(PIPELINES / "digits.yaml"), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "student epoch 3/" in line:
+            proc.kill()  # SIGKILL: no handler runs, the MLflow run stays RUNNING
+            break
+    proc.wait()
+    assert proc.returncode == -9, "".join(seen)
+    (run_dir,) = (workdir / "runs" / "digits").iterdir()
+    assert json.loads((run_dir / "ledger.json").read_text())["finished"] == ["teacher"]
+    assert not (run_dir / "report.json").exists()
+
+    resumed = run_process("run", "--resume", run_dir, env=ONE_THREAD)
+    assert resumed.returncode in (0, 1), resumed.stderr  # 1: FAST settings may miss a gate
+    report = read_report(resumed.stdout)
+    assert report["status"] in ("passed", "failed") and report["resumed"] == 1
+    assert 0 < report["student"]["accuracy"] <= 1 and report["gates"] and report["onnx"]["parity_max_abs_diff"] < 1e-3
+    assert "student epoch 1/" not in resumed.stderr  # continued from the checkpoint, not restarted
+    assert f"student epoch {EPOCHS}/{EPOCHS}" in resumed.stderr
+    assert "[teacher]" not in resumed.stderr  # a finished stage is restored, not run again
+
+    runs, client = mlflow_runs(workdir)
+    assert len(runs) == 1 and runs[0].info.status in ("FINISHED", "FAILED")
+    for key in ("student/val_accuracy", "student/train_loss"):
+        steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
+        assert steps == list(range(1, EPOCHS + 1)), (key, steps)  # every epoch once: no gap, no duplicate
+    assert len(client.get_metric_history(runs[0].info.run_id, "stage_seconds/teacher")) == 1
+
+
+def test_resume_needs_a_run_directory(workdir):
+    result = cli("run", "--resume", workdir)
+    assert result.exit_code == 2 and "--resume" in result.output and "ledger.json" in result.output
+    both = cli("run", PIPELINES / "digits.yaml", "--resume", workdir)
+    assert both.exit_code == 2 and "--resume RUN_DIR" in both.output

@@ -1,0 +1,80 @@
+"""Search workers on a real PostgreSQL server: race-free schema creation and one study shared by two workers.
+
+The fixture starts a throwaway server from Debian's `postgresql` package in a
+temporary data directory on a free loopback port (as the `postgres` user when
+running as root, since PostgreSQL refuses to run as root) and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from test_search import assert_workers_shared_study, start_workers
+
+HOW_TO = "PostgreSQL is not installed: `apt-get install -y postgresql` (CI's .ci/run does), then rerun these tests"
+
+
+def _bin_dir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("pg_ctl")
+    return Path(on_path).parent if on_path else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        pytest.skip(HOW_TO)
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    base = Path(tempfile.mkdtemp(prefix="kdpipe-pg-"))
+    if as_postgres:
+        shutil.chown(base, "postgres")
+    data, port = base / "data", _free_port()
+    run = lambda *args: subprocess.run([*as_postgres, *map(str, args)], check=True, capture_output=True, text=True)  # noqa: E731
+    run(bin_dir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
+    run(bin_dir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "60",
+        "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        run(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "kdpipe_search")
+        yield f"postgresql://postgres@127.0.0.1:{port}/kdpipe_search"  # an empty database: no Optuna schema yet
+    finally:
+        run(bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_workers_creating_the_schema_at_once_do_not_collide(postgres_url):
+    """Four processes open the same study on the empty database at the same instant (the duplicate-enum race)."""
+    code = ("import sys; from kdpipe.search import open_study; "
+            "open_study(sys.argv[1], 'race', ['maximize']); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, postgres_url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.strip() == "ok", err[-3000:]
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_postgres_study(postgres_url, workdir):
+    from optuna.storages import RDBStorage
+
+    from kdpipe.search import sqlalchemy_url
+
+    workers = start_workers(postgres_url, "shared", trials=2, count=2, cwd=workdir)
+    assert_workers_shared_study(workers, RDBStorage(sqlalchemy_url(postgres_url)), "shared", trials=2)

@@ -1,0 +1,73 @@
+"""The teacher-output cache: the same losses as the teacher run online, one teacher pass, spilling to disk."""
+
+from __future__ import annotations
+
+import torch
+
+from kdpipe.config import DataConfig, ModelConfig, OptimizerConfig
+from kdpipe.data import load_data
+from kdpipe.methods import get_method
+from kdpipe.models import build_model
+from kdpipe.teacher_cache import SpilledOutputs, TeacherOutputCache
+from kdpipe.train import Trainer
+from tests.conftest import PIPELINES, cli
+
+EPOCHS = 2
+
+
+def distill(method: str, *, teacher_online: bool = False, cache: TeacherOutputCache | None = None, **params):
+    """Per-epoch metrics of `method` distilling a fixed random cnn teacher into a fixed student on digits."""
+    data = load_data(DataConfig(), seed=0)
+    torch.manual_seed(0)
+    teacher = build_model(ModelConfig(arch="cnn", width=16, depth=3), "teacher", data.input_shape, data.num_classes)
+    student = build_model(ModelConfig(arch="cnn", width=8, depth=2), "student", data.input_shape, data.num_classes)
+    history: list[dict[str, float]] = []
+    trainer = Trainer(data, epochs=EPOCHS, batch_size=64, optimizer=OptimizerConfig(lr=0.05), seed=0,
+                      on_epoch=lambda label, epoch, epochs, metrics: history.append(metrics),
+                      teacher_cache=cache, teacher_online=teacher_online)
+    cls = get_method(method)
+    cls(cls.Params(**params), student=student, teacher=teacher, num_classes=data.num_classes,
+        input_shape=data.input_shape).fit(trainer)
+    return history, trainer.teacher_cache
+
+
+def assert_same_history(a: list[dict[str, float]], b: list[dict[str, float]]) -> None:
+    assert len(a) == len(b) == EPOCHS
+    for got, expected in zip(a, b):
+        assert got.keys() == expected.keys()
+        for key in got:
+            assert abs(got[key] - expected[key]) <= 1e-4 * max(1.0, abs(expected[key])), (key, got, expected)
+
+
+def test_cached_teacher_gives_the_online_losses_with_one_teacher_pass():
+    online, online_cache = distill("kd", teacher_online=True)
+    cached, cache = distill("kd")
+    assert_same_history(cached, online)
+    assert cache.forward_passes == 1  # one pass over the training split, for every epoch
+    assert online_cache.forward_passes == 0
+    assert online[-1]["train_kd"] > 0
+
+
+def test_feature_taps_cached_and_spilled_to_disk_match_online(tmp_path):
+    """A feature method's tapped teacher maps: in memory, or over the memory budget and memory-mapped from disk."""
+    online, _ = distill("fitnets", teacher_online=True, stages=1)
+    spilled, cache = distill("fitnets", cache=TeacherOutputCache(tmp_path, memory_budget_mb=0), stages=1)
+    assert_same_history(spilled, online)
+    assert cache.spilled == 1 and len(list(tmp_path.glob("*.pt"))) == 1
+    assert all(isinstance(outputs, SpilledOutputs) for outputs in cache._memory.values())
+    assert "train_hint" in spilled[-1]
+
+
+def test_disk_cache_is_shared_by_content_hash(tmp_path):
+    _, first = distill("kd", cache=TeacherOutputCache(tmp_path))
+    _, second = distill("kd", cache=TeacherOutputCache(tmp_path))  # a new process would see the same file
+    assert first.forward_passes == 1 and second.forward_passes == 0
+
+
+def test_precision_and_cache_settings_are_validated(workdir):
+    ok = cli("check", PIPELINES / "digits.yaml", "--set", "distill.teacher_cache=off", "--set", "distill.precision=bf16")
+    assert ok.exit_code == 0, ok.output
+    fp16 = cli("check", PIPELINES / "digits.yaml", "--set", "distill.precision=fp16", "--set", "distill.device=cpu")
+    assert fp16.exit_code == 2 and "distill.precision: fp16 needs a CUDA device" in fp16.output
+    bad = cli("check", PIPELINES / "digits.yaml", "--set", "distill.teacher_cache=sometimes")
+    assert bad.exit_code == 2 and "distill.teacher_cache" in bad.output
