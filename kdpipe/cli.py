@@ -114,16 +114,14 @@ def promote(
     by at least min_improvement (registry policy in mlflow.yaml). Exit 1 when refused."""
     import re
 
-    import mlflow
-
     from kdpipe.registry import promote as promote_version
-    from kdpipe.tracking import load_tracking_config
+    from kdpipe.tracking import load_tracking_config, mlflow_client
 
     try:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", alias):
             raise InputError("--alias", f"expected letters, digits, '_' or '-', got '{alias}'")
         tracking = load_tracking_config(mlflow_config)
-        client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri)
+        client = mlflow_client(tracking)
         verdict = promote_version(client, tracking.registry, model_name, str(version), alias, force)
     except InputError as exc:
         _fail(exc, None, debug)

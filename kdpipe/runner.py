@@ -217,7 +217,6 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
         check_classifier(onnx_model, prepared.data.input_shape, prepared.data.num_classes,
                          prepared.pipeline.validation.batch_sizes, "MODEL")
 
-    pipeline = prepared.pipeline
     env = distributed.init(prepared.device)
     try:
         return _run_stages(prepared, pipeline_file, runs_dir, cache_dir, tracking, until, resume, ledger, env, onnx_model)

@@ -59,6 +59,17 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def registry_uri(config: TrackingConfig) -> str:
+    return os.environ.get("MLFLOW_REGISTRY_URI") or config.tracking_uri
+
+
+def mlflow_client(config: TrackingConfig):
+    """A client bound to `config`'s store, whatever URIs this process set globally before."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=config.tracking_uri, registry_uri=registry_uri(config))
+
+
 class Tracker:
     """One MLflow run per pipeline run."""
 
@@ -68,6 +79,8 @@ class Tracker:
         self.mlflow = mlflow
         self.config = config
         mlflow.set_tracking_uri(config.tracking_uri)
+        # Set explicitly: a registry URI left over in this process would otherwise win over the tracking URI.
+        mlflow.set_registry_uri(registry_uri(config))
         if mlflow.get_experiment_by_name(config.experiment) is None:
             mlflow.create_experiment(config.experiment, artifact_location=config.artifact_location)
         mlflow.set_experiment(config.experiment)
@@ -114,4 +127,4 @@ class Tracker:
         return str(self.mlflow.register_model(model_uri, model_name, tags=tags).version)
 
     def client(self):
-        return self.mlflow.MlflowClient(tracking_uri=self.config.tracking_uri)
+        return mlflow_client(self.config)

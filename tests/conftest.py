@@ -16,6 +16,21 @@ PIPELINES = ROOT / "pipelines"
 
 # Settings that keep an end-to-end run to a few seconds on a 2-core machine.
 FAST = ["teacher.train.epochs=8", "distill.epochs=6", "validate.runs=50", "validate.warmup=2"]
+# Gates a FAST student meets, for tests about something other than accuracy.
+LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
+
+
+def sets(*overrides: str) -> list[str]:
+    """`--set` arguments for each override."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from kdpipe.config import DataConfig
+    from kdpipe.data import load_data
+
+    return load_data(DataConfig(), 0)
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, PIPELINES, cli, read_report
-from kdpipe.config import DataConfig, OptimizerConfig
-from kdpipe.data import load_data
+from conftest import FAST, LENIENT, PIPELINES, cli, read_report
+from kdpipe.config import OptimizerConfig
 from kdpipe.losses import adversarial_d_loss, adversarial_g_loss
 from kdpipe.methods import get_method
 from kdpipe.methods.adversarial import Discriminator
@@ -17,12 +16,8 @@ from kdpipe.models.zoo import CNN
 from kdpipe.taps import Outputs
 from kdpipe.train import Batch, Trainer, make_optimizer
 
-LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_data(DataConfig(), 0)
 
 
 def build(digits, **params):

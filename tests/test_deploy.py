@@ -9,16 +9,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import FAST, PIPELINES, cli, read_report
+from conftest import FAST, LENIENT, PIPELINES, cli, read_report, sets
 
 DIGITS = PIPELINES / "digits.yaml"
-LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
 # An execution provider no Linux onnxruntime build has, so that fallback is certain on every CI machine.
 ABSENT_PROVIDER = "CoreMLExecutionProvider"
 
-
-def sets(*overrides: str) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
 
 
 @pytest.fixture(scope="module")

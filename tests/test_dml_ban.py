@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, PIPELINES, cli, read_report
-from kdpipe.config import DataConfig, OptimizerConfig
-from kdpipe.data import load_data
+from conftest import FAST, LENIENT, PIPELINES, cli, read_report, sets
+from kdpipe.config import OptimizerConfig
 from kdpipe.losses import cwtm_weights, dkpp_targets, dml_loss
 from kdpipe.methods import get_method
 from kdpipe.methods.ban import GenerationEnsemble
@@ -19,16 +18,9 @@ from kdpipe.models.zoo import CNN, MLP
 from kdpipe.stages.export import export_onnx
 from kdpipe.train import Trainer
 
-LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
 
 
-def sets(*overrides: str) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data(DataConfig(), 0)
 
 
 def build(name, digits, teacher=True, **params):

@@ -11,14 +11,10 @@ import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FAST, PIPELINES, cli, read_report, run_process
+from conftest import FAST, LENIENT, PIPELINES, cli, read_report, run_process, sets
 
 DIGITS = PIPELINES / "digits.yaml"
-LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
 
-
-def sets(*overrides: str) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
 
 
 def client() -> MlflowClient:

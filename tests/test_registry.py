@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FAST, PIPELINES, cli, read_report
+from conftest import FAST, PIPELINES, cli, read_report, sets
 from kdpipe.registry import alias_holder
 
 DIGITS = PIPELINES / "digits.yaml"
@@ -37,9 +37,6 @@ MIDDLE, WORSE, BETTER = 3, 2, 6
 # A server start and four pipeline runs: long for a developer loop, so it runs with the slow tests (CI runs them).
 pytestmark = pytest.mark.slow
 
-
-def sets(*overrides: str) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
 
 
 def free_port() -> int:
@@ -96,6 +93,9 @@ def registry_dir(tmp_path_factory, mlflow_server, teacher_cache):
         mp.chdir(workdir)
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         mp.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
+        # An earlier test in this process may have set mlflow's global URIs, which win over the environment.
+        mlflow.set_tracking_uri(mlflow_server)
+        mlflow.set_registry_uri(mlflow_server)
         yield workdir
 
 

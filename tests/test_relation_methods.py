@@ -7,25 +7,17 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import FAST, PIPELINES, cli, read_report
-from kdpipe.config import DataConfig, OptimizerConfig, TapsConfig
-from kdpipe.data import load_data
+from conftest import FAST, LENIENT, PIPELINES, cli, read_report, sets
+from kdpipe.config import OptimizerConfig, TapsConfig
 from kdpipe.errors import InputError
 from kdpipe.methods import get_method
 from kdpipe.models.zoo import CNN, MLP
 from kdpipe.taps import Outputs
 from kdpipe.train import Batch, Trainer
 
-LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
 
 
-def sets(*overrides: str) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data(DataConfig(), 0)
 
 
 def build(name, digits, taps=None, **params):

@@ -23,6 +23,16 @@ def check_poolable(pair, name: str) -> None:
         raise InputError("distill.taps", f"{name} cannot pool {pair.describe()} to one H×W")
 
 
+def with_optional_kd(method, total, parts, student, teacher):
+    """Add the optional Hinton term kd_weight·kd_loss that at and nst offer."""
+    params = method.params
+    if params.kd_weight > 0:
+        kd = kd_loss(student.logits, teacher.logits, temperature=params.temperature)
+        total = total + params.kd_weight * kd
+        parts["kd"] = kd.detach()
+    return total, parts
+
+
 @method("at")
 class AttentionTransfer(FeatureMethod):
     summary = "attention transfer: CE + weight·Σ at_loss over tapped pairs (+ kd_weight·kd_loss)"
@@ -36,10 +46,5 @@ class AttentionTransfer(FeatureMethod):
         ce = F.cross_entropy(student.logits, batch.y)
         at = sum(at_loss(student.features[pair.student], teacher.features[pair.teacher], p=self.params.p)
                  for pair in self.pairs)
-        total = ce + self.params.weight * at
-        parts = {"ce": ce.detach(), "at": at.detach()}
-        if self.params.kd_weight > 0:
-            kd = kd_loss(student.logits, teacher.logits, temperature=self.params.temperature)
-            total = total + self.params.kd_weight * kd
-            parts["kd"] = kd.detach()
-        return total, parts
+        return with_optional_kd(self, ce + self.params.weight * at, {"ce": ce.detach(), "at": at.detach()},
+                                student, teacher)

@@ -4,9 +4,9 @@ from typing import Literal
 
 import torch.nn.functional as F
 
-from kdpipe.losses import KERNELS, kd_loss, nst_loss
+from kdpipe.losses import KERNELS, nst_loss
 from kdpipe.methods import FeatureMethod, Params, method, param
-from kdpipe.methods.at import check_poolable
+from kdpipe.methods.at import check_poolable, with_optional_kd
 
 
 class NSTParams(Params):
@@ -33,10 +33,4 @@ class NeuronSelectivityTransfer(FeatureMethod):
         p = self.params
         nst = sum(nst_loss(student.features[pair.student], teacher.features[pair.teacher], kernel=p.kernel,
                            degree=p.degree, c=p.c, sigma2=p.sigma2) for pair in self.pairs)
-        total = ce + p.weight * nst
-        parts = {"ce": ce.detach(), "nst": nst.detach()}
-        if p.kd_weight > 0:
-            kd = kd_loss(student.logits, teacher.logits, temperature=p.temperature)
-            total = total + p.kd_weight * kd
-            parts["kd"] = kd.detach()
-        return total, parts
+        return with_optional_kd(self, ce + p.weight * nst, {"ce": ce.detach(), "nst": nst.detach()}, student, teacher)
