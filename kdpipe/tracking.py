@@ -60,7 +60,9 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def registry_uri(config: TrackingConfig) -> str:
-    return os.environ.get("MLFLOW_REGISTRY_URI") or config.tracking_uri
+    """Models are registered in the tracking store. Not MLFLOW_REGISTRY_URI: mlflow.set_registry_uri writes that
+    variable, so a value left by earlier code in this process would silently win."""
+    return config.tracking_uri
 
 
 def mlflow_client(config: TrackingConfig):

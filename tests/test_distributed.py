@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import FAST, PIPELINES, read_report, run_process
+from conftest import FAST, PIPELINES, read_report, run_process
 
 
 @pytest.mark.slow

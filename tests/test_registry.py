@@ -94,9 +94,13 @@ def registry_dir(tmp_path_factory, mlflow_server, teacher_cache):
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         mp.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
         # An earlier test in this process may have set mlflow's global URIs, which win over the environment.
+        # mlflow.set_registry_uri also writes MLFLOW_REGISTRY_URI: set it through the patch so it is undone.
+        mp.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
         mlflow.set_tracking_uri(mlflow_server)
         mlflow.set_registry_uri(mlflow_server)
         yield workdir
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

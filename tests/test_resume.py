@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import FAST, PIPELINES, cli, read_report, run_process
+from conftest import FAST, PIPELINES, cli, read_report, run_process
 
 EPOCHS = 8
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun sets too; threads only contend on a shared 2-core machine

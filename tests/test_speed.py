@@ -10,7 +10,7 @@ from kdpipe.methods import get_method
 from kdpipe.models import build_model
 from kdpipe.teacher_cache import SpilledOutputs, TeacherOutputCache
 from kdpipe.train import Trainer
-from tests.conftest import PIPELINES, cli
+from conftest import PIPELINES, cli
 
 EPOCHS = 2
 
