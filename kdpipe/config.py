@@ -331,8 +331,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
-    raw = apply_overrides(read_yaml(Path(path)), overrides or [])
+    raw = read_yaml(Path(path))
+    method_in_file = (raw.get("distill") or {}).get("method") if isinstance(raw.get("distill"), dict) else None
+    raw = apply_overrides(raw, overrides or [])
+    _keep_params_of_overridden_method(raw, method_in_file, overrides or [])
     return validate_pipeline(raw)
+
+
+def _keep_params_of_overridden_method(raw: dict[str, Any], method_in_file: str | None, overrides: list[str]) -> None:
+    """`--set distill.method=X` alone: the file's params were written for its own method, so X keeps only those it
+    declares (the rest of X's parameters take their defaults). Params given with --set are always validated whole."""
+    distill = raw.get("distill")
+    if not isinstance(distill, dict) or distill.get("method") == method_in_file:
+        return
+    if any(o.partition("=")[0].startswith("distill.params") for o in overrides):
+        return
+    from kdpipe.methods import registry
+
+    method = registry().get(distill.get("method"))
+    if method is not None and isinstance(distill.get("params"), dict):
+        distill["params"] = {k: v for k, v in distill["params"].items() if k in method.Params.model_fields}
 
 
 def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
@@ -396,7 +414,7 @@ def _describe(err: dict, model: type[BaseModel], loc: tuple) -> str:
     if kind == "extra_forbidden":
         valid = _fields_at(model, loc[:-1])
         hint = _suggest(str(loc[-1]), valid)
-        return f"unknown key{hint}; valid keys here: {', '.join(valid)}"
+        return f"unknown key{hint}; valid keys here: {', '.join(valid)}" if valid else "unknown key; no keys are valid here"
     if kind == "missing":
         return "required key is missing"
     bounds = {"greater_than": ">", "greater_than_equal": "≥", "less_than": "<", "less_than_equal": "≤"}

@@ -190,3 +190,15 @@ def test_missing_onnxruntime_names_the_extra(workdir):
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "onnxruntime is not installed: pip install 'kdpipe[cpu]' (or 'kdpipe[gpu]' on a CUDA machine)")
     assert not (workdir / "runs").exists()
+
+
+def test_method_override_keeps_only_the_params_the_new_method_declares(workdir):
+    """The file's params were written for kd: `--set distill.method=X` keeps those X declares, drops the rest."""
+    from kdpipe.config import load_pipeline
+
+    assert load_pipeline(PIPELINES / "digits.yaml", ["distill.method=none"]).distill.params == {}
+    nst = load_pipeline(PIPELINES / "digits.yaml", ["distill.method=nst"]).distill.params
+    assert nst["temperature"] == 4.0 and "alpha" not in nst and nst["weight"] == 50.0
+    # Params given on the command line are validated whole, against the new method.
+    result = cli("check", PIPELINES / "digits.yaml", "--set", "distill.method=none", "--set", "distill.params.temperature=3")
+    assert_input_error(result, PIPELINES / "digits.yaml", "distill.params.temperature", "no keys are valid here")
