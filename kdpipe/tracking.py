@@ -80,6 +80,8 @@ class Tracker:
 
         self.mlflow = mlflow
         self.config = config
+        # mlflow.set_*_uri also write these variables; end() puts back what the caller had.
+        self._caller_uris = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(config.tracking_uri)
         # Set explicitly: a registry URI left over in this process would otherwise win over the tracking URI.
         mlflow.set_registry_uri(registry_uri(config))
@@ -108,6 +110,11 @@ class Tracker:
     def end(self, status: str) -> None:
         if self.mlflow.active_run() is not None:
             self.mlflow.end_run(status=status)
+        self.mlflow.set_tracking_uri(self._caller_uris["MLFLOW_TRACKING_URI"])
+        self.mlflow.set_registry_uri(self._caller_uris["MLFLOW_REGISTRY_URI"])
+        for name, value in self._caller_uris.items():
+            if value is None:
+                os.environ.pop(name, None)
 
     def log_onnx_model(self, onnx_path: Path, name: str, example, providers: list[str]):
         """Log the ONNX model to the run with a signature and an input example; returns its ModelInfo."""

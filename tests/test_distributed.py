@@ -32,10 +32,10 @@ def test_two_process_gloo_run_matches_one_process_and_only_rank_0_logs(workdir, 
 
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    store = os.environ["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_id == report["mlflow"]["run_id"]
-    client = mlflow.MlflowClient()
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "student/val_accuracy")]
     assert steps == list(range(1, len(steps) + 1))  # each epoch logged once, not once per rank
     versions = client.search_model_versions("name='digits-student'")

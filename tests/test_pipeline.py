@@ -136,3 +136,13 @@ def test_default_pipeline_meets_its_targets(workdir):
     sess = ort.InferenceSession(report["onnx"]["path"] if os.path.isabs(report["onnx"]["path"])
                                 else str(workdir / report["onnx"]["path"]), providers=["CPUExecutionProvider"])
     assert np.isfinite(sess.run(None, {"input": np.zeros((3, 1, 8, 8), np.float32)})[0]).all()
+
+
+def test_a_run_leaves_the_callers_mlflow_environment_as_it_was(workdir, monkeypatch):
+    """mlflow.set_tracking_uri/set_registry_uri write environment variables; a run must not leave them behind."""
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = os.environ["MLFLOW_TRACKING_URI"]
+    result = cli("run", DIGITS, *sets(*FAST, *LENIENT, "export.quantize=none", "export.deliver=fp32"))
+    assert result.exit_code == 0, result.output
+    assert os.environ["MLFLOW_TRACKING_URI"] == before
+    assert "MLFLOW_REGISTRY_URI" not in os.environ

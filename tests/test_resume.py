@@ -18,8 +18,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun sets too; threads only co
 def mlflow_runs(workdir):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    return mlflow.search_runs(search_all_experiments=True, output_format="list"), mlflow.MlflowClient()
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()]), client
 
 
 @pytest.mark.slow
