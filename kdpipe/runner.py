@@ -124,7 +124,7 @@ class ResumedTracker:
     def __init__(self, tracker: Tracker, run_id: str):
         tracker.mlflow.start_run(run_id=run_id)
         tracker.run_id = run_id
-        client = tracker.mlflow.MlflowClient()
+        client = tracker.client()
         self.tracker = tracker
         self.logged = {key: max(m.step for m in client.get_metric_history(run_id, key))
                        for key in client.get_run(run_id).data.metrics}
