@@ -22,6 +22,7 @@ import yaml
 from torch import nn
 
 from kdpipe import __version__, distributed
+from kdpipe.atomic import write_json
 from kdpipe.config import Pipeline, load_pipeline
 from kdpipe.data import Splits, load_data
 from kdpipe.errors import GateFailed, InputError, StageFailed
@@ -90,13 +91,6 @@ class RunContext:
     def log_epoch(self, label: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics({f"{label}/{k}": v for k, v in metrics.items()}, step=epoch)
         self.progress.epoch(label, epoch, epochs, metrics)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write atomically: a reader never sees a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def pick_device(name: str) -> torch.device:

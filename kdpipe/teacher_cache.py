@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdpipe.atomic import save_torch
 from kdpipe.taps import Outputs
 
 
@@ -118,10 +118,7 @@ class TeacherOutputCache:
 
     @staticmethod
     def _save(outputs: Outputs, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"logits": outputs.logits.cpu(), "features": {k: v.cpu() for k, v in outputs.features.items()}}, tmp)
-        os.replace(tmp, path)  # atomic: concurrent workers never read half a file
+        save_torch({"logits": outputs.logits.cpu(), "features": {k: v.cpu() for k, v in outputs.features.items()}}, path)
 
     @staticmethod
     def _load(path: Path, device: torch.device) -> SpilledOutputs:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from kdpipe import distributed
+from kdpipe.atomic import save_torch
 from kdpipe.data import Splits
 from kdpipe.errors import InputError
 from kdpipe.taps import Outputs, forward_with_taps
@@ -102,10 +102,6 @@ class _StepModule(nn.Module):
         return self.step(batch)
 
 
-def save_atomically(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a run killed mid-write leaves the previous checkpoint whole
 
 
 class Trainer:
@@ -269,7 +265,7 @@ class Trainer:
 
     def _save(self, path: Path, state: dict[str, Any], epochs: int, model, extra, opt, schedule, scaler, generator) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomically({
+        save_torch({
             **state, "epochs": epochs,
             "model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None,
             "optimizer": opt.state_dict(), "schedule": schedule.state_dict() if schedule is not None else None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from kdpipe import __version__
+from kdpipe.atomic import atomic_write
 from kdpipe.onnx_runtime import session, tile_batch
 from kdpipe.quantize import calibration_batches, quantize
 from kdpipe.teacher_cache import teacher_fingerprint
@@ -88,10 +88,8 @@ def export_teacher(ctx, example: torch.Tensor) -> Path:
     cached = ctx.cache_dir / "teacher-onnx" / f"{teacher_fingerprint(teacher, salt, [])}.onnx"
     path = ctx.run_dir / "teacher.onnx"
     if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        export_onnx(teacher, example, tmp, cfg.opset, cfg.dynamic_batch)
-        os.replace(tmp, cached)  # atomic: a concurrent run never reads half a file
+        with atomic_write(cached) as tmp:
+            export_onnx(teacher, example, tmp, cfg.opset, cfg.dynamic_batch)
     shutil.copyfile(cached, path)
     return path
 

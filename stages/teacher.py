@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import torch
 
 from kdpipe import __version__, distributed
+from kdpipe.atomic import save_torch
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
 from kdpipe.train import Trainer, accuracy
@@ -45,10 +45,7 @@ def run(ctx) -> None:
         else:
             train(ctx, teacher)
             if ctx.is_main:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_suffix(".tmp")
-                torch.save(teacher.state_dict(), tmp)
-                os.replace(tmp, cached)  # atomic: a concurrent or killed run never sees half a teacher
+                save_torch(teacher.state_dict(), cached)
             source = "trained"
     teacher.eval()
     for p in teacher.parameters():
