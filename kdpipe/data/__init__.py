@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,33 @@ class Splits:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    @property
+    def augmented(self) -> bool:
+        """Whether training batches are randomly augmented (teacher outputs then differ every epoch)."""
+        return False
+
+    def train_batches(self, batch_size: int, generator: torch.Generator, *, rank: int = 0,
+                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(index, inputs, labels) of this rank's share of each batch of a fresh permutation of the training split.
+
+        Every rank draws the same permutation from `generator`; a batch too small to give each rank two samples
+        (BatchNorm cannot train on one) is skipped. Inputs are ready for the model, on the data's device.
+        """
+        n = len(self.y_train)
+        order = torch.randperm(n, generator=generator).to(self.y_train.device)
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            if len(index) < 2 * world_size and n >= 2 * world_size:
+                continue
+            index = index[rank::world_size]
+            yield index, self.x_train[index], self.y_train[index]
+
+    def train_inputs(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(index, inputs) over the training split in order, never augmented: for frozen-teacher passes."""
+        for start in range(0, len(self.y_train), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(self.y_train)), device=self.y_train.device)
+            yield index, self.x_train[index]
 
 
 def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
