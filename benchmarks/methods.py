@@ -75,7 +75,7 @@ def applicable(pipeline: Path, overrides: list[str]) -> list[str]:
 
 def baseline_key(pipeline: Path, overrides: list[str]) -> str:
     """What the scratch student depends on: the resolved pipeline minus the method, teacher, naming and later stages."""
-    from kdpipe.config import load_pipeline
+    from kdpipe.pipeline import load_pipeline
 
     resolved = load_pipeline(pipeline, applicable(pipeline, overrides)).resolved()
     for key in ("name", "teacher", "register", "export", "validate", "search"):  # none ignores the teacher
@@ -122,7 +122,7 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdpipe.config import load_pipeline
+    from kdpipe.pipeline import load_pipeline
     from kdpipe.methods import registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

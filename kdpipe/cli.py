@@ -208,7 +208,7 @@ def taps(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], s
     cfg, method_cls = prepared.pipeline.distill, get_method(prepared.pipeline.distill.method)
     try:
         if issubclass(method_cls, FeatureMethod) and prepared.teacher is not None:
-            for pair in method_cls.tap_pairs(method_cls.Params(**cfg.params), prepared.student, prepared.teacher,
+            for pair in method_cls.tap_pairs(cfg.params, prepared.student, prepared.teacher,
                                              cfg.taps, prepared.data.input_shape):
                 typer.echo(f"{cfg.method} compares {pair.describe()}")
         else:
@@ -221,7 +221,7 @@ def taps(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], s
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of pipeline files."""
-    from kdpipe.config import json_schema
+    from kdpipe.pipeline import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
 

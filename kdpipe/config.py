@@ -1,7 +1,9 @@
-"""Pydantic models of the pipeline file, loading, `--set` overrides and one-line errors.
+"""The sections of the pipeline file as pydantic models, and validation errors as one-line InputErrors.
 
-Every error raised from here is an `InputError` whose key is the dotted YAML
-path, so the CLI can print `file: key: what was expected` and exit 2.
+The top level (`Pipeline`, whose `distill` section is discriminated by method) and loading live in
+kdpipe.pipeline, above the methods; the sections here are below them, so methods can use them.
+Every error is an `InputError` whose key is the dotted YAML path, so the CLI can print
+`file: key: what was expected` and exit 2.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdpipe.errors import InputError
@@ -76,6 +77,9 @@ class OptimizerConfig(Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: PositiveFloat = 0.05
     momentum: NonNegativeFloat = 0.9
+    nesterov: bool = Field(
+        True, description="sgd: Nesterov momentum (when momentum > 0). On by default as in the CIFAR distillation "
+                          "recipes kdpipe's defaults follow; set false to port a plain-momentum recipe")
     weight_decay: NonNegativeFloat = 5.0e-4
     scheduler: Literal["cosine", "none"] = "cosine"
 
@@ -100,9 +104,9 @@ class TapsConfig(Strict):
     teacher: list[str] | None = Field(None, description="module paths to tap in the teacher; null: the method's default")
 
 
-class DistillConfig(Strict):
-    method: str = "kd"
-    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters; see `kdpipe methods`")
+class DistillBase(Strict):
+    """The distill keys every method shares; kdpipe.pipeline adds `method` and that method's `params`."""
+
     epochs: NonNegativeInt = 30
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
@@ -116,16 +120,6 @@ class DistillConfig(Strict):
                             "are augmented or the method opts out; off: the teacher runs on every batch")
     teacher_cache_memory_mb: NonNegativeFloat = Field(
         2048.0, description="teacher outputs held in memory; larger ones are memory-mapped from the disk cache")
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        from kdpipe.methods import registry
-
-        if name not in registry():
-            names = sorted(registry())
-            raise ValueError(f"unknown method '{name}'{_suggest(name, names)}; expected one of {', '.join(names)}")
-        return name
 
     @field_validator("device")
     @classmethod
@@ -272,108 +266,6 @@ class SearchConfig(Strict):
         return self.pruner or ("median" if len(self.objective) == 1 else "none")
 
 
-class Pipeline(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    seed: NonNegativeInt = 0
-    data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig | None = None
-    student: StudentConfig
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    validation: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
-    registry: RegisterConfig | None = Field(None, alias="register")
-    search: SearchConfig | None = Field(None, description="an Optuna campaign over the method's parameters before distill")
-
-    def resolved(self) -> dict[str, Any]:
-        """The pipeline as plain data with every default filled in, keyed as in the file."""
-        return self.model_dump(mode="json", by_alias=True)
-
-
-# --- loading ------------------------------------------------------------------------------
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError("", f"pipeline file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise InputError("", f"YAML syntax error at {where}{problem}") from None
-    if not isinstance(raw, dict):
-        raise InputError("", f"expected a mapping of pipeline keys at the top level, got {type(raw).__name__}")
-    return raw
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` overrides; values are parsed as YAML so `8`, `true` and `[1, 64]` get their types."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise InputError("--set", f"expected key.path=value, got '{item}'")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise InputError(key, f"--set cannot descend into '{part}', which holds {child!r}")
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
-def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
-    raw = read_yaml(Path(path))
-    method_in_file = (raw.get("distill") or {}).get("method") if isinstance(raw.get("distill"), dict) else None
-    raw = apply_overrides(raw, overrides or [])
-    _keep_params_of_overridden_method(raw, method_in_file, overrides or [])
-    return validate_pipeline(raw)
-
-
-def _keep_params_of_overridden_method(raw: dict[str, Any], method_in_file: str | None, overrides: list[str]) -> None:
-    """`--set distill.method=X` alone: the file's params were written for its own method, so X keeps only those it
-    declares (the rest of X's parameters take their defaults). Params given with --set are always validated whole."""
-    distill = raw.get("distill")
-    if not isinstance(distill, dict) or distill.get("method") == method_in_file:
-        return
-    if any(o.partition("=")[0].startswith("distill.params") for o in overrides):
-        return
-    from kdpipe.methods import registry
-
-    method = registry().get(distill.get("method"))
-    if method is not None and isinstance(distill.get("params"), dict):
-        distill["params"] = {k: v for k, v in distill["params"].items() if k in method.Params.model_fields}
-
-
-def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
-    try:
-        pipeline = Pipeline.model_validate(raw)
-    except ValidationError as exc:
-        raise _input_error(exc, Pipeline, ()) from None
-    from kdpipe.methods import get_method
-
-    method = get_method(pipeline.distill.method)
-    try:
-        params = method.Params.model_validate(pipeline.distill.params)
-    except ValidationError as exc:
-        raise _input_error(exc, method.Params, ("distill", "params")) from None
-    pipeline.distill.params = params.model_dump(mode="json")
-    method.check_pipeline(pipeline)
-    if pipeline.search is not None:
-        from kdpipe.search import resolve_space
-
-        resolve_space(pipeline)  # raises InputError naming the search.space key
-    return pipeline
-
-
 # --- error messages -----------------------------------------------------------------------
 
 
@@ -395,8 +287,47 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _union_members(annotation: Any) -> list[type[BaseModel]]:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, Annotated):
+        return [m for arg in typing.get_args(annotation) for m in _union_members(arg)]
+    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def _tag_of(member: type[BaseModel]) -> str | None:
+    """The `method` literal of a discriminated union member (kdpipe.pipeline's distill sections)."""
+    field = member.model_fields.get("method")
+    args = typing.get_args(field.annotation) if field is not None else ()
+    return args[0] if len(args) == 1 else None
+
+
+def _strip_tags(model: type[BaseModel], loc: tuple) -> tuple[tuple, list[type[BaseModel] | None]]:
+    """`loc` without the union tags pydantic inserts (distill.kd.params → distill.params), and the model at each step."""
+    current: type[BaseModel] | None = model
+    kept, models = [], []
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if current is None:
+            kept.append(part)
+            continue
+        field = next((f for n, f in current.model_fields.items() if (f.alias or n) == part), None)
+        kept.append(part)
+        if field is None:
+            current = None
+            continue
+        members = _union_members(field.annotation)
+        tagged = {_tag_of(m): m for m in members if _tag_of(m) is not None}
+        if tagged and parts and parts[0] in tagged:
+            current = tagged[parts.pop(0)]
+        else:
+            current = _submodel(field.annotation)
+        models.append(current)
+    return tuple(kept), models
+
+
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Valid keys (by alias) of the mapping at `loc` inside `model`, for 'did you mean'."""
+    """Valid keys (by alias) of the mapping at `loc` (already stripped of tags) inside `model`, for 'did you mean'."""
     current: type[BaseModel] | None = model
     for part in loc:
         if current is None:
@@ -427,6 +358,9 @@ def _describe(err: dict, model: type[BaseModel], loc: tuple) -> str:
         return f"expected a number{got}"
     if kind in ("bool_parsing", "bool_type"):
         return f"expected true or false{got}"
+    if kind == "union_tag_invalid":  # the distill section's method
+        tag, expected = str(ctx.get("tag")), [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
+        return f"unknown method '{tag}'{_suggest(tag, expected)}; expected one of {', '.join(sorted(expected))}"
     if kind == "literal_error":
         return f"expected one of {ctx.get('expected')}{got}"
     if kind in ("dict_type", "model_type", "model_attributes_type"):
@@ -446,9 +380,12 @@ def _input_error(exc: ValidationError, model: type[BaseModel], prefix: tuple) ->
     # A union reports one error per member; the first member's is the useful one.
     err = errors[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-    key = ".".join(str(p) for p in prefix + loc)
-    return InputError(key, _describe(err, model, loc))
-
-
-def json_schema() -> dict[str, Any]:
-    return Pipeline.model_json_schema(by_alias=True)
+    stripped, _ = _strip_tags(model, loc)
+    if err["type"] == "union_tag_invalid":
+        stripped += (str(err.get("ctx", {}).get("discriminator", "")).strip("'"),)
+    key = ".".join(str(p) for p in prefix + stripped)
+    if err["type"] == "extra_forbidden":  # the keys valid beside the unknown one: those of the model holding it
+        _, parents = _strip_tags(model, loc[:-1])
+        owner = parents[-1] if parents and parents[-1] is not None else model
+        return InputError(key, _describe(err, owner, (stripped[-1],)))
+    return InputError(key, _describe(err, model, stripped))

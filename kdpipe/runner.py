@@ -23,7 +23,7 @@ from torch import nn
 
 from kdpipe import __version__, distributed
 from kdpipe.atomic import write_json
-from kdpipe.config import Pipeline, load_pipeline
+from kdpipe.pipeline import Pipeline, load_pipeline
 from kdpipe.data import Splits, load_data
 from kdpipe.errors import GateFailed, InputError, StageFailed
 from kdpipe.methods import get_method
@@ -335,7 +335,7 @@ def _start_report(ctx: RunContext, tracker: Tracker, tracking, resolved: dict[st
         "name": pipeline.name,
         "run_id": run_id,
         "run_dir": str(run_dir),
-        "method": {"name": pipeline.distill.method, "params": pipeline.distill.params},
+        "method": {"name": pipeline.distill.method, "params": pipeline.distill.params.model_dump(mode="json")},
         "data": {"source": pipeline.data.source, **ctx.data.sizes(), "num_classes": ctx.data.num_classes},
         "device": str(ctx.device),
         "stage_seconds": {},

@@ -25,11 +25,12 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kdpipe.config import ChoicesSpec, OptimizerConfig, Pipeline, RangeSpec, _input_error, _suggest
+from kdpipe.config import ChoicesSpec, OptimizerConfig, RangeSpec, _input_error, _suggest
 from kdpipe.errors import InputError
-from kdpipe.methods import get_method, registry, search_space
+from kdpipe.methods import active_conditions, get_method, registry, search_space
 from kdpipe.teacher_cache import TeacherOutputCache
-from kdpipe.train import Trainer, accuracy
+from kdpipe.inference import accuracy
+from kdpipe.train import Trainer
 
 OPTIMIZER = "optimizer."  # space keys naming distill.optimizer settings (lr, momentum, weight_decay, ...)
 DIRECTIONS = {"val_accuracy": "maximize", "latency_p50": "minimize"}
@@ -66,8 +67,12 @@ class SearchSpace:
         method = trial.suggest_categorical("method", self.methods) if self.method_searched else self.methods[0]
         fields = get_method(method).Params.model_fields
         values = dict(self.base[method])
-        for name, spec in self.dims[method].items():
-            values[name] = _draw(trial, self.key(method, name), spec, fields[name].annotation is int)
+        conditions = active_conditions(get_method(method).Params)
+        # Unconditional parameters first: a conditional one is drawn only where its condition holds.
+        for name in sorted(self.dims[method], key=lambda n: n in conditions):
+            if all(values[other] in allowed for other, allowed in conditions.get(name, {}).items()):
+                values[name] = _draw(trial, self.key(method, name), self.dims[method][name],
+                                     fields[name].annotation is int)
         optimizer = {name: _draw(trial, OPTIMIZER + name, spec, False) for name, spec in self.optimizer.items()}
         return Choice(method, values, optimizer)
 
@@ -115,7 +120,7 @@ def resolve_space(pipeline: Pipeline) -> SearchSpace:
     base: dict[str, dict[str, Any]] = {}
     for m in methods:
         params_cls = get_method(m).Params
-        base[m] = dict(pipeline.distill.params) if m == own else params_cls().model_dump(mode="json")
+        base[m] = pipeline.distill.params.model_dump(mode="json") if m == own else params_cls().model_dump(mode="json")
         if search.space == "auto":
             specs = {p: ("auto", f"search.space.{p}") for p in search_space(params_cls)}
         else:
@@ -422,7 +427,7 @@ class Campaign:
             nonlocal step
             step += 1
             self.runs.log_metrics(run_id, {f"{label}/{k}": v for k, v in metrics.items()}, step=step)
-            if can_prune:
+            if can_prune and "val_accuracy" in metrics:  # a phase without validation (FitNets' hints) has none
                 trial.report(metrics["val_accuracy"], step)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at {label} epoch {epoch}")

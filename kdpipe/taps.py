@@ -109,7 +109,7 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "×".join(map(str, shape)) if shape else "scalar"
 
 
-def _defaults(model: nn.Module, role: str) -> list[str]:
+def declared_taps(model: nn.Module, role: str) -> list[str]:
     taps = getattr(model, "default_taps", None)
     if not taps:
         raise InputError(f"distill.taps.{role}", f"the {role} model declares no default_taps: name its layers here "
@@ -123,37 +123,64 @@ def by_relative_depth(positions: list[int], count: int, of: int) -> list[int]:
     return [max(0, math.ceil((i + 1) * of / count) - 1) for i in positions]
 
 
-def pair_taps(student: nn.Module, teacher: nn.Module, taps, input_shape: tuple[int, ...],
-              pick: Callable[[int], list[int]]) -> list[TapPair]:
+Shaped = list[tuple[str, tuple[int, ...]]]  # default taps (stage ends, shallow to deep) with their output shapes
+Pairing = Callable[[Shaped, Shaped], list[tuple[int, int]]]
+
+
+def pair_at_equal_resolution(student: Shaped, teacher: Shaped) -> list[tuple[int, int]]:
+    """Every student stage end with the teacher's deepest stage end of the same H×W (the end of the teacher's
+    stage at that resolution); where the teacher has none, the one at the same relative depth (pooled)."""
+    pairs = []
+    for i, (_, shape) in enumerate(student):
+        same = [j for j, (_, t_shape) in enumerate(teacher) if len(shape) == 3 and t_shape[1:] == shape[1:]]
+        pairs.append((i, same[-1] if same else by_relative_depth([i], len(student), len(teacher))[0]))
+    return pairs
+
+
+def pair_middle(student: Shaped, teacher: Shaped) -> list[tuple[int, int]]:
+    """The end of the student's middle stage with the end of the teacher's middle stage (FitNets)."""
+    return [((len(student) - 1) // 2, (len(teacher) - 1) // 2)]
+
+
+def pair_last(student: Shaped, teacher: Shaped) -> list[tuple[int, int]]:
+    """The last stage ends: the last convolutional activation maps (similarity-preserving KD)."""
+    return [(len(student) - 1, len(teacher) - 1)]
+
+
+def tap_shapes(model: nn.Module, paths: list[str], input_shape: tuple[int, ...], key: str) -> dict[str, tuple[int, ...]]:
+    with _dry_run(model):
+        features = forward_with_taps(model, _zeros(model, input_shape), paths, key).features
+    return {p: tuple(f.shape[1:]) for p, f in features.items()}
+
+
+def pair_taps(student: nn.Module, teacher: nn.Module, taps, input_shape: tuple[int, ...], pairing: Pairing) -> list[TapPair]:
     """Student/teacher layer pairs with their shapes, from `distill.taps` (TapsConfig or None) or the defaults.
 
-    Default: the student's default_taps at the positions `pick(len(default_taps))` returns, each paired with
-    the teacher's default tap at the same relative depth. Explicit lists pair by position; with one side
-    given, the other side takes the last as many of its default taps.
+    Default: `pairing` picks pairs among the models' default taps (the ends of their stages). Explicit lists
+    pair by position; with one side given, the other side takes the last as many of its default taps.
     """
     student_paths = taps.student if taps is not None else None
     teacher_paths = taps.teacher if taps is not None else None
     if student_paths is None and teacher_paths is None:
-        student_defaults, teacher_defaults = _defaults(student, "student"), _defaults(teacher, "teacher")
-        positions = pick(len(student_defaults))
-        student_paths = [student_defaults[i] for i in positions]
-        teacher_paths = [teacher_defaults[i] for i in by_relative_depth(positions, len(student_defaults), len(teacher_defaults))]
+        student_defaults, teacher_defaults = declared_taps(student, "student"), declared_taps(teacher, "teacher")
+        s_shapes = tap_shapes(student, student_defaults, input_shape, "distill.taps.student")
+        t_shapes = tap_shapes(teacher, teacher_defaults, input_shape, "distill.taps.teacher")
+        chosen = pairing([(p, s_shapes[p]) for p in student_defaults], [(p, t_shapes[p]) for p in teacher_defaults])
+        student_paths = [student_defaults[i] for i, _ in chosen]
+        teacher_paths = [teacher_defaults[j] for _, j in chosen]
     elif student_paths is None or teacher_paths is None:
         role, given = ("student", teacher_paths) if student_paths is None else ("teacher", student_paths)
-        defaults = _defaults(student if role == "student" else teacher, role)
+        defaults = declared_taps(student if role == "student" else teacher, role)
         if len(defaults) < len(given):
             raise InputError(f"distill.taps.{role}", f"{len(given)} taps are needed to pair with the other model's, but the "
                              f"{role} has {len(defaults)} default taps; name its layers here")
-        chosen = defaults[len(defaults) - len(given):]
-        student_paths, teacher_paths = (chosen, teacher_paths) if role == "student" else (student_paths, chosen)
+        chosen_paths = defaults[len(defaults) - len(given):]
+        student_paths, teacher_paths = (chosen_paths, teacher_paths) if role == "student" else (student_paths, chosen_paths)
     if not student_paths:
         raise InputError("distill.taps", "no layers to compare: name at least one student and one teacher layer")
     if len(student_paths) != len(teacher_paths):
         raise InputError("distill.taps", f"the student lists {len(student_paths)} taps and the teacher {len(teacher_paths)}; "
                          "taps pair by position, so give as many of each")
-    with _dry_run(student):
-        student_feats = forward_with_taps(student, _zeros(student, input_shape), student_paths, "distill.taps.student").features
-    with _dry_run(teacher):
-        teacher_feats = forward_with_taps(teacher, _zeros(teacher, input_shape), teacher_paths, "distill.taps.teacher").features
-    return [TapPair(s, t, tuple(student_feats[s].shape[1:]), tuple(teacher_feats[t].shape[1:]))
-            for s, t in zip(student_paths, teacher_paths)]
+    student_shapes = tap_shapes(student, list(dict.fromkeys(student_paths)), input_shape, "distill.taps.student")
+    teacher_shapes = tap_shapes(teacher, list(dict.fromkeys(teacher_paths)), input_shape, "distill.taps.teacher")
+    return [TapPair(s, t, student_shapes[s], teacher_shapes[t]) for s, t in zip(student_paths, teacher_paths)]

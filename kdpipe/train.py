@@ -1,16 +1,15 @@
-"""The training loop every method shares.
+"""The one training loop: every method, every phase, every update runs here.
 
-Data is held as tensors on the device; an epoch is a shuffled permutation of
-indices sliced into batches. Teacher outputs are computed once and indexed by
-the same batch indices when the data has no random augmentation; otherwise the
-teacher runs on each batch.
+A method describes its training as phases (FitNets: hint then KD; Born-Again: one per generation), each a
+number of epochs in which every batch takes the phase's updates in order (adversarial: discriminator then
+student; DML: peer by peer). An update names the modules it trains, its loss and its optimizer settings.
+Autocast, the fp16 gradient scaler, gradient averaging across processes, per-epoch checkpoints and resume,
+the teacher-output cache, metrics, timings and progress live here and nowhere else.
 
-Under torchrun every rank draws the same permutation and takes its share of
-each batch (`data.batch_size` stays the global batch, so one pipeline file
-trains the same way on any number of processes); DistributedDataParallel
-averages the gradients and the epoch metrics are summed over ranks. With a
-checkpoint directory, each `fit` saves its whole state after every epoch and
-picks up from there when the run is resumed.
+Under torchrun every rank draws the same permutation and takes its share of each batch (`data.batch_size`
+stays the global batch); each update's gradients are averaged over ranks before its optimizer steps, and
+the epoch metrics are summed over ranks. Finiteness is checked once per epoch, from a flag kept on the
+device, so a step never waits for the host.
 """
 
 from __future__ import annotations
@@ -18,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ from torch import nn
 
 from kdpipe import distributed
 from kdpipe.atomic import save_torch
-from kdpipe.data import Splits
 from kdpipe.errors import InputError
-from kdpipe.taps import Outputs, forward_with_taps
+from kdpipe.inference import predict
+from kdpipe.taps import Outputs
 from kdpipe.teacher_cache import TeacherOutputCache, teacher_pass
 
 
@@ -41,11 +41,34 @@ class Batch:
     y: torch.Tensor
 
 
-StepFn = Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# An update's loss: (batch, state shared by the updates of one step) -> (loss, named parts to report).
+LossFn = Callable[[Batch, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 EpochCallback = Callable[[str, int, int, dict[str, float]], None]  # label, epoch, epochs, metrics
 TeacherFn = Callable[[Batch], Outputs]
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Update:
+    """One optimizer step per batch: `loss` trains `modules` (or only `params` of them) with `optimizer`."""
+
+    name: str  # metric label of its loss parts
+    modules: list[nn.Module]
+    loss: LossFn
+    params: list[nn.Parameter] | None = None
+    optimizer: Any = None  # an OptimizerConfig; None: the trainer's
+
+
+@dataclass
+class Phase:
+    """`epochs` epochs of `updates`; `evaluate` names the models scored on validation each epoch, whose best
+    epoch's weights are kept (none: the last epoch's weights stand)."""
+
+    name: str
+    updates: list[Update]
+    epochs: int
+    evaluate: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -63,7 +86,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def make_optimizer(params, cfg, epochs: int, steps_per_epoch: int):
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=cfg.nesterov and cfg.momentum > 0)
     elif cfg.name == "adam":
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -73,50 +97,41 @@ def make_optimizer(params, cfg, epochs: int, steps_per_epoch: int):
     return opt, schedule
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, taps: list[str] | None = None) -> Outputs:
-    """Eval-mode outputs (logits and tapped features) over `x`, in batches."""
-    was_training = model.training
-    model.eval()
-    chunks = [forward_with_taps(model, x[i:i + batch_size], taps or []) for i in range(0, len(x), batch_size)]
-    model.train(was_training)
-    return Outputs(
-        torch.cat([c.logits for c in chunks]),
-        {k: torch.cat([c.features[k] for c in chunks]) for k in (taps or [])},
-    )
+def full_precision(device: torch.device):
+    """Autocast off: distances, Gram matrices and MMD lose too much in bf16/fp16 (METHODS.md)."""
+    return torch.autocast(device.type, enabled=False)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (predict(model, x).logits.argmax(1) == y).float().mean().item()
+def _unique(items: Iterable) -> list:
+    """`items` without repeats (by identity), in order."""
+    seen: dict[int, Any] = {}
+    for item in items:
+        seen.setdefault(id(item), item)
+    return list(seen.values())
 
 
-class _StepModule(nn.Module):
-    """The trained modules with the method's step as forward, so DistributedDataParallel sees each step."""
-
-    def __init__(self, modules: list[nn.Module], step: StepFn):
-        super().__init__()
-        self.trained = nn.ModuleList(modules)
-        self.step = step
-
-    def forward(self, batch: Batch):
-        return self.step(batch)
-
-
+@dataclass
+class _UpdateState:
+    update: Update
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    scaler: Any
+    params: list[nn.Parameter]
 
 
 class Trainer:
-    """Trains models on one `Splits` with one optimizer setting; reports each epoch to `on_epoch`.
+    """Runs phases on one `Splits` with one optimizer setting; reports each epoch to `on_epoch`.
 
     precision: auto | fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler). compile_model: torch.compile
-    the trained model. checkpoint_dir: save each fit after every epoch and resume from it. teacher_online:
-    run the teacher on every batch instead of caching its outputs (forced when `augment` is given, since
-    augmented inputs differ every epoch). augment: a function of the input batch applied at every step.
+    the trained modules. checkpoint_dir: save each phase after every epoch and resume from it. teacher_online:
+    run the teacher on every batch instead of caching its outputs (forced when the data is augmented, since
+    augmented inputs differ every epoch).
     """
 
-    def __init__(self, data: Splits, *, epochs: int, batch_size: int, optimizer, seed: int,
+    def __init__(self, data, *, epochs: int, batch_size: int, optimizer, seed: int,
                  on_epoch: EpochCallback | None = None, teacher_cache: TeacherOutputCache | None = None,
                  precision: str = "auto", compile_model: bool = False, checkpoint_dir: Path | None = None,
-                 teacher_online: bool = False, augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 teacher_online: bool = False):
         self.data = data
         self.epochs = epochs
         self.batch_size = batch_size
@@ -129,13 +144,14 @@ class Trainer:
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         self.compile_model = compile_model
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.teacher_online = teacher_online or augment is not None
-        self.augment = augment
+        self.teacher_online = teacher_online or data.augmented
         self.dist = distributed.current()
-        self.channels_last = self.device.type == "cuda" and data.x_train.dim() == 4
+        self.channels_last = self.device.type == "cuda" and len(data.input_shape) == 3
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its fastest kernels once
-        self._fit_calls = 0
+        self._compiled: set[int] = set()
+        self.epoch_log: list[dict[str, Any]] = []  # per epoch: phase, seconds, samples/s (report.json's summary)
+        self.optimizer_steps = 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -147,45 +163,28 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def batches(self, generator: torch.Generator) -> Iterator[Batch]:
-        """This rank's share of each batch of a fresh permutation (every rank draws the same one)."""
-        n = len(self.data.y_train)
-        ranks, rank = self.dist.world_size, self.dist.rank
-        order = torch.randperm(n, generator=generator).to(self.device)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            if len(idx) < 2 * ranks and n >= 2 * ranks:  # BatchNorm cannot train on one sample per rank
-                continue
-            idx = idx[rank::ranks]
-            x = self.data.x_train[idx]
-            if self.augment is not None:
-                x = self.augment(x)
-            if self.channels_last:
+        for index, x, y in self.data.train_batches(self.batch_size, generator, rank=self.dist.rank,
+                                                   world_size=self.dist.world_size):
+            if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield Batch(idx, x, self.data.y_train[idx])
+            yield Batch(index, x, y)
 
-    def teacher_outputs(self, teacher: nn.Module, taps: list[str]) -> Outputs:
-        """The frozen teacher's eval-mode outputs over the training split, computed once per (teacher, taps)."""
+    def teacher(self, teacher: nn.Module, taps: list[str], cacheable: bool = True) -> TeacherFn:
+        """The frozen teacher's outputs for a batch: looked up in the cache (one pass over the training split per
+        content key), or computed online when the method opts out (`cacheable=False`), the pipeline turns the
+        cache off, or the inputs are augmented (the teacher then sees exactly the student's batch)."""
         self._prepare(teacher)
-        return self.teacher_cache.get(teacher, self.data.x_train, taps, self.data.fingerprint,
-                                      autocast=self.autocast_dtype, channels_last=self.channels_last)
-
-    def teacher_step(self, teacher: nn.Module, taps: list[str], cacheable: bool = True) -> TeacherFn:
-        """The teacher's outputs for a batch: looked up in the cache, or computed online when the method opts
-        out of caching (`cacheable=False`), the pipeline turns the cache off, or the inputs are augmented."""
         if cacheable and not self.teacher_online:
-            cached = self.teacher_outputs(teacher, taps)
+            cached = self.teacher_cache.get(teacher, self.data, taps, autocast=self.autocast_dtype,
+                                            channels_last=self.channels_last)
             return lambda batch: cached.select(batch.index)
-        self._prepare(teacher)
         return lambda batch: teacher_pass(teacher, batch.x, taps, self.autocast_dtype)
 
     def _prepare(self, module: nn.Module) -> None:
         if self.channels_last:
             module.to(memory_format=torch.channels_last)
 
-    def _checkpoint_path(self, label: str) -> Path | None:
-        return self.checkpoint_dir / f"{label}-{self._fit_calls}.pt" if self.checkpoint_dir else None
-
-    def _val_accuracy(self, model: nn.Module) -> float:
+    def val_accuracy(self, model: nn.Module) -> float:
         """Validation accuracy, each rank scoring its share of the validation split."""
         ranks, rank = self.dist.world_size, self.dist.rank
         x, y = self.data.x_val[rank::ranks], self.data.y_val[rank::ranks]
@@ -195,97 +194,189 @@ class Trainer:
                                                                                          device=correct.device)]))
         return (counts[0] / counts[1]).item()
 
-    def fit(self, model: nn.Module, step: StepFn, *, extra: nn.Module | None = None, label: str = "student",
-            params: list[nn.Parameter] | None = None, epochs: int | None = None) -> dict[str, float]:
-        """Train `model` (and `extra`) on `step`'s loss; keep the weights of the best validation epoch.
+    # --- phases ---------------------------------------------------------------------------------------------
 
-        Returns the final epoch's metrics with the best validation accuracy.
+    def run(self, phases: Iterable[Phase]) -> dict[str, float]:
+        """Run each phase in order (a generator may build the next phase from the previous one's result).
+
+        Returns the last phase's final metrics, with `best_val_accuracy` of its first evaluated model.
         """
-        epochs = self.epochs if epochs is None else epochs
-        self._fit_calls += 1
-        checkpoint_path = self._checkpoint_path(label)
-        modules = [model] + ([extra] if extra is not None else [])
+        result: dict[str, float] = {}
+        for number, phase in enumerate(phases):
+            result = self._run_phase(number, phase)
+        return result
+
+    def _checkpoint_path(self, number: int, phase: Phase) -> Path | None:
+        return self.checkpoint_dir / f"{number}-{phase.name}.pt" if self.checkpoint_dir else None
+
+    def _run_phase(self, number: int, phase: Phase) -> dict[str, float]:
+        modules = _unique([m for u in phase.updates for m in u.modules] + list(phase.evaluate.values()))
         for module in modules:
             self._prepare(module)
-        if self.compile_model:
-            model.compile()  # in place: the method's own references to the model run compiled too
-        trainable = params if params is not None else [p for m in modules for p in m.parameters()]
-        opt, schedule = make_optimizer(trainable, self.optimizer, epochs, self.steps_per_epoch)
-        scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+            if self.compile_model and id(module) not in self._compiled:
+                module.compile()  # in place: the method's own references to the module run compiled too
+                self._compiled.add(id(module))
+        updates = []
+        for update in phase.updates:
+            params = update.params if update.params is not None else [p for m in update.modules for p in m.parameters()]
+            params = [p for p in _unique(params) if p.requires_grad]
+            opt, schedule = make_optimizer(params, update.optimizer or self.optimizer, phase.epochs, self.steps_per_epoch)
+            scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+            updates.append(_UpdateState(update, opt, schedule, scaler, params))
         generator = torch.Generator().manual_seed(self.seed)
-        state: dict[str, Any] = {"epoch": 0, "best_acc": -1.0, "best_state": None, "metrics": {}}
-        if checkpoint_path is not None and checkpoint_path.is_file():
-            state = self._restore(checkpoint_path, model, extra, opt, schedule, scaler, generator)
-        run_step: StepFn = step
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+        state: dict[str, Any] = {"epoch": 0, "best": {}, "metrics": {}, "finished": False}
+        path = self._checkpoint_path(number, phase)
+        if path is not None and path.is_file():
+            state = self._restore(path, modules, updates, generator)
+            if state["finished"]:
+                return self._result(phase, state)
+        for epoch in range(state["epoch"] + 1, phase.epochs + 1):
+            state["metrics"] = self._epoch(phase, updates, modules, generator, epoch)
+            for label, model in phase.evaluate.items():
+                acc = state["metrics"][label]["val_accuracy"]
+                if acc > state["best"].get(label, (-1.0, None))[0]:
+                    state["best"][label] = (acc, copy.deepcopy(model.state_dict()))
+            state["epoch"] = epoch
+            if path is not None and self.dist.is_main:
+                self._save(path, state, modules, updates, generator)
+        for label, model in phase.evaluate.items():
+            if label in state["best"]:
+                model.load_state_dict(state["best"][label][1])
+        state["finished"] = True
+        if path is not None and self.dist.is_main:
+            self._save(path, state, modules, updates, generator)
+        return self._result(phase, state)
 
-            # find_unused_parameters: `params=` may train a part of the model, leaving the rest out of the loss.
-            run_step = DistributedDataParallel(_StepModule(modules, step), find_unused_parameters=True,
-                                               device_ids=[self.device] if self.device.type == "cuda" else None)
-        for epoch in range(state["epoch"] + 1, epochs + 1):
-            for module in modules:
-                module.train()
-            names: list[str] = []
-            sums: torch.Tensor | float = 0.0  # per metric, summed over samples: one tensor op per step
-            count = 0
-            for batch in self.batches(generator):
+    @staticmethod
+    def _result(phase: Phase, state: dict[str, Any]) -> dict[str, float]:
+        labels = list(phase.evaluate) or [u.name for u in phase.updates]
+        result = dict(state["metrics"].get(labels[0], {}))
+        if phase.evaluate:
+            result["best_val_accuracy"] = state["best"].get(labels[0], (-1.0, None))[0]
+        return result
+
+    def _epoch(self, phase: Phase, updates: list[_UpdateState], modules: list[nn.Module],
+               generator: torch.Generator, epoch: int) -> dict[str, dict[str, float]]:
+        for module in modules:
+            module.train()
+        start = time.perf_counter()
+        names: dict[str, list[str]] = {}
+        sums: dict[str, torch.Tensor] = {}
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        count = steps = 0
+        for batch in self.batches(generator):
+            shared: dict[str, Any] = {}
+            for u in updates:
                 with self.autocast():
-                    loss, parts = run_step(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{label} loss became {loss.item()} at epoch {epoch}; lower the learning rate")
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                    loss, parts = u.update.loss(batch, shared)
+                finite &= torch.isfinite(loss.detach())
+                u.optimizer.zero_grad(set_to_none=True)
+                if u.scaler is not None:
+                    u.scaler.scale(loss).backward()
+                    self._average_gradients(u.params)
+                    u.scaler.step(u.optimizer)
+                    u.scaler.update()
                 else:
                     loss.backward()
-                    opt.step()
-                if schedule is not None:
-                    schedule.step()
-                names = ["loss", *parts]
-                sums = sums + torch.stack([torch.as_tensor(v, device=self.device).float()
-                                           for v in (loss.detach(), *parts.values())]) * len(batch.y)
-                count += len(batch.y)
-            distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere: one model to validate
-            totals = distributed.all_reduce_sum(torch.cat([torch.as_tensor(sums, device=self.device).reshape(-1),
-                                                           torch.tensor([float(count)], device=self.device)]).double())
-            metrics = {f"train_{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(names)}
-            metrics["val_accuracy"] = val_acc = self._val_accuracy(model)
-            self.on_epoch(label, epoch, epochs, metrics)
-            if val_acc > state["best_acc"]:
-                state["best_acc"], state["best_state"] = val_acc, copy.deepcopy(model.state_dict())
-            state["epoch"], state["metrics"] = epoch, metrics
-            if checkpoint_path is not None and self.dist.is_main:
-                self._save(checkpoint_path, state, epochs, model, extra, opt, schedule, scaler, generator)
-        if state["best_state"] is not None:
-            model.load_state_dict(state["best_state"])
-        return {**state["metrics"], "best_val_accuracy": state["best_acc"]}
+                    self._average_gradients(u.params)
+                    u.optimizer.step()
+                if u.schedule is not None:
+                    u.schedule.step()
+                names[u.update.name] = ["loss", *parts]
+                values = torch.stack([torch.as_tensor(v, device=self.device).float().reshape(())
+                                      for v in (loss.detach(), *parts.values())]) * len(batch.y)
+                sums[u.update.name] = sums[u.update.name] + values if u.update.name in sums else values
+            count += len(batch.y)
+            steps += 1
+        for module in modules:
+            distributed.broadcast_buffers(module)  # rank 0's BatchNorm statistics everywhere: one model to validate
+        labels = list(names)
+        flat = [sums[k].double() for k in labels] + [torch.tensor([float(count), float(steps)], dtype=torch.float64,
+                                                                 device=self.device), (~finite).double().reshape(1)]
+        totals = distributed.all_reduce_sum(torch.cat([t.reshape(-1) for t in flat]))
+        seconds = time.perf_counter() - start  # the reduction above waited for the device: the epoch is done
+        samples, steps_all, nonfinite = totals[-3].item(), int(totals[-2].item()), totals[-1].item()
+        if steps_all == 0:
+            raise InputError("data.batch_size", f"{phase.name} made no optimizer step: every training batch is smaller "
+                             f"than 2 samples per process (BatchNorm cannot train on one); raise data.batch_size")
+        if nonfinite:
+            raise FloatingPointError(f"{phase.name} loss became non-finite in epoch {epoch}; lower the learning rate")
+        self.optimizer_steps += steps
+        metrics: dict[str, dict[str, float]] = {}
+        offset = 0
+        for label in labels:
+            metrics[label] = {f"train_{k}": (totals[offset + i] / samples).item() for i, k in enumerate(names[label])}
+            offset += len(names[label])
+        val_start = time.perf_counter()
+        for label, model in phase.evaluate.items():
+            metrics.setdefault(label, {})["val_accuracy"] = self.val_accuracy(model)
+        val_seconds = time.perf_counter() - val_start
+        first = labels[0] if not phase.evaluate else next(iter(phase.evaluate))
+        timing = {"epoch_seconds": seconds, "samples_per_second": samples / seconds}
+        if phase.evaluate:
+            val_samples = len(self.data.y_val) * len(phase.evaluate)
+            timing.update(val_seconds=val_seconds, val_samples_per_second=val_samples / max(val_seconds, 1e-9))
+        metrics[first].update(timing)
+        self.epoch_log.append({"phase": phase.name, "epoch": epoch, "samples": samples, **timing})
+        for label, values in metrics.items():
+            self.on_epoch(label, epoch, phase.epochs, values)
+        return metrics
 
-    def _save(self, path: Path, state: dict[str, Any], epochs: int, model, extra, opt, schedule, scaler, generator) -> None:
+    def _average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average this update's gradients over the processes (every rank runs the same graph)."""
+        if not self.dist.enabled:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / self.dist.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def timing_summary(self) -> dict[str, float] | None:
+        """Median epoch seconds and training throughput over every epoch this trainer ran."""
+        if not self.epoch_log:
+            return None
+        seconds = sorted(e["epoch_seconds"] for e in self.epoch_log)
+        total_seconds = sum(seconds)
+        summary = {"epochs": len(seconds), "median_epoch_seconds": seconds[len(seconds) // 2] if len(seconds) % 2
+                   else (seconds[len(seconds) // 2 - 1] + seconds[len(seconds) // 2]) / 2,
+                   "samples_per_second": sum(e["samples"] for e in self.epoch_log) / total_seconds,
+                   "optimizer_steps": self.optimizer_steps}
+        val = [e["val_samples_per_second"] for e in self.epoch_log if "val_samples_per_second" in e]
+        if val:
+            summary["val_samples_per_second"] = sorted(val)[len(val) // 2]
+        return summary
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+
+    def _save(self, path: Path, state: dict[str, Any], modules, updates: list[_UpdateState], generator) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_torch({
-            **state, "epochs": epochs,
-            "model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None,
-            "optimizer": opt.state_dict(), "schedule": schedule.state_dict() if schedule is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            **state,
+            "modules": [m.state_dict() for m in modules],
+            "optimizers": [u.optimizer.state_dict() for u in updates],
+            "schedules": [u.schedule.state_dict() if u.schedule is not None else None for u in updates],
+            "scalers": [u.scaler.state_dict() if u.scaler is not None else None for u in updates],
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }, path)
 
-    def _restore(self, path: Path, model, extra, opt, schedule, scaler, generator) -> dict[str, Any]:
+    def _restore(self, path: Path, modules, updates: list[_UpdateState], generator) -> dict[str, Any]:
         saved = torch.load(path, map_location=self.device, weights_only=True)
-        model.load_state_dict(saved["model"])
-        if extra is not None and saved["extra"] is not None:
-            extra.load_state_dict(saved["extra"])
-        opt.load_state_dict(saved["optimizer"])
-        if schedule is not None and saved["schedule"] is not None:
-            schedule.load_state_dict(saved["schedule"])
-        if scaler is not None and saved["scaler"] is not None:
-            scaler.load_state_dict(saved["scaler"])
+        for module, module_state in zip(modules, saved["modules"]):
+            module.load_state_dict(module_state)
+        for u, opt_state, schedule_state, scaler_state in zip(updates, saved["optimizers"], saved["schedules"],
+                                                              saved["scalers"]):
+            u.optimizer.load_state_dict(opt_state)
+            if u.schedule is not None and schedule_state is not None:
+                u.schedule.load_state_dict(schedule_state)
+            if u.scaler is not None and scaler_state is not None:
+                u.scaler.load_state_dict(scaler_state)
         generator.set_state(saved["generator"].cpu())
         torch.set_rng_state(saved["torch_rng"].cpu())
         if saved["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in saved["cuda_rng"]])
-        return {k: saved[k] for k in ("epoch", "best_acc", "best_state", "metrics")}
+        return {k: saved[k] for k in ("epoch", "best", "metrics", "finished")}

@@ -6,13 +6,14 @@ import torch
 
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
-from kdpipe.train import Trainer, accuracy
+from kdpipe.inference import accuracy
+from kdpipe.train import Trainer
 
 
 def run(ctx) -> None:
     cfg = ctx.pipeline.distill
     method_cls = get_method(cfg.method)
-    method = method_cls(method_cls.Params(**cfg.params), student=ctx.student, teacher=ctx.teacher,
+    method = method_cls(cfg.params, student=ctx.student, teacher=ctx.teacher,
                         num_classes=ctx.data.num_classes, input_shape=ctx.data.input_shape, taps=cfg.taps)
     trained = ctx.artifacts.get("student_checkpoint")  # the search's best trial, trained with these very params
     if trained is not None and method_cls.fit_returns_student:
@@ -27,6 +28,7 @@ def run(ctx) -> None:
                           seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, **ctx.trainer_options("distill"))
         torch.manual_seed(ctx.pipeline.seed + 1)
         student = method.fit(trainer)
+        ctx.report["distill"] = {"timing": trainer.timing_summary(), "optimizer_steps": trainer.optimizer_steps}
     student.eval()
     ctx.student = student
     checkpoint = {"student": student.state_dict()}

@@ -22,7 +22,7 @@ from kdpipe import __version__
 from kdpipe.atomic import atomic_write
 from kdpipe.onnx_runtime import session, tile_batch
 from kdpipe.quantize import calibration_batches, quantize
-from kdpipe.teacher_cache import teacher_fingerprint
+from kdpipe.fingerprint import fingerprint
 
 ODD_BATCH = 7  # an odd size that is neither 1 nor a power of two, to catch shape-specialized graphs
 
@@ -84,8 +84,7 @@ def export_teacher(ctx, example: torch.Tensor) -> Path:
     """teacher.onnx in the run directory, from the cache when this exact teacher was exported before."""
     cfg = ctx.pipeline.export
     teacher = ctx.teacher.to("cpu")
-    salt = f"onnx:{cfg.opset}:{cfg.dynamic_batch}:{__version__}:{teacher!r}"
-    cached = ctx.cache_dir / "teacher-onnx" / f"{teacher_fingerprint(teacher, salt, [])}.onnx"
+    cached = ctx.cache_dir / "teacher-onnx" / f"{fingerprint(teacher, 'onnx', cfg.opset, cfg.dynamic_batch, __version__, repr(teacher))}.onnx"
     path = ctx.run_dir / "teacher.onnx"
     if not cached.is_file():
         with atomic_write(cached) as tmp:

@@ -66,17 +66,16 @@ def run(ctx) -> None:
 
     choice = space.decode(best.params)
     method = choice.method
-    pipeline.distill.method = method
-    pipeline.distill.params = get_method(method).Params.model_validate(choice.params).model_dump(mode="json")
-    pipeline.distill.optimizer = pipeline.distill.optimizer.model_copy(update=choice.optimizer)
+    ctx.pipeline = pipeline = pipeline.with_method(method, choice.params, choice.optimizer)
     (ctx.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(pipeline.resolved(), sort_keys=False))
-    ctx.report["method"] = {"name": method, "params": pipeline.distill.params}
+    params = pipeline.distill.params.model_dump(mode="json")
+    ctx.report["method"] = {"name": method, "params": params}
     reusable = not search.retrain and get_method(method).fit_returns_student
     checkpoint = campaign.local_checkpoint(best) if reusable else None
     if checkpoint is not None:
         ctx.artifacts["student_checkpoint"] = checkpoint
     summary["reused_checkpoint"] = checkpoint is not None
-    ctx.tracker.log_params({"search": {"best": {"method": method, **pipeline.distill.params, "optimizer": choice.optimizer}}})
+    ctx.tracker.log_params({"search": {"best": {"method": method, **params, "optimizer": choice.optimizer}}})
     ctx.tracker.set_tags({"kdpipe.method": method})
 
 
@@ -85,8 +84,7 @@ def _check_candidate_models(ctx, space) -> None:
     for name in space.methods:
         if name == ctx.pipeline.distill.method:
             continue  # checked in prepare
-        candidate = ctx.pipeline.model_copy(deep=True)
-        candidate.distill.method, candidate.distill.params = name, space.base[name]
+        candidate = ctx.pipeline.with_method(name, space.base[name])
         get_method(name).check_models(candidate, student=ctx.student, teacher=ctx.teacher,
                                       input_shape=ctx.data.input_shape)
 

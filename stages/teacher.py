@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 
 import torch
 
 from kdpipe import __version__, distributed
 from kdpipe.atomic import save_torch
+from kdpipe.fingerprint import fingerprint
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
-from kdpipe.train import Trainer, accuracy
+from kdpipe.inference import accuracy
+from kdpipe.train import Trainer
 
 
 def cache_key(ctx) -> str:
@@ -24,7 +24,7 @@ def cache_key(ctx) -> str:
         "seed": ctx.pipeline.seed,
         "kdpipe": __version__,
     }
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+    return fingerprint(content)
 
 
 def run(ctx) -> None:
@@ -66,6 +66,7 @@ def train(ctx, teacher) -> None:
     torch.manual_seed(ctx.pipeline.seed)
     scratch(scratch.Params(), student=teacher, teacher=None, num_classes=ctx.data.num_classes,
             input_shape=ctx.data.input_shape).fit(trainer, label="teacher")
+    ctx.report["teacher_training"] = {"timing": trainer.timing_summary()}
 
 
 def restore(ctx) -> None:

@@ -17,9 +17,6 @@ from kdpipe.taps import Outputs
 from kdpipe.train import Batch, Trainer, make_optimizer
 
 
-
-
-
 def build(digits, **params):
     cls = get_method("adversarial")
     torch.manual_seed(0)
@@ -50,22 +47,54 @@ def test_discriminator_is_a_residual_mlp_on_logits_with_optional_class_head():
     assert scores.shape == (5,) and classes.shape == (5, 10)
 
 
-@pytest.mark.parametrize("params", [{}, {"aux_classifier": True, "gan_mode": "bce"}])
+def d_step(method, z_s, z_t, y) -> torch.Tensor:
+    optimizer, _ = make_optimizer(method.discriminator.parameters(), OptimizerConfig(name="adam", lr=1e-3, scheduler="none"), 1, 1)
+    loss, _ = method.discriminator_loss(z_s, z_t, y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def test_the_default_discriminator_is_conditional(digits):
+    """The paper's discriminator has a class head (METHODS.md): aux_classifier is on unless turned off."""
+    method = build(digits, hidden=32, blocks=1)
+    assert method.params.aux_classifier is True
+    _, classes = method.discriminator(torch.randn(3, 10))
+    assert classes.shape == (3, 10)
+
+
+@pytest.mark.parametrize("params", [{"aux_classifier": False}, {"gan_mode": "bce"}])
 def test_discriminator_step_trains_d_and_leaves_the_student_unchanged(digits, params):
     method = build(digits, hidden=32, blocks=1, **params)
     batch = batch_of(digits)
     z_s = method.student(batch.x)
     z_t = method.teacher(batch.x).detach()
     student_before, d_before = snapshot(method.student), snapshot(method.discriminator)
-    optimizer = method.discriminator_optimizer(epochs=1, steps_per_epoch=1)
-    parts = method.discriminator_step(optimizer, z_s, z_t, batch.y)
+    loss = d_step(method, z_s, z_t, batch.y)
     assert unchanged(method.student, student_before)
     assert all(p.grad is None for p in method.student.parameters())
     assert not unchanged(method.discriminator, d_before)
-    assert parts["d_loss"].item() > 0
+    assert loss.item() > 0
 
 
-@pytest.mark.parametrize("params", [{}, {"aux_classifier": True}])
+def test_class_weight_multiplies_the_class_head_ce_in_both_losses(digits):
+    method = build(digits, hidden=16, blocks=1, class_weight=3.0)
+    batch = batch_of(digits, 8)
+    z_s, z_t = torch.randn(8, 10), torch.randn(8, 10)
+    with torch.no_grad():
+        d_t, c_t = method.discriminator(z_t)
+        d_s, c_s = method.discriminator(z_s)
+    d_loss, _ = method.discriminator_loss(z_s, z_t, batch.y)
+    expected = adversarial_d_loss(d_t, d_s, mode="lsgan") + 3.0 * (F.cross_entropy(c_t, batch.y) + F.cross_entropy(c_s, batch.y))
+    assert d_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    total, parts = method.loss(batch, Outputs(z_s), Outputs(z_t))
+    p = method.params
+    expected = p.adv_weight * parts["adversarial"] + p.l1_weight * parts["l1"] + p.ce_weight * parts["ce"] + 3.0 * parts["class_ce"]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("params", [{"aux_classifier": False}, {}])
 def test_student_step_trains_the_student_and_leaves_d_unchanged(digits, params):
     method = build(digits, hidden=32, blocks=1, **params)
     batch = batch_of(digits)
@@ -89,7 +118,7 @@ def test_student_step_trains_the_student_and_leaves_d_unchanged(digits, params):
 
 
 def test_losses_follow_the_gan_mode(digits):
-    method = build(digits, hidden=16, blocks=1, gan_mode="bce")
+    method = build(digits, hidden=16, blocks=1, gan_mode="bce", aux_classifier=False)
     batch = batch_of(digits, 8)
     z_s, z_t = torch.randn(8, 10), torch.randn(8, 10)
     _, parts = method.loss(batch, Outputs(z_s), Outputs(z_t))
@@ -101,8 +130,8 @@ def test_losses_follow_the_gan_mode(digits):
     with torch.no_grad():
         d_t, _ = method.discriminator(z_t)
         expected = adversarial_d_loss(d_t, d_s, mode="bce").item()
-    parts = method.discriminator_step(method.discriminator_optimizer(1, 1), z_s, z_t, batch.y)
-    assert parts["d_loss"].item() == pytest.approx(expected, rel=1e-6)
+    d_loss, _ = method.discriminator_loss(z_s, z_t, batch.y)
+    assert d_loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_fit_trains_student_and_discriminator_and_never_the_teacher(digits):
@@ -114,6 +143,23 @@ def test_fit_trains_student_and_discriminator_and_never_the_teacher(digits):
     assert method.extra_modules() is method.discriminator
     assert unchanged(method.teacher, teacher_before)
     assert not unchanged(method.discriminator, d_before)
+
+
+def test_the_discriminator_and_its_optimizer_are_checkpointed_and_resumed(digits, tmp_path):
+    """D is an update of the one loop: its weights and Adam state are in the phase checkpoint, and a resumed
+    fit continues from them (before, a resumed run restarted D from scratch)."""
+    method = build(digits, hidden=32, blocks=1)
+    Trainer(digits, epochs=1, batch_size=128, optimizer=OptimizerConfig(), seed=0, checkpoint_dir=tmp_path).run(
+        [next(method.phases(Trainer(digits, epochs=1, batch_size=128, optimizer=OptimizerConfig(), seed=0)))])
+    saved = torch.load(next(tmp_path.glob("*.pt")), weights_only=True)
+    d_state = saved["modules"][0]
+    assert "stem.weight" in d_state and torch.equal(d_state["stem.weight"], method.discriminator.stem.weight)
+    assert len(saved["optimizers"]) == 2 and saved["optimizers"][0]["state"]  # Adam moments of D
+    assert saved["optimizers"][0]["param_groups"][0]["lr"] == method.params.d_lr
+    fresh = build(digits, hidden=32, blocks=1)
+    trainer = Trainer(digits, epochs=1, batch_size=128, optimizer=OptimizerConfig(), seed=0, checkpoint_dir=tmp_path)
+    trainer.run(fresh.phases(trainer))
+    assert torch.equal(fresh.discriminator.stem.weight, method.discriminator.stem.weight)
 
 
 def test_unknown_gan_mode_exits_2(workdir):

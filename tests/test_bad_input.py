@@ -192,13 +192,17 @@ def test_missing_onnxruntime_names_the_extra(workdir):
     assert not (workdir / "runs").exists()
 
 
-def test_method_override_keeps_only_the_params_the_new_method_declares(workdir):
-    """The file's params were written for kd: `--set distill.method=X` keeps those X declares, drops the rest."""
-    from kdpipe.config import load_pipeline
+def test_the_distill_section_is_validated_whole_against_its_method(workdir):
+    """`distill` is a union discriminated by method: params are checked against the method's own schema in one
+    pass, so the file's kd params under `--set distill.method=none` are unknown keys, named as a user writes them."""
+    from kdpipe.pipeline import load_pipeline
 
-    assert load_pipeline(PIPELINES / "digits.yaml", ["distill.method=none"]).distill.params == {}
-    nst = load_pipeline(PIPELINES / "digits.yaml", ["distill.method=nst"]).distill.params
-    assert nst["temperature"] == 4.0 and "alpha" not in nst and nst["weight"] == 50.0
-    # Params given on the command line are validated whole, against the new method.
-    result = cli("check", PIPELINES / "digits.yaml", "--set", "distill.method=none", "--set", "distill.params.temperature=3")
+    result = cli("check", PIPELINES / "digits.yaml", "--set", "distill.method=none")
     assert_input_error(result, PIPELINES / "digits.yaml", "distill.params.temperature", "no keys are valid here")
+    assert load_pipeline(PIPELINES / "digits.yaml", ["distill.method=none", "distill.params={}"]).distill.method == "none"
+    nst = load_pipeline(PIPELINES / "digits.yaml", ["distill.method=nst", "distill.params={}"]).distill.params
+    assert nst.weight == 50.0 and nst.kernel == "polynomial"
+    result = cli("check", PIPELINES / "digits.yaml", "--set", "distill.method=nst", "--set", "distill.params={kernal: linear}")
+    assert_input_error(result, PIPELINES / "digits.yaml", "distill.params.kernal", "did you mean 'kernel'")
+    result = cli("check", PIPELINES / "digits.yaml", "--set", "distill.method=kdd")
+    assert_input_error(result, PIPELINES / "digits.yaml", "distill.method", "unknown method 'kdd' (did you mean 'kd'?)")

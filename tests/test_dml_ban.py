@@ -16,11 +16,8 @@ from kdpipe.methods import get_method
 from kdpipe.methods.ban import GenerationEnsemble
 from kdpipe.models.zoo import CNN, MLP
 from kdpipe.stages.export import export_onnx
+from kdpipe.inference import accuracy
 from kdpipe.train import Trainer
-
-
-
-
 
 
 def build(name, digits, teacher=True, **params):
@@ -66,8 +63,9 @@ def test_dml_peers_get_no_gradient_from_each_others_losses(digits):
     for k in range(2):
         for peer in peers:
             peer.zero_grad(set_to_none=True)
-        losses, _ = method.peer_losses(peers, x, y, [])
-        losses[k].backward()
+        z = [peer(x) for peer in peers]
+        loss, _ = method.peer_loss(k, z[k], z[:k] + z[k + 1:], y)
+        loss.backward()
         assert all(p.grad is not None for p in peers[k].parameters())
         assert all(p.grad is None for p in peers[1 - k].parameters())
 
@@ -77,12 +75,53 @@ def test_dml_loss_is_ce_plus_mimicry_of_every_other_peer_and_the_fixed_teacher(d
     peers = method.build_peers(seed=0)
     x, y = digits.x_train[:16], digits.y_train[:16]
     teacher_logits = method.teacher(x).detach()
-    losses, parts = method.peer_losses(peers, x, y, [teacher_logits])
-    with torch.no_grad():
-        z = [p(x) for p in peers]
+    z = [p(x) for p in peers]
+    loss, parts = method.peer_loss(1, z[1], [z[0], z[2], teacher_logits], y)
     expected = F.cross_entropy(z[1], y) + dml_loss(z[1], [z[0], z[2], teacher_logits], target="average")
-    assert losses[1].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert parts[1]["mimicry"].item() > 0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert parts["mimicry"].item() > 0
+
+
+def _one_batch(digits):
+    """The digits splits with one training batch of 256 samples (so an epoch is exactly one step)."""
+    import dataclasses
+
+    return dataclasses.replace(digits, x_train=digits.x_train[:256], y_train=digits.y_train[:256])
+
+
+@pytest.mark.parametrize("update", ["sequential", "simultaneous"])
+def test_dml_updates_follow_algorithm_1_or_the_simultaneous_form(digits, update):
+    """Sequential (the paper's Algorithm 1): peer 0 steps against peer 1's prediction, then peer 1 steps against
+    peer 0's prediction recomputed after its update. Simultaneous: both step from one forward pass."""
+    import copy
+
+    data = _one_batch(digits)
+    method = build("dml", data, teacher=False, peers=2, update=update)
+    optimizer = OptimizerConfig(scheduler="none", momentum=0.0, weight_decay=0.0)
+    reference = [copy.deepcopy(p) for p in method.build_peers(seed=0)]
+    Trainer(data, epochs=1, batch_size=256, optimizer=optimizer, seed=0).run(method.phases(
+        Trainer(data, epochs=1, batch_size=256, optimizer=optimizer, seed=0)))
+    order = torch.randperm(256, generator=torch.Generator().manual_seed(0))
+    x, y = data.x_train[order], data.y_train[order]
+    sgd = [torch.optim.SGD(p.parameters(), lr=optimizer.lr) for p in reference]
+    for p in reference:
+        p.train()
+    with torch.no_grad():
+        before = [p(x) for p in reference]
+    for k in range(2):
+        z_k = reference[k](x)
+        if update == "sequential":
+            with torch.no_grad():
+                other = reference[1 - k](x)  # peer 0 already stepped when k = 1: its new prediction
+        else:
+            other = before[1 - k]
+        loss = F.cross_entropy(z_k, y) + dml_loss(z_k, [other])
+        sgd[k].zero_grad()
+        loss.backward()
+        sgd[k].step()
+    for trained, expected in zip(method.peers, reference):
+        for a, b in zip(trained.parameters(), expected.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_dml_copies_of_the_student_are_distinct_fresh_networks(digits):
@@ -106,8 +145,6 @@ def test_dml_fit_trains_every_peer_exports_the_named_one_and_keeps_the_teacher_f
 
 
 def test_dml_without_teacher_exports_the_best_peer_on_validation(digits):
-    from kdpipe.train import accuracy
-
     method = build("dml", digits, teacher=False, peers=[{"arch": "mlp", "width": 64}])
     exported = method.fit(trainer(digits, epochs=2))
     val = [accuracy(p, digits.x_val, digits.y_val) for p in method.peers]
@@ -197,7 +234,7 @@ def test_ban_without_teacher_learns_from_labels(digits):
     assert exported is method.generations[1]
 
 
-def test_ban_ensemble_onnx_equals_the_average_of_generation_softmaxes(digits, tmp_path):
+def test_ban_ensemble_onnx_gives_logits_whose_softmax_is_the_average_of_generation_softmaxes(digits, tmp_path):
     method = build("ban", digits, generations=2, export="ensemble")
     ensemble = method.fit(trainer(digits))
     assert isinstance(ensemble, GenerationEnsemble) and list(ensemble.generations) == method.generations
@@ -205,11 +242,13 @@ def test_ban_ensemble_onnx_equals_the_average_of_generation_softmaxes(digits, tm
     path = tmp_path / "ensemble.onnx"
     export_onnx(ensemble, digits.x_val[:2], path, opset=18, dynamic_batch=True)
     x = digits.x_val[:17]
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].name == "logits"
+    got = session.run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         expected = torch.stack([F.softmax(g.eval()(x), dim=1) for g in method.generations]).mean(0).numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got, np.log(expected), atol=1e-4)  # the log of the mean probability: valid logits
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(got), 1).numpy(), expected, atol=1e-5)
 
 
 def test_ban_zero_generations_exits_2(workdir):

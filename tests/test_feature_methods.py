@@ -52,7 +52,7 @@ def _prepared(method: str, *overrides: str):
 def _build(prepared):
     cfg = prepared.pipeline.distill
     cls = get_method(cfg.method)
-    return cls(cls.Params(**cfg.params), student=prepared.student, teacher=prepared.teacher,
+    return cls(cfg.params, student=prepared.student, teacher=prepared.teacher,
                num_classes=prepared.data.num_classes, input_shape=prepared.data.input_shape, taps=cfg.taps)
 
 
@@ -66,10 +66,19 @@ def test_fitnets_hint_stage_trains_only_the_student_prefix_and_the_regressor():
     student = prepared.student
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
     regressor_before = [p.detach().clone() for p in fitnets.extra_modules().parameters()]
-    fitnets.fit_hints(_trainer(prepared), "hint")
+    trainer = _trainer(prepared)
+    trainer.run([fitnets.hint_phase(trainer, "hint")])
     changed = {name for name, p in student.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {"blocks.0.0.weight", "blocks.0.1.weight", "blocks.0.1.bias"}  # the guided layer and before it
     assert all(not torch.equal(p, q) for p, q in zip(fitnets.extra_modules().parameters(), regressor_before))
+
+
+def test_fitnets_default_layers_are_the_middle_stages_of_both_networks():
+    """The paper guides the student's middle layer with the teacher's middle layer (the ends of the middle
+    stages): on digits, student blocks.0 (8×8, of 2 stages) with teacher blocks.1 (4×4, of 3), not the
+    student's last block paired by relative depth."""
+    fitnets = _build(_prepared("fitnets"))
+    assert [(p.student, p.teacher) for p in fitnets.pairs] == [("blocks.0", "blocks.1")]
 
 
 def test_fitnets_two_stages_then_kd_trains_the_whole_student_and_keeps_the_regressor():
@@ -80,10 +89,10 @@ def test_fitnets_two_stages_then_kd_trains_the_whole_student_and_keeps_the_regre
     trainer.on_epoch = lambda label, epoch, total, metrics: epochs.append((label, sorted(metrics)))
     fc_before = prepared.student.fc.weight.detach().clone()
     fitnets.fit(trainer)
-    assert epochs[0] == ("student_hint", ["train_hint"])
+    assert epochs[0][0] == "student_hint" and "train_hint" in epochs[0][1] and "val_accuracy" not in epochs[0][1]
     assert epochs[1][0] == "student" and {"train_ce", "train_kd", "val_accuracy"} <= set(epochs[1][1])
     assert not torch.equal(prepared.student.fc.weight, fc_before)
-    assert isinstance(fitnets.extra_modules()[0][0], nn.Conv2d)  # blocks.1 16×4×4 → blocks.2 128×2×2: stride-2 conv
+    assert isinstance(fitnets.extra_modules()[0][0], nn.Conv2d)  # blocks.0 8×8×8 → blocks.1 64×4×4: stride-2 conv
 
 
 def _batch(prepared, n: int = 16) -> Batch:
@@ -98,8 +107,8 @@ def test_fitnets_one_stage_loss_is_ce_plus_weighted_hint():
     student = forward_with_taps(prepared.student, batch.x, fitnets.student_taps())
     teacher = forward_with_taps(prepared.teacher.eval(), batch.x, fitnets.teacher_taps()).detach()
     total, parts = fitnets.loss(batch, student, teacher)
-    regressed = fitnets.extra_modules()[0](student.features["blocks.1"])
-    hint = (regressed - teacher.features["blocks.2"]).pow(2).mean()
+    regressed = fitnets.extra_modules()[0](student.features["blocks.0"])
+    hint = (regressed - teacher.features["blocks.1"]).pow(2).mean()
     torch.testing.assert_close(total, F.cross_entropy(student.logits, batch.y) + 7 * hint)
     torch.testing.assert_close(parts["hint"], hint.detach())
 
@@ -114,14 +123,17 @@ def test_fitnets_one_stage_loss_is_ce_plus_weighted_hint():
 def test_feature_loss_sums_over_every_tapped_pair(method, overrides, feature_loss):
     prepared = _prepared(method, *overrides)
     feature_method = _build(prepared)
-    assert [(p.student, p.teacher) for p in feature_method.pairs] == [("blocks.0", "blocks.1"), ("blocks.1", "blocks.2")]
+    # Stage ends at equal resolution: 8×8 with 8×8, 4×4 with 4×4 (the teacher's 2×2 stage has no partner).
+    assert [(p.student, p.teacher) for p in feature_method.pairs] == [("blocks.0", "blocks.0"), ("blocks.1", "blocks.1")]
     batch = _batch(prepared)
     student = forward_with_taps(prepared.student, batch.x, feature_method.student_taps())
     teacher = forward_with_taps(prepared.teacher.eval(), batch.x, feature_method.teacher_taps()).detach()
     total, _ = feature_method.loss(batch, student, teacher)
     pairs = sum(feature_loss(student.features[s], teacher.features[t]) for s, t in
-                [("blocks.0", "blocks.1"), ("blocks.1", "blocks.2")])
-    expected = (F.cross_entropy(student.logits, batch.y) + 3 * pairs
+                [("blocks.0", "blocks.0"), ("blocks.1", "blocks.1")])
+    # at: β/2 · Σ (the paper's eq. 2); nst: weight · Σ (weight is the paper's λ/2 already).
+    scale = 3 / 2 if method == "at" else 3
+    expected = (F.cross_entropy(student.logits, batch.y) + scale * pairs
                 + 0.5 * kd_loss(student.logits, teacher.logits, temperature=4.0))
     torch.testing.assert_close(total, expected)
 

@@ -71,7 +71,7 @@ def test_default_pipeline_end_to_end(workdir):
 
 
 def test_scratch_baseline_and_teacher_cache(workdir):
-    first = cli("run", DIGITS, *sets(*FAST, *LENIENT, "teacher.train.epochs=9", "distill.method=none"))
+    first = cli("run", DIGITS, *sets(*FAST, *LENIENT, "teacher.train.epochs=9", "distill.method=none", "distill.params={}"))
     assert first.exit_code == 0, first.output
     report = read_report(first.stdout)
     assert report["method"] == {"name": "none", "params": {}}

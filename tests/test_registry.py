@@ -163,7 +163,7 @@ def test_better_run_takes_champion_and_the_champion_loads_into_onnxruntime(runs)
     assert better["champion_after"] == "3"
 
     # models:/<name>@champion, as a deployment would fetch it, reproduces the reported test accuracy.
-    from kdpipe.config import load_pipeline
+    from kdpipe.pipeline import load_pipeline
     from kdpipe.data import load_data
 
     model = mlflow.onnx.load_model(f"models:/{MODEL}@champion")

@@ -29,11 +29,13 @@ def build(name, digits, taps=None, **params):
                taps=taps)
 
 
-@pytest.mark.parametrize("name", ["rkd", "sp"])
-def test_default_taps_are_the_embeddings_and_distill_taps_overrides_them(digits, name):
-    assert build(name, digits).pairs == [("pool", "pool")]
-    taps = TapsConfig(student=["blocks.1"], teacher=["blocks.2"])
-    assert build(name, digits, taps=taps).pairs == [("blocks.1", "blocks.2")]
+@pytest.mark.parametrize("name, default", [("rkd", ("pool", "pool")), ("sp", ("blocks.1", "blocks.2"))])
+def test_default_taps_and_distill_taps_overrides_them(digits, name, default):
+    """rkd relates the penultimate embeddings; sp the last convolutional activation maps (the SP paper), not the
+    pooled vectors."""
+    assert build(name, digits).pairs == [default]
+    taps = TapsConfig(student=["blocks.0"], teacher=["pool"])
+    assert build(name, digits, taps=taps).pairs == [("blocks.0", "pool")]
 
 
 def test_a_model_without_embedding_tap_needs_distill_taps(digits):
@@ -58,7 +60,7 @@ def test_a_model_without_embedding_tap_needs_distill_taps(digits):
 
 @pytest.mark.parametrize("name", ["rkd", "sp"])
 def test_relation_term_is_zero_when_embeddings_match_and_skipped_below_three_samples(digits, name):
-    method = build(name, digits)
+    method = build(name, digits, taps=TapsConfig(student=["pool"], teacher=["pool"]))
     emb = torch.randn(5, 16)
     y = torch.randint(0, 10, (5,))
     logits = torch.randn(5, 10)

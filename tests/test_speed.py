@@ -31,11 +31,14 @@ def distill(method: str, *, teacher_online: bool = False, cache: TeacherOutputCa
     return history, trainer.teacher_cache
 
 
+TIMINGS = {"epoch_seconds", "samples_per_second", "val_seconds", "val_samples_per_second"}
+
+
 def assert_same_history(a: list[dict[str, float]], b: list[dict[str, float]]) -> None:
     assert len(a) == len(b) == EPOCHS
     for got, expected in zip(a, b):
         assert got.keys() == expected.keys()
-        for key in got:
+        for key in set(got) - TIMINGS:
             assert abs(got[key] - expected[key]) <= 1e-4 * max(1.0, abs(expected[key])), (key, got, expected)
 
 
@@ -71,3 +74,36 @@ def test_precision_and_cache_settings_are_validated(workdir):
     assert fp16.exit_code == 2 and "distill.precision: fp16 needs a CUDA device" in fp16.output
     bad = cli("check", PIPELINES / "digits.yaml", "--set", "distill.teacher_cache=sometimes")
     assert bad.exit_code == 2 and "distill.teacher_cache" in bad.output
+
+
+def test_teacher_outputs_are_keyed_by_content_not_by_object(digits):
+    """Two networks with the same weights share one entry; a network whose weights changed (or a new network
+    that happens to get a freed one's id) gets its own: ids are never keys."""
+    from kdpipe.models.zoo import CNN
+
+    cache = TeacherOutputCache()
+    torch.manual_seed(0)
+    first = CNN(digits.input_shape, 10, width=8, depth=2)
+    a = cache.get(first, digits, [])
+    twin = CNN(digits.input_shape, 10, width=8, depth=2)
+    twin.load_state_dict(first.state_dict())
+    assert cache.get(twin, digits, []) is a and cache.forward_passes == 1
+    with torch.no_grad():
+        first.fc.bias.add_(1.0)
+    b = cache.get(first, digits, [])
+    assert cache.forward_passes == 2 and not torch.equal(a.logits, b.logits)
+
+
+def test_memory_entries_leave_least_recently_used_first_under_the_budget(digits):
+    from kdpipe.models.zoo import CNN
+    from kdpipe.teacher_cache import nbytes
+
+    torch.manual_seed(0)
+    nets = [CNN(digits.input_shape, 10, width=8, depth=2) for _ in range(3)]
+    one = nbytes(TeacherOutputCache().get(nets[0], digits, []))
+    cache = TeacherOutputCache(memory_budget_mb=2.5 * one / 2**20)
+    for net in nets:
+        cache.get(net, digits, [])
+    assert len(cache._memory) == 2 and cache.spilled == 0  # the first entry was evicted to make room
+    cache.get(nets[0], digits, [])
+    assert cache.forward_passes == 4

@@ -10,14 +10,33 @@ from conftest import PIPELINES, cli
 from kdpipe.config import TapsConfig
 from kdpipe.errors import InputError
 from kdpipe.models.zoo import CNN, MLP, ResNet
-from kdpipe.taps import by_relative_depth, forward_with_taps, output_shapes, pair_taps
+from kdpipe.taps import (by_relative_depth, forward_with_taps, output_shapes, pair_at_equal_resolution, pair_last,
+                         pair_middle, pair_taps)
 
 DIGITS = (1, 8, 8)
-LAST = lambda count: [count - 1]  # noqa: E731
+LAST = pair_last
 
 
-def every(count: int) -> list[int]:
-    return list(range(count))
+def every(student, teacher) -> list[tuple[int, int]]:
+    """Every student default tap with the teacher's at the same relative depth."""
+    positions = list(range(len(student)))
+    return list(zip(positions, by_relative_depth(positions, len(student), len(teacher))))
+
+
+def test_at_and_nst_pair_stage_ends_at_equal_resolution_and_pool_only_where_none_exists():
+    # CNN student: 8×8, 4×4; CNN teacher: 8×8, 4×4, 2×2 -> equal-resolution pairs, the teacher's 2×2 left out.
+    pairs = pair_taps(CNN(DIGITS, 10, width=8, depth=2), CNN(DIGITS, 10, width=32, depth=3), None, DIGITS,
+                      pair_at_equal_resolution)
+    assert [(p.student, p.teacher) for p in pairs] == [("blocks.0", "blocks.0"), ("blocks.1", "blocks.1")]
+    # A teacher without the student's 2×2 stage: that stage end pairs by relative depth (pooled by the loss).
+    shaped_student = [("a", (8, 8, 8)), ("b", (16, 4, 4)), ("c", (32, 2, 2))]
+    shaped_teacher = [("x", (8, 8, 8)), ("y", (16, 8, 8)), ("z", (32, 4, 4))]
+    assert pair_at_equal_resolution(shaped_student, shaped_teacher) == [(0, 1), (1, 2), (2, 2)]
+
+
+def test_fitnets_pairs_the_middle_stage_ends():
+    assert pair_middle([("a", ()), ("b", ())], [("x", ()), ("y", ()), ("z", ())]) == [(0, 1)]
+    assert pair_middle([("a", ())] * 4, [("x", ())] * 4) == [(1, 1)]
 
 
 def test_relative_depth_maps_last_to_last_and_spreads_the_rest():
@@ -109,7 +128,7 @@ def test_cli_taps_lists_paths_shapes_and_pairs(workdir):
     assert any(line.split() == ["blocks.2", "*", "128×2×2"] for line in teacher_lines)
     assert any(line.split() == ["pool", "e", "128"] for line in teacher_lines)
     assert any(line.split() == ["blocks.0.0", "8×8×8"] for line in student_lines)
-    assert lines[-1] == "fitnets compares student 'blocks.1' 16×4×4 and teacher 'blocks.2' 128×2×2"
+    assert lines[-1] == "fitnets compares student 'blocks.0' 8×8×8 and teacher 'blocks.1' 64×4×4"
 
 
 def test_cli_taps_still_lists_when_the_configured_taps_are_wrong(workdir):

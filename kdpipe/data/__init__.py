@@ -7,7 +7,6 @@ training step is an index into them, with no DataLoader machinery.
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from kdpipe.config import DataConfig
 from kdpipe.errors import InputError
+from kdpipe.fingerprint import fingerprint
 
 
 @dataclass
@@ -108,10 +108,7 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
     num_classes = cfg.num_classes or int(all_labels.max()) + 1
     if all_labels.max() >= num_classes:
         raise InputError("data.num_classes", f"labels go up to {int(all_labels.max())}, which needs more than {num_classes} classes")
-    digest = hashlib.sha256()
-    for arr in (x, y, test[0], test[1]):
-        digest.update(np.ascontiguousarray(arr).tobytes())
-    digest.update(f"{seed}:{cfg.val_fraction}:{cfg.test_fraction}:{num_classes}".encode())
+    digest = fingerprint(x, y, test[0], test[1], [seed, cfg.val_fraction, cfg.test_fraction, num_classes])
 
     def tensors(xs, ys):
         return torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32)), torch.from_numpy(ys.astype(np.int64))
@@ -121,7 +118,7 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
     x_te, y_te = tensors(*test)
     if min(len(y_tr), len(y_va), len(y_te)) == 0:
         raise InputError("data", f"too few samples ({len(y)}) to split into train, validation and test")
-    return Splits(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, digest.hexdigest())
+    return Splits(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, digest)
 
 
 def _read_source(cfg: DataConfig):

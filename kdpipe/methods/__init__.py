@@ -1,9 +1,9 @@
 """The method registry: every distillation method registers itself by name (no if/elif over names).
 
-A method declares its parameters as a pydantic model whose fields carry a
-default and a default search range (`search_range`), the feature taps it needs,
-the trainable modules it adds, and either a loss over (batch, student outputs,
-teacher outputs) or its own `fit` procedure built from the shared trainer.
+A method declares its parameters as a pydantic model whose fields carry a default, a default search range
+(`search`) and, where a parameter acts only under some setting of another, that condition (`when`); the
+feature taps it needs; the modules it adds (regressors, discriminators, peers); and its training as phases
+of updates (kdpipe.train.Phase, Update), which the one training loop runs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from kdpipe.errors import InputError
 from kdpipe.taps import Outputs, TapPair, forward_with_taps, pair_taps
-from kdpipe.train import Batch, Trainer
+from kdpipe.train import Batch, Phase, Trainer, Update
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -29,24 +30,33 @@ class Params(BaseModel):
 
 
 def param(default: Any, *, low: float | None = None, high: float | None = None, log: bool = False,
-          choices: list | None = None, **constraints: Any) -> Any:
-    """A method parameter: its default, its validation constraints and its default search range."""
-    search: dict[str, Any] | None = None
+          choices: list | None = None, when: dict[str, list] | None = None, description: str | None = None,
+          **constraints: Any) -> Any:
+    """A method parameter: its default, its validation constraints, its default search range, and `when` it acts
+    (`{"stages": [1]}`: only when the parameter stages is 1; a search draws it only there)."""
+    extra: dict[str, Any] = {}
     if choices is not None:
-        search = {"choices": choices}
+        extra["search"] = {"choices": choices}
     elif low is not None and high is not None:
-        search = {"low": low, "high": high, "log": log}
-    return Field(default, json_schema_extra={"search": search} if search else None, **constraints)
+        extra["search"] = {"low": low, "high": high, "log": log}
+    if when:
+        extra["when"] = when
+    return Field(default, json_schema_extra=extra or None, description=description, **constraints)
+
+
+def _extra(params: type[Params], name: str) -> dict[str, Any]:
+    extra = params.model_fields[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
 
 
 def search_space(params: type[Params]) -> dict[str, dict[str, Any]]:
     """The default search range of every parameter that declares one."""
-    space = {}
-    for name, field in params.model_fields.items():
-        extra = field.json_schema_extra or {}
-        if isinstance(extra, dict) and extra.get("search"):
-            space[name] = dict(extra["search"])
-    return space
+    return {name: dict(_extra(params, name)["search"]) for name in params.model_fields if _extra(params, name).get("search")}
+
+
+def active_conditions(params: type[Params]) -> dict[str, dict[str, list]]:
+    """Parameter -> {other parameter: the values under which it acts}, for the conditional parameters."""
+    return {name: _extra(params, name)["when"] for name in params.model_fields if _extra(params, name).get("when")}
 
 
 class Method:
@@ -56,8 +66,8 @@ class Method:
     needs_teacher: ClassVar[bool] = True
     # False for a method whose teacher changes during training (its outputs must then be computed every step).
     cache_teacher: ClassVar[bool] = True
-    # False for a method whose fit returns another module than `student` or creates its extra modules while
-    # fitting (DML peers, Born-Again generations): a trained student cannot be loaded into a fresh instance.
+    # False for a method whose exported module is not `student` or is created while training (DML peers,
+    # Born-Again generations): a trained student cannot be loaded into a fresh instance.
     fit_returns_student: ClassVar[bool] = True
 
     def __init__(self, params: Params, *, student: nn.Module, teacher: nn.Module | None, num_classes: int,
@@ -89,21 +99,32 @@ class Method:
         """Trainable modules the method adds (regressors, discriminators): trained and checkpointed, never exported."""
         return None
 
-    def loss(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def fit(self, trainer: Trainer, label: str = "student") -> nn.Module:
-        """The usual procedure: teacher outputs from the cache (or online, see `cache_teacher`), then the student trained on `loss`."""
-        teacher_outputs = trainer.teacher_step(self.teacher, self.teacher_taps(), self.cache_teacher) if self.teacher else None
+    def student_update(self, trainer: Trainer, label: str) -> Update:
+        """The student (and the method's extra modules) trained on `loss` against the frozen teacher's outputs."""
+        teacher = trainer.teacher(self.teacher, self.teacher_taps(), self.cache_teacher) if self.teacher else None
         student_taps = self.student_taps()
 
-        def step(batch: Batch):
+        def loss(batch: Batch, shared: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             student_out = forward_with_taps(self.student, batch.x, student_taps)
-            teacher_out = teacher_outputs(batch) if teacher_outputs is not None else None
-            return self.loss(batch, student_out, teacher_out)
+            return self.loss(batch, student_out, teacher(batch) if teacher is not None else None)
 
-        trainer.fit(self.student, step, extra=self.extra_modules(), label=label)
+        extra = self.extra_modules()
+        return Update(label, [self.student] + ([extra] if extra is not None else []), loss)
+
+    def phases(self, trainer: Trainer, label: str = "student") -> Iterator[Phase]:
+        """The method's training, phase by phase; the usual one: the student on `loss` for the pipeline's epochs."""
+        yield Phase(label, [self.student_update(trainer, label)], trainer.epochs, evaluate={label: self.student})
+
+    def exported(self) -> nn.Module:
+        """The module the pipeline exports once the phases ran."""
         return self.student
+
+    def fit(self, trainer: Trainer, label: str = "student") -> nn.Module:
+        trainer.run(self.phases(trainer, label))
+        return self.exported()
 
 
 class FeatureMethod(Method):
@@ -113,9 +134,9 @@ class FeatureMethod(Method):
     """
 
     @classmethod
-    def default_positions(cls, count: int) -> list[int]:
-        """Which of the student's `count` default taps to use (each paired with the teacher's at the same relative depth)."""
-        return list(range(count))
+    def default_pairs(cls, student: list[tuple[str, tuple]], teacher: list[tuple[str, tuple]]) -> list[tuple[int, int]]:
+        """(student index, teacher index) pairs among the models' default taps (stage ends, with their shapes)."""
+        raise NotImplementedError
 
     @classmethod
     def check_pair(cls, pair: TapPair, params: Params) -> None:
@@ -123,7 +144,7 @@ class FeatureMethod(Method):
 
     @classmethod
     def tap_pairs(cls, params: Params, student: nn.Module, teacher: nn.Module, taps, input_shape) -> list[TapPair]:
-        pairs = pair_taps(student, teacher, taps, tuple(input_shape), cls.default_positions)
+        pairs = pair_taps(student, teacher, taps, tuple(input_shape), cls.default_pairs)
         for pair in pairs:
             cls.check_pair(pair, params)
         return pairs
@@ -131,7 +152,7 @@ class FeatureMethod(Method):
     @classmethod
     def check_models(cls, pipeline, *, student, teacher, input_shape) -> None:
         if teacher is not None:
-            cls.tap_pairs(cls.Params(**pipeline.distill.params), student, teacher, pipeline.distill.taps, input_shape)
+            cls.tap_pairs(pipeline.distill.params, student, teacher, pipeline.distill.taps, input_shape)
 
     def __init__(self, params: Params, **kwargs):
         super().__init__(params, **kwargs)

@@ -2,7 +2,9 @@
 
 The student generates logits; a discriminator on logit vectors (never images)
 tells the teacher's from the student's. Every batch takes one discriminator
-step with the student frozen, then one student step with the discriminator frozen.
+step with the student frozen, then one student step with the discriminator frozen: two updates of the one
+training loop, so the discriminator and its optimizer are checkpointed, synchronized across processes and
+scaled under fp16 like the student.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from kdpipe.config import OptimizerConfig
 from kdpipe.losses import adversarial_d_loss, adversarial_g_loss
 from kdpipe.methods import Method, Params, method, param
 from kdpipe.taps import Outputs
-from kdpipe.train import make_optimizer
+from kdpipe.train import Phase, Update
 
 
 class ResidualBlock(nn.Module):
@@ -61,19 +63,23 @@ def frozen(module: nn.Module):
 
 class AdversarialParams(Params):
     gan_mode: Literal["bce", "lsgan"] = param("lsgan", choices=["bce", "lsgan"])
-    adv_weight: float = param(0.1, ge=0.0, low=0.01, high=1.0, log=True)
-    l1_weight: float = param(1.0, ge=0.0, low=0.1, high=10.0, log=True)
-    ce_weight: float = param(1.0, ge=0.0, low=0.0, high=1.0)
-    aux_classifier: bool = param(False, choices=[False, True])
+    adv_weight: float = param(0.1, ge=0.0, low=0.01, high=1.0, log=True,
+                              description="multiplies the student's adversarial (generator) loss")
+    l1_weight: float = param(1.0, ge=0.0, low=0.1, high=10.0, log=True, description="multiplies mean|z_s − z_t|")
+    ce_weight: float = param(1.0, ge=0.0, low=0.0, high=1.0, description="multiplies CE(y, z_s)")
+    aux_classifier: bool = param(True, choices=[False, True],
+                                 description="the paper's conditional discriminator: a class head beside the source score")
+    class_weight: float = param(1.0, ge=0.0, low=0.1, high=10.0, log=True, when={"aux_classifier": [True]},
+                                description="multiplies the class-head CE, in D's loss and in the student's")
     hidden: int = param(256, ge=1, choices=[64, 128, 256])
     blocks: int = param(3, ge=0, low=1, high=4)
-    d_lr: float = param(1.0e-3, gt=0.0, low=1.0e-4, high=1.0e-2, log=True)
+    d_lr: float = param(1.0e-3, gt=0.0, low=1.0e-4, high=1.0e-2, log=True, description="the discriminator's Adam lr")
 
 
 @method("adversarial")
 class Adversarial(Method):
-    summary = ("KD with conditional adversarial networks: adv_weight·GAN + l1_weight·mean|z_s − z_t| + ce_weight·CE, "
-               "a residual-MLP discriminator on logits")
+    summary = ("KD with conditional adversarial networks: adv_weight·GAN + l1_weight·mean|z_s − z_t| + ce_weight·CE "
+               "(+ class_weight·class-head CE), a residual-MLP discriminator on logits")
     Params = AdversarialParams
 
     def __init__(self, params: Params, **kwargs):
@@ -84,22 +90,14 @@ class Adversarial(Method):
     def extra_modules(self) -> nn.Module:
         return self.discriminator
 
-    def discriminator_optimizer(self, epochs: int, steps_per_epoch: int):
-        cfg = OptimizerConfig(name="adam", lr=self.params.d_lr, weight_decay=0.0, scheduler="none")
-        optimizer, _ = make_optimizer(self.discriminator.parameters(), cfg, epochs, steps_per_epoch)
-        return optimizer
-
-    def discriminator_step(self, optimizer, student_logits, teacher_logits, y) -> dict[str, torch.Tensor]:
-        """One update of D on teacher (real) and student (fake) logits; the student gets no gradient."""
+    def discriminator_loss(self, student_logits, teacher_logits, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """D's loss on teacher (real) and student (fake) logits; the student gets no gradient from it."""
         d_teacher, class_teacher = self.discriminator(teacher_logits)
         d_student, class_student = self.discriminator(student_logits.detach())
         loss = adversarial_d_loss(d_teacher, d_student, mode=self.params.gan_mode)
         if class_teacher is not None:
-            loss = loss + F.cross_entropy(class_teacher, y) + F.cross_entropy(class_student, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return {"d_loss": loss.detach()}
+            loss = loss + self.params.class_weight * (F.cross_entropy(class_teacher, y) + F.cross_entropy(class_student, y))
+        return loss, {}
 
     def loss(self, batch, student, teacher):
         """The student's loss against the current D, which stays frozen (no gradient into its parameters)."""
@@ -113,23 +111,28 @@ class Adversarial(Method):
         parts = {"adversarial": adversarial.detach(), "l1": l1.detach(), "ce": ce.detach()}
         if class_student is not None:
             class_ce = F.cross_entropy(class_student, batch.y)
-            total = total + class_ce
+            total = total + self.params.class_weight * class_ce
             parts["class_ce"] = class_ce.detach()
         return total, parts
 
-    def fit(self, trainer, label="student"):
-        teacher_outputs = trainer.teacher_step(self.teacher, [], self.cache_teacher)
-        d_optimizer = self.discriminator_optimizer(trainer.epochs, trainer.steps_per_epoch)
+    def phases(self, trainer, label="student"):
+        teacher = trainer.teacher(self.teacher, [], self.cache_teacher)
 
-        def step(batch):
-            student_out = Outputs(self.student(batch.x))
-            teacher_out = teacher_outputs(batch)
-            d_parts = self.discriminator_step(d_optimizer, student_out.logits, teacher_out.logits, batch.y)
-            loss, parts = self.loss(batch, student_out, teacher_out)
-            return loss, {**parts, **d_parts}
+        # One student forward per batch serves both updates: D's step sees its logits detached, and the student's
+        # step (which follows before any parameter of the student moves) backpropagates through them.
+        def outputs(batch, shared):
+            if "student" not in shared:
+                shared["student"], shared["teacher"] = Outputs(self.student(batch.x)), teacher(batch)
+            return shared["student"], shared["teacher"]
 
-        # D trains inside `step` with its own optimizer; the trainer's optimizer (and any gradient
-        # synchronization it sets up) covers the student alone.
-        self.discriminator.train()
-        trainer.fit(self.student, step, label=label)
-        return self.student
+        def d_loss(batch, shared):
+            student_out, teacher_out = outputs(batch, shared)
+            return self.discriminator_loss(student_out.logits, teacher_out.logits, batch.y)
+
+        def student_loss(batch, shared):
+            return self.loss(batch, *outputs(batch, shared))
+
+        d_optimizer = OptimizerConfig(name="adam", lr=self.params.d_lr, weight_decay=0.0, scheduler="none")
+        yield Phase(label, [Update("discriminator", [self.discriminator], d_loss, optimizer=d_optimizer),
+                            Update(label, [self.student], student_loss)],
+                    trainer.epochs, evaluate={label: self.student})

@@ -5,13 +5,16 @@ import torch.nn.functional as F
 from kdpipe.errors import InputError
 from kdpipe.losses import at_loss, kd_loss
 from kdpipe.methods import FeatureMethod, Params, method, param
+from kdpipe.taps import pair_at_equal_resolution
+from kdpipe.train import full_precision
 
 
 class ATParams(Params):
-    weight: float = param(1000.0, gt=0.0, low=100.0, high=10000.0, log=True)
-    p: float = param(2.0, gt=0.0, low=1.0, high=4.0)
-    kd_weight: float = param(0.0, ge=0.0, low=0.0, high=1.0)
-    temperature: float = param(4.0, gt=0.0, low=1.0, high=20.0, log=True)
+    weight: float = param(1000.0, gt=0.0, low=100.0, high=10000.0, log=True,
+                          description="β: the sum of at_loss over the layer pairs is multiplied by β/2 (the paper's eq. 2)")
+    p: float = param(2.0, gt=0.0, low=1.0, high=4.0, description="exponent of the attention map mean_c |F|^p")
+    kd_weight: float = param(0.0, ge=0.0, low=0.0, high=1.0, description="multiplies the optional Hinton term kd_loss")
+    temperature: float = param(4.0, gt=0.0, low=1.0, high=20.0, log=True, description="T of the optional Hinton term")
 
 
 def check_poolable(pair, name: str) -> None:
@@ -35,8 +38,10 @@ def with_optional_kd(method, total, parts, student, teacher):
 
 @method("at")
 class AttentionTransfer(FeatureMethod):
-    summary = "attention transfer: CE + weight·Σ at_loss over tapped pairs (+ kd_weight·kd_loss)"
+    summary = ("attention transfer: CE + (weight/2)·Σ at_loss over stage-end pairs of equal resolution "
+               "(+ kd_weight·kd_loss); weight is the paper's β")
     Params = ATParams
+    default_pairs = staticmethod(pair_at_equal_resolution)
 
     @classmethod
     def check_pair(cls, pair, params):
@@ -44,7 +49,8 @@ class AttentionTransfer(FeatureMethod):
 
     def loss(self, batch, student, teacher):
         ce = F.cross_entropy(student.logits, batch.y)
-        at = sum(at_loss(student.features[pair.student], teacher.features[pair.teacher], p=self.params.p)
-                 for pair in self.pairs)
-        return with_optional_kd(self, ce + self.params.weight * at, {"ce": ce.detach(), "at": at.detach()},
+        with full_precision(ce.device):
+            at = sum(at_loss(student.features[pair.student].float(), teacher.features[pair.teacher].float(),
+                             p=self.params.p) for pair in self.pairs)
+        return with_optional_kd(self, ce + self.params.weight / 2 * at, {"ce": ce.detach(), "at": at.detach()},
                                 student, teacher)

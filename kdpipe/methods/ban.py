@@ -3,12 +3,14 @@
 Generations 1..G of the student's architecture, each from a fresh seed:
 generation 1 learns from the teacher (from the labels when there is none),
 generation k from the frozen generation k − 1. The export is the last
-generation, or one graph averaging every generation's softmax.
+generation, or one graph whose output `logits` is the log of the generations' mean softmax (valid
+logits: their softmax is that mean).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Literal
 
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 
 from kdpipe.losses import cwtm_weights, dkpp_targets
 from kdpipe.methods import Method, Params, method, param
+from kdpipe.train import Phase, Update
 
 
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
@@ -42,21 +45,24 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
 
 
 class GenerationEnsemble(nn.Module):
-    """One model whose output is the mean of the generations' softmax outputs (probabilities, not logits)."""
+    """One model whose logits are log(mean_g softmax(z_g)): softmax of them is the generations' mean probability."""
 
     def __init__(self, generations: list[nn.Module]):
         super().__init__()
         self.generations = nn.ModuleList(generations)
 
     def forward(self, x):
-        return torch.stack([F.softmax(g(x), dim=1) for g in self.generations]).mean(dim=0)
+        log_probs = torch.stack([F.log_softmax(g(x), dim=1) for g in self.generations])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.generations))
 
 
 class BANParams(Params):
     generations: int = param(3, ge=1, low=1, high=5)
     variant: Literal["ban", "ban+l", "cwtm", "dkpp"] = param("ban", choices=["ban", "ban+l", "cwtm", "dkpp"])
-    label_weight: float = param(1.0, ge=0.0, low=0.1, high=10.0, log=True)
-    export: Literal["last", "ensemble"] = param("last")
+    label_weight: float = param(1.0, ge=0.0, low=0.1, high=10.0, log=True, when={"variant": ["ban+l"]},
+                                description="ban+l: multiplies the label CE (added to the soft CE)")
+    export: Literal["last", "ensemble"] = param(
+        "last", description="last: the last generation; ensemble: one graph, logits = log of the generations' mean softmax")
 
 
 @method("ban")
@@ -91,22 +97,25 @@ class BornAgain(Method):
         total = soft + self.params.label_weight * ce if variant == "ban+l" else soft
         return total, {"soft_ce": soft.detach(), "ce": ce.detach()}
 
-    def fit(self, trainer, label="student"):
+    def phases(self, trainer, label="student"):
         self.generations = [self.student] + [fresh_copy(self.student, trainer.seed + 1 + g)
                                              for g in range(1, self.params.generations)]
         dkpp_generator = torch.Generator().manual_seed(trainer.seed)
         previous = self.teacher
         for number, model in enumerate(self.generations, start=1):
-            # The previous network is frozen: its eval-mode outputs over the training split are computed once.
-            targets = trainer.teacher_step(previous, []) if previous is not None else None
+            # The previous network is frozen: its outputs over the training split are computed once (by content).
+            targets = trainer.teacher(previous, []) if previous is not None else None
 
-            def step(batch, model=model, targets=targets):
+            def loss(batch, shared, model=model, targets=targets):
                 previous_logits = targets(batch).logits if targets is not None else None
                 return self.generation_loss(model(batch.x), batch.y, previous_logits, dkpp_generator)
 
-            trainer.fit(model, step, label=f"gen{number}")
+            name = f"gen{number}"
+            yield Phase(name, [Update(name, [model], loss)], trainer.epochs, evaluate={name: model})
             model.eval()
             previous = model
+
+    def exported(self):
         if self.params.export == "ensemble":
             return GenerationEnsemble(self.generations)
         return self.generations[-1]

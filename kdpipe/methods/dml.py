@@ -1,7 +1,9 @@
 """`dml`: Deep Mutual Learning (Zhang et al. 2018).
 
 K ≥ 2 peers of any architectures train from scratch together, each with its own
-optimizer, on the same batches: L_k = CE(y, z_k) + dml_loss(z_k, the others).
+optimizer, on the same batches: L_k = CE(y, z_k) + dml_loss(z_k, the others). By default in the order of
+the paper's Algorithm 1: update peer 1, recompute its predictions, update peer 2, ... (`update:
+sequential`); `update: simultaneous` steps every peer from one forward pass.
 Peer 0 is the pipeline's student. A teacher, when the pipeline names one, joins
 as one more peer that stays fixed (its cached outputs are a mimicry target for
 every peer; it never trains); with `teacher: null` this is plain DML.
@@ -9,7 +11,6 @@ every peer; it never trains); with `teacher: null` this is plain DML.
 
 from __future__ import annotations
 
-import copy
 from typing import Annotated, Literal
 
 import torch
@@ -23,13 +24,16 @@ from kdpipe.losses import dml_loss
 from kdpipe.methods import Method, Params, method, param
 from kdpipe.methods.ban import fresh_copy
 from kdpipe.models import build_model
-from kdpipe.train import accuracy, make_optimizer
+from kdpipe.train import Phase, Update
 
 
 class DMLParams(Params):
     peers: list[ModelConfig] | int = Field(2, description="a count K of networks, all the student's architecture; "
                                            "or the model sections of the peers trained beside the student (K = 1 + their number)")
     target: Literal["pairwise", "average"] = param("pairwise", choices=["pairwise", "average"])
+    update: Literal["sequential", "simultaneous"] = param(
+        "sequential", choices=["sequential", "simultaneous"],
+        description="sequential: the paper's Algorithm 1 (peer by peer, each against the others' latest predictions)")
     export_peer: Literal["best"] | Annotated[int, Field(ge=0)] = Field(
         "best", description="the peer to export: its index (0 is the student) or 'best' on validation")
 
@@ -48,7 +52,7 @@ class DeepMutualLearning(Method):
     @classmethod
     def check_pipeline(cls, pipeline) -> None:
         super().check_pipeline(pipeline)
-        params = cls.Params(**pipeline.distill.params)
+        params = pipeline.distill.params
         count = peer_count(params)
         if count < 2:
             raise InputError("distill.params.peers", f"dml trains at least 2 peers (the student and one more), got {count}")
@@ -58,7 +62,7 @@ class DeepMutualLearning(Method):
     def __init__(self, params: Params, **kwargs):
         super().__init__(params, **kwargs)
         self.peers: list[nn.Module] = []
-        self.exported = 0
+        self.exported_index = 0
 
     def build_peers(self, seed: int) -> list[nn.Module]:
         """Peer 0 is the student; peer k is built from seed + 1 + k (the student's is seed + 1)."""
@@ -76,62 +80,63 @@ class DeepMutualLearning(Method):
 
     def extra_modules(self) -> nn.Module | None:
         """The peers that are not exported, checkpointed beside the exported one."""
-        rest = [p for k, p in enumerate(self.peers) if k != self.exported]
+        rest = [p for k, p in enumerate(self.peers) if k != self.exported_index]
         return nn.ModuleList(rest) if rest else None
 
-    def peer_losses(self, peers: list[nn.Module], x: torch.Tensor, y: torch.Tensor,
-                    fixed_logits: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        """L_k for every peer; each peer's parameters reach only its own loss (dml_loss detaches the others)."""
-        logits = [peer(x) for peer in peers]
-        losses, parts = [], []
-        for k, z in enumerate(logits):
-            ce = F.cross_entropy(z, y)
-            mimicry = dml_loss(z, [*logits[:k], *logits[k + 1:], *fixed_logits], target=self.params.target)
-            losses.append(ce + mimicry)
-            parts.append({"loss": (ce + mimicry).detach(), "ce": ce.detach(), "mimicry": mimicry.detach()})
-        return losses, parts
+    def peer_loss(self, k: int, z_k: torch.Tensor, others: list[torch.Tensor], y: torch.Tensor):
+        """L_k; `others` are detached inside dml_loss, so peer k's parameters reach only its own loss."""
+        ce = F.cross_entropy(z_k, y)
+        mimicry = dml_loss(z_k, others, target=self.params.target)
+        return ce + mimicry, {"ce": ce.detach(), "mimicry": mimicry.detach()}
+
+    def sequential_update(self, k: int, fixed) -> Update:
+        """Peer k's step against the latest predictions of the others: a peer updated earlier in this step is
+        predicted again (without gradient) after its update, as Algorithm 1 recomputes p_1..p_K."""
+        peers = self.peers
+
+        def loss(batch, shared):
+            latest = shared.setdefault("latest", {})
+            z_k = peers[k](batch.x)
+            for other in range(len(peers)):
+                if other != k and other not in latest:
+                    with torch.no_grad():
+                        latest[other] = peers[other](batch.x)
+            latest.pop(k, None)  # peer k is about to change: its prediction goes stale
+            fixed_logits = [fixed(batch).logits] if fixed is not None else []
+            return self.peer_loss(k, z_k, [latest[o] for o in range(len(peers)) if o != k] + fixed_logits, batch.y)
+
+        return Update(f"peer{k}", [peers[k]], loss)
+
+    def simultaneous_update(self, fixed) -> Update:
+        peers = self.peers
+
+        def loss(batch, shared):
+            logits = [peer(batch.x) for peer in peers]
+            fixed_logits = [fixed(batch).logits] if fixed is not None else []
+            losses = [self.peer_loss(k, z, logits[:k] + logits[k + 1:] + fixed_logits, batch.y) for k, z in enumerate(logits)]
+            parts = {f"peer{k}_{name}": v for k, (_, p) in enumerate(losses) for name, v in p.items()}
+            return torch.stack([l for l, _ in losses]).sum(), parts  # the sum: peer k's gradient comes from L_k alone
+
+        return Update("peers", peers, loss)
+
+    def phases(self, trainer, label="student"):
+        self.peers = peers = self.build_peers(trainer.seed)
+        fixed = trainer.teacher(self.teacher, []) if self.teacher is not None else None
+        if self.params.update == "sequential":
+            updates = [self.sequential_update(k, fixed) for k in range(len(peers))]
+        else:
+            updates = [self.simultaneous_update(fixed)]
+        evaluate = {f"peer{k}": peer for k, peer in enumerate(peers)}
+        yield Phase("dml", updates, trainer.epochs, evaluate=evaluate)
 
     def fit(self, trainer, label="student"):
-        if trainer.dist.enabled:  # each peer has its own optimizer here, with no gradient synchronization
-            raise InputError("distill.method", "dml trains its peers in one process; run it without torchrun")
-        self.peers = peers = self.build_peers(trainer.seed)
-        fixed = trainer.teacher_step(self.teacher, []) if self.teacher is not None else None
-        optimizers = [make_optimizer(p.parameters(), trainer.optimizer, trainer.epochs, trainer.steps_per_epoch) for p in peers]
-        generator = torch.Generator().manual_seed(trainer.seed)
-        best = [(-1.0, None)] * len(peers)
-        for epoch in range(1, trainer.epochs + 1):
-            for peer in peers:
-                peer.train()
-            sums = [dict.fromkeys(("loss", "ce", "mimicry"), 0.0) for _ in peers]
-            count = 0
-            for batch in trainer.batches(generator):
-                with trainer.autocast():
-                    losses, parts = self.peer_losses(peers, batch.x, batch.y, [fixed(batch).logits] if fixed is not None else [])
-                total = torch.stack(losses).sum()
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"dml loss became {total.item()} at epoch {epoch}; lower the learning rate")
-                for optimizer, _ in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                total.backward()  # the sum: peer k's gradient comes from L_k alone
-                for optimizer, schedule in optimizers:
-                    optimizer.step()
-                    if schedule is not None:
-                        schedule.step()
-                for peer_sums, peer_parts in zip(sums, parts):
-                    for name, value in peer_parts.items():
-                        peer_sums[name] += value * len(batch.y)
-                count += len(batch.y)
-            for k, peer in enumerate(peers):
-                val_acc = accuracy(peer, trainer.data.x_val, trainer.data.y_val)
-                metrics = {f"train_{name}": (value / count).item() for name, value in sums[k].items()}
-                trainer.on_epoch(f"peer{k}", epoch, trainer.epochs, {**metrics, "val_accuracy": val_acc})
-                if val_acc > best[k][0]:
-                    best[k] = (val_acc, copy.deepcopy(peer.state_dict()))
-        for peer, (_, state) in zip(peers, best):
-            if state is not None:
-                peer.load_state_dict(state)
+        trainer.run(self.phases(trainer, label))
         if self.params.export_peer == "best":
-            self.exported = max(range(len(peers)), key=lambda k: best[k][0])
+            scores = [trainer.val_accuracy(peer) for peer in self.peers]  # each peer holds its best epoch's weights
+            self.exported_index = max(range(len(self.peers)), key=lambda k: scores[k])
         else:
-            self.exported = self.params.export_peer
-        return peers[self.exported]
+            self.exported_index = self.params.export_peer
+        return self.exported()
+
+    def exported(self):
+        return self.peers[self.exported_index]

@@ -12,16 +12,20 @@ from kdpipe.errors import InputError
 from kdpipe.losses import fitnet_loss
 from kdpipe.methods import FeatureMethod, Params, method, param
 from kdpipe.methods.kd import HintonKD, KDParams
-from kdpipe.taps import TapPair, forward_with_taps
-from kdpipe.train import Trainer, make_optimizer
+from kdpipe.taps import TapPair, forward_with_taps, pair_middle
+from kdpipe.train import Phase, Trainer, Update
 
 
 class FitNetsParams(Params):
-    stages: Literal[1, 2] = param(2, choices=[1, 2])
-    hint_epochs: int = param(10, ge=1, choices=[5, 10, 20])
-    hint_weight: float = param(100.0, gt=0.0, low=1.0, high=1000.0, log=True)
-    temperature: float = param(4.0, gt=0.0, low=1.0, high=20.0, log=True)
-    alpha: float = param(0.9, ge=0.0, le=1.0, low=0.0, high=1.0)
+    stages: Literal[1, 2] = param(2, choices=[1, 2], description="2: hint stage then KD (the paper); 1: joint")
+    hint_epochs: int = param(10, ge=1, choices=[5, 10, 20], when={"stages": [2]},
+                             description="epochs of the hint stage (stages 2)")
+    hint_weight: float = param(100.0, gt=0.0, low=1.0, high=1000.0, log=True, when={"stages": [1]},
+                               description="stages 1: multiplies the hint loss (added to CE)")
+    temperature: float = param(4.0, gt=0.0, low=1.0, high=20.0, log=True, when={"stages": [2]},
+                               description="stages 2: T of the KD stage")
+    alpha: float = param(0.9, ge=0.0, le=1.0, low=0.0, high=1.0, when={"stages": [2]},
+                         description="stages 2: multiplies the KD term of the KD stage; CE gets 1 − alpha")
 
 
 def make_regressor(pair: TapPair) -> nn.Module:
@@ -47,13 +51,12 @@ def make_regressor(pair: TapPair) -> nn.Module:
 
 @method("fitnets")
 class FitNets(FeatureMethod):
-    summary = ("FitNets: stages 2 = hint stage (student up to the guided layer + regressor, hint_epochs) then KD; "
+    summary = ("FitNets: stages 2 = hint stage (the student up to its middle stage's end + a regressor learn the "
+               "teacher's middle stage, hint_epochs) then KD ((1 − alpha)·CE + alpha·kd_loss); "
                "stages 1 = CE + hint_weight·hint")
     Params = FitNetsParams
 
-    @classmethod
-    def default_positions(cls, count):
-        return [count // 2]  # the paper guides the student's middle layer with the teacher's middle layer
+    default_pairs = staticmethod(pair_middle)  # the paper: the student's middle layer guided by the teacher's
 
     @classmethod
     def check_pair(cls, pair, params):
@@ -78,13 +81,14 @@ class FitNets(FeatureMethod):
         hint = self.hint(student.features, teacher.features)
         return ce + self.params.hint_weight * hint, {"ce": ce.detach(), "hint": hint.detach()}
 
-    def fit(self, trainer, label="student"):
+    def phases(self, trainer, label="student"):
         if self.params.stages == 1:
-            return super().fit(trainer, label)
-        self.fit_hints(trainer, label=f"{label}_hint")
+            yield from super().phases(trainer, label)
+            return
+        yield self.hint_phase(trainer, f"{label}_hint")
         kd = HintonKD(KDParams(temperature=self.params.temperature, alpha=self.params.alpha), student=self.student,
                       teacher=self.teacher, num_classes=self.num_classes, input_shape=self.input_shape)
-        return kd.fit(trainer, label)
+        yield from kd.phases(trainer, label)
 
     def guided_parameters(self) -> list[nn.Parameter]:
         """The student's parameters the guided layers depend on: the prefix the hint stage trains."""
@@ -99,32 +103,19 @@ class FitNets(FeatureMethod):
         grads = torch.autograd.grad(sum(f.sum() for f in features.values()), params, allow_unused=True)
         return [p for p, g in zip(params, grads) if g is not None]
 
-    def fit_hints(self, trainer: Trainer, label: str) -> None:
-        """Stage 1 of the paper: the student prefix and the regressors learn the teacher's hints alone.
+    def hint_phase(self, trainer: Trainer, label: str) -> Phase:
+        """Stage 1 of the paper: the student up to the guided layer and the regressors learn the teacher's hints.
 
-        Its own loop rather than Trainer.fit, which would keep the epoch of best validation accuracy: the
-        student's head is untrained here, so that accuracy says nothing about the hints.
+        Nothing is evaluated: the student's head is untrained here, so validation accuracy says nothing about the
+        hints, and the last epoch's weights stand.
         """
-        teacher_outputs = trainer.teacher_outputs(self.teacher, self.teacher_taps())
+        teacher = trainer.teacher(self.teacher, self.teacher_taps())
         student_taps = self.student_taps()
-        epochs = self.params.hint_epochs
-        opt, schedule = make_optimizer(self.guided_parameters() + list(self.regressors.parameters()), trainer.optimizer,
-                                       epochs, trainer.steps_per_epoch)
-        generator = torch.Generator().manual_seed(trainer.seed)
-        self.student.train()
-        self.regressors.train()
-        for epoch in range(1, epochs + 1):
-            total, count = 0.0, 0
-            for batch in trainer.batches(generator):
-                student_features = forward_with_taps(self.student, batch.x, student_taps).features
-                hint = self.hint(student_features, teacher_outputs.select(batch.index).features)
-                if not torch.isfinite(hint):
-                    raise FloatingPointError(f"{label} loss became {hint.item()} at epoch {epoch}; lower the learning rate")
-                opt.zero_grad(set_to_none=True)
-                hint.backward()
-                opt.step()
-                if schedule is not None:
-                    schedule.step()
-                total = total + hint.detach() * len(batch.y)
-                count += len(batch.y)
-            trainer.on_epoch(label, epoch, epochs, {"train_hint": float(total) / max(count, 1)})
+
+        def loss(batch, shared):
+            student_features = forward_with_taps(self.student, batch.x, student_taps).features
+            hint = self.hint(student_features, teacher(batch).features)
+            return hint, {"hint": hint.detach()}
+
+        params = self.guided_parameters() + list(self.regressors.parameters())
+        return Phase(label, [Update(label, [self.student, self.regressors], loss, params=params)], self.params.hint_epochs)

@@ -7,13 +7,14 @@ from kdpipe.methods import Method, Params, method, param
 
 
 class KDParams(Params):
-    temperature: float = param(4.0, gt=0.0, low=1.0, high=20.0, log=True)
-    alpha: float = param(0.9, ge=0.0, le=1.0, low=0.0, high=1.0)
+    temperature: float = param(4.0, gt=0.0, low=1.0, high=20.0, log=True, description="T of both softmaxes")
+    alpha: float = param(0.9, ge=0.0, le=1.0, low=0.0, high=1.0,
+                         description="multiplies the KD term (as RepDistiller's -a); CE gets 1 − alpha")
 
 
 @method("kd")
 class HintonKD(Method):
-    summary = "Hinton KD: (1 - alpha)·CE + alpha·T²·KL(p_t^T ‖ p_s^T)"
+    summary = "Hinton KD: (1 − alpha)·CE + alpha·kd_loss (T²·KL(p_t^T ‖ p_s^T)); alpha multiplies the KD term"
     Params = KDParams
 
     def loss(self, batch, student, teacher):

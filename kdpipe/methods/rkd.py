@@ -5,31 +5,30 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kdpipe.errors import InputError
 from kdpipe.losses import rkd_loss
 from kdpipe.methods import Method, Params, method, param
-from kdpipe.taps import forward_with_taps, module_paths
+from kdpipe.taps import module_paths, tap_shapes
+from kdpipe.train import full_precision
 
 MIN_RELATION_BATCH = 3  # distances need a pair, angles a triple
 
 
-def embedding_taps(model, given: list[str] | None, role: str) -> list[str]:
-    """The taps `distill.taps.<role>` names, else the model's penultimate embedding (`embedding_tap`)."""
-    if given is not None:
-        return list(given)
-    tap = getattr(model, "embedding_tap", None)
-    if not tap:
-        raise InputError(f"distill.taps.{role}", f"the {role} model declares no embedding_tap: name its penultimate "
-                         f"layer here; available: {', '.join(module_paths(model))}")
-    return [tap]
-
-
 class RelationMethod(Method):
-    """CE plus a relation term over paired taps (default: the two embeddings), summed over the pairs.
-
-    The relation within a batch needs at least 3 samples; a smaller last batch trains on CE alone.
+    """CE plus a relation term over paired taps (default: `default_tap` of each model), summed over the pairs,
+    computed in fp32. The relation within a batch needs at least 3 samples; a smaller last batch trains on CE alone.
     """
+
+    @classmethod
+    def default_tap(cls, model: nn.Module, role: str) -> str:
+        """The model's penultimate embedding (`embedding_tap`)."""
+        tap = getattr(model, "embedding_tap", None)
+        if not tap:
+            raise InputError(f"distill.taps.{role}", f"the {role} model declares no embedding_tap: name its penultimate "
+                             f"layer here; available: {', '.join(module_paths(model))}")
+        return tap
 
     @classmethod
     def check_pipeline(cls, pipeline) -> None:
@@ -40,8 +39,9 @@ class RelationMethod(Method):
 
     @classmethod
     def tap_pairs(cls, student, teacher, taps) -> list[tuple[str, str]]:
-        student_paths = embedding_taps(student, taps.student if taps else None, "student")
-        teacher_paths = embedding_taps(teacher, taps.teacher if taps else None, "teacher")
+        given_student, given_teacher = (taps.student, taps.teacher) if taps else (None, None)
+        student_paths = list(given_student) if given_student is not None else [cls.default_tap(student, "student")]
+        teacher_paths = list(given_teacher) if given_teacher is not None else [cls.default_tap(teacher, "teacher")]
         if len(student_paths) != len(teacher_paths) or not student_paths:
             raise InputError("distill.taps", f"the student lists {len(student_paths)} taps and the teacher "
                              f"{len(teacher_paths)}; taps pair by position, so give as many (≥ 1) of each")
@@ -50,14 +50,8 @@ class RelationMethod(Method):
     @classmethod
     def check_models(cls, pipeline, *, student, teacher, input_shape) -> None:
         pairs = cls.tap_pairs(student, teacher, pipeline.distill.taps)
-        for model, paths, role in ((student, [s for s, _ in pairs], "student"), (teacher, [t for _, t in pairs], "teacher")):
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    forward_with_taps(model, torch.zeros(2, *input_shape), paths, f"distill.taps.{role}")
-            finally:
-                model.train(was_training)
+        tap_shapes(student, [s for s, _ in pairs], tuple(input_shape), "distill.taps.student")
+        tap_shapes(teacher, [t for _, t in pairs], tuple(input_shape), "distill.taps.teacher")
 
     def __init__(self, params: Params, **kwargs):
         super().__init__(params, **kwargs)
@@ -76,13 +70,16 @@ class RelationMethod(Method):
         ce = F.cross_entropy(student.logits, batch.y)
         if len(batch.y) < MIN_RELATION_BATCH:
             return ce, {"ce": ce.detach(), "relation": torch.zeros((), device=ce.device)}
-        relation = sum(self.relation(student.features[s], teacher.features[t]) for s, t in self.pairs)
+        with full_precision(ce.device):
+            relation = sum(self.relation(student.features[s].float(), teacher.features[t].float()) for s, t in self.pairs)
         return ce + relation, {"ce": ce.detach(), "relation": relation.detach()}
 
 
 class RKDParams(Params):
-    distance_weight: float = param(25.0, ge=0.0, low=1.0, high=100.0, log=True)
-    angle_weight: float = param(50.0, ge=0.0, low=1.0, high=200.0, log=True)
+    distance_weight: float = param(25.0, ge=0.0, low=1.0, high=100.0, log=True,
+                                   description="multiplies the distance term ψ_D (added to CE)")
+    angle_weight: float = param(50.0, ge=0.0, low=1.0, high=200.0, log=True,
+                                description="multiplies the angle term ψ_A (added to CE)")
 
 
 @method("rkd")
