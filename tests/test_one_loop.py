@@ -1,0 +1,236 @@
+"""Every method runs in the one training loop: searchable, resumable after SIGKILL, and under torchrun (issue 10).
+
+The defects the one loop fixed each have a test here: FitNets' hint stage under search, Born-Again's
+teacher outputs keyed by content, device placement of the checks a search stage runs, fp32 feature losses
+under autocast. The method-specific facts (FitNets' middle layers, AT's β/2 and equal-resolution pairs,
+SP's layer, the conditional discriminator, DML's Algorithm 1, BAN's log-mean ensemble) are in the tests of
+each method family.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import FAST, PIPELINES, run_process, sets
+from kdpipe.methods import get_method
+from kdpipe.runner import prepare, run_pipeline
+
+# (pipeline file, extra overrides): every method, FitNets in both forms.
+METHODS = {
+    "kd": ("digits.yaml", []),
+    "fitnets-2": ("fitnets.yaml", ["distill.params.hint_epochs=1"]),
+    "fitnets-1": ("fitnets.yaml", ["distill.params.stages=1"]),
+    "at": ("at.yaml", []),
+    "nst": ("nst.yaml", []),
+    "rkd": ("rkd.yaml", []),
+    "sp": ("sp.yaml", []),
+    "adversarial": ("adversarial.yaml", []),
+    "dml": ("dml.yaml", []),
+    "ban": ("ban.yaml", ["distill.params.generations=2"]),
+}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def overrides(name: str, *more: str) -> list[str]:
+    file, extra = METHODS[name]
+    fast = [o for o in FAST if not (file == "dml.yaml" and o.startswith("teacher."))]  # dml.yaml: no teacher
+    return [*fast, *extra, *more]
+
+
+def mlflow_client(store: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+
+
+def metric_steps(client, run_id: str) -> dict[str, list[int]]:
+    return {key: sorted(m.step for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(METHODS))
+def test_two_trial_one_epoch_search_completes(workdir, name):
+    file, _ = METHODS[name]
+    _, report = run_pipeline(PIPELINES / file, overrides(name, "distill.epochs=1", "search={trials: 2}"),
+                             workdir / "runs", until="search")
+    search = report["search"]
+    assert search["n_complete"] == 2 and search["n_failed"] == 0, search
+
+
+def test_fitnets_two_stage_search_reports_only_evaluated_epochs(workdir):
+    """Defect 1: every FitNets trial died with KeyError 'val_accuracy' (the hint stage has no validation)."""
+    _, report = run_pipeline(PIPELINES / "fitnets.yaml", overrides("fitnets-2", "distill.epochs=1", "search={trials: 2}"),
+                             workdir / "runs", until="search")
+    assert report["search"]["n_complete"] == 2, report["search"]
+
+
+def test_born_again_search_passes_each_generation_once(workdir, teacher_cache):
+    """Defect 2: outputs keyed by id(teacher) let a trial learn from a dead network of another trial. Keyed by
+    content: one pass of the teacher for every trial, plus one per later generation of each trial (a continuous
+    label_weight makes every trial's generation 1 different; two identical trials would share their entry)."""
+    import shutil
+
+    cache = workdir / "cache"  # the session's trained teachers, but no teacher outputs on disk yet
+    shutil.copytree(teacher_cache, cache, ignore=lambda folder, names: ["teacher-outputs"])
+    trials = 3
+    _, report = run_pipeline(PIPELINES / "ban.yaml", overrides("ban", "distill.epochs=1", f"search={{trials: {trials}, "
+                             "space: {label_weight: {low: 0.1, high: 10.0, log: true}}}"), workdir / "runs",
+                             cache_dir=cache, until="search")
+    assert report["search"]["n_complete"] == trials
+    assert report["search"]["teacher_forward_passes"] == 1 + trials * (2 - 1)
+
+
+@pytest.mark.parametrize("name", ["kd", "fitnets-2", "at", "nst", "rkd", "sp", "adversarial", "dml", "ban"])
+def test_model_checks_run_on_the_models_device(workdir, name):
+    """Defect 10: a search on CUDA failed at once (a check built its dry-run input on the CPU). With the models on
+    the `meta` device, any tensor a check creates elsewhere fails the forward pass."""
+    file, _ = METHODS[name]
+    prepared = prepare(PIPELINES / file, overrides(name), check_models=False)
+    student = prepared.student.to("meta")
+    teacher = prepared.teacher.to("meta") if prepared.teacher is not None else None
+    method = get_method(prepared.pipeline.distill.method)
+    method.check_models(prepared.pipeline, student=student, teacher=teacher, input_shape=prepared.data.input_shape)
+    built = method(prepared.pipeline.distill.params, student=student, teacher=teacher,
+                   num_classes=prepared.data.num_classes, input_shape=prepared.data.input_shape,
+                   taps=prepared.pipeline.distill.taps)
+    extra = built.extra_modules()
+    assert extra is None or all(p.device.type == "meta" for p in extra.parameters())
+
+
+@pytest.mark.parametrize("name, part", [("nst", "nst"), ("rkd", "relation"), ("sp", "relation"), ("at", "at")])
+def test_feature_and_relation_losses_run_in_fp32_under_autocast(digits, name, part):
+    """Defect 6: under bf16 autocast, Gram matrices and distances lost precision; these terms now run in fp32."""
+    from kdpipe.taps import forward_with_taps
+    from kdpipe.train import Batch
+
+    file, _ = METHODS[name]
+    prepared = prepare(PIPELINES / file, overrides(name))
+    method_cls = get_method(name)
+    method = method_cls(prepared.pipeline.distill.params, student=prepared.student, teacher=prepared.teacher,
+                        num_classes=10, input_shape=digits.input_shape, taps=prepared.pipeline.distill.taps)
+    x, y = digits.x_train[:32], digits.y_train[:32]
+    student = forward_with_taps(prepared.student.eval(), x, method.student_taps())
+    teacher = forward_with_taps(prepared.teacher.eval(), x, method.teacher_taps()).detach()
+    to_bf16 = lambda out: type(out)(out.logits.bfloat16(), {k: v.bfloat16() for k, v in out.features.items()})  # noqa: E731
+    batch = Batch(torch.arange(32), x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, mixed = method.loss(batch, to_bf16(student), to_bf16(teacher))
+    as_fp32 = lambda out: type(out)(out.logits.bfloat16().float(), {k: v.bfloat16().float() for k, v in out.features.items()})  # noqa: E731
+    _, exact = method.loss(batch, as_fp32(student), as_fp32(teacher))
+    assert mixed[part].dtype == torch.float32
+    torch.testing.assert_close(mixed[part], exact[part], rtol=1e-5, atol=1e-7)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, runs: os.PathLike, timeout: float = 240.0) -> bool:
+    """Poll until the first distill checkpoint exists (the first epoch of the first phase is saved)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.suffix == ".pt" for p in __import__("pathlib").Path(runs).glob("*/*/checkpoints/distill/*.pt")):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(METHODS))
+def test_sigkill_mid_distillation_then_resume_ends_with_every_epoch_once(workdir, name):
+    file, _ = METHODS[name]
+    epochs = 4
+    proc = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", str(PIPELINES / file),
+                             *sets(*overrides(name, f"distill.epochs={epochs}"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=workdir,
+                            env={**os.environ, **ONE_THREAD})
+    assert _wait_for_checkpoint(proc, workdir / "runs"), proc.stderr.read() if proc.poll() is not None else "timeout"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = (workdir / "runs").glob("*/*")
+    assert "distill" not in __import__("json").loads((run_dir / "ledger.json").read_text())["finished"]
+
+    resumed = run_process("run", "--resume", run_dir, env=ONE_THREAD, cwd=workdir)
+    assert resumed.returncode in (0, 1), resumed.stderr  # 1: FAST settings may miss a gate
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    steps = metric_steps(client, run.info.run_id)
+    for key, seen in steps.items():
+        assert len(seen) == len(set(seen)), (key, seen)  # no duplicate metric steps
+    evaluated = [k for k in steps if k.endswith("/val_accuracy") and not k.startswith("teacher/")]
+    assert evaluated
+    for key in evaluated:
+        assert steps[key] == list(range(1, epochs + 1)), (key, steps[key])  # the same epochs as one run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(METHODS))
+def test_two_process_gloo_run_completes_with_rank_0_alone_writing_to_mlflow(workdir, name):
+    file, _ = METHODS[name]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "kdpipe", "run", str(PIPELINES / file), *sets(*overrides(name, "distill.epochs=2"))],
+                         capture_output=True, text=True, cwd=workdir, env=os.environ.copy())
+    assert ddp.returncode in (0, 1), ddp.stderr[-3000:]
+    assert ddp.stdout.count("report.json") == 1  # rank 1 prints nothing
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    for key, seen in metric_steps(client, runs[0].info.run_id).items():
+        assert len(seen) == len(set(seen)), (key, seen)  # each epoch logged once, not once per rank
+    assert len(list((workdir / "runs").glob("*/*"))) == 1  # one run directory, rank 0's
+
+
+def test_a_run_that_makes_no_optimizer_step_is_an_input_error(digits):
+    """Every batch of one sample is skipped (BatchNorm cannot train on one): a model that never stepped must not
+    ship as if trained."""
+    from kdpipe.config import OptimizerConfig
+    from kdpipe.errors import InputError
+    from kdpipe.train import Trainer
+
+    method = get_method("none")
+    student = prepare(PIPELINES / "digits.yaml", []).student
+    trainer = Trainer(digits, epochs=1, batch_size=1, optimizer=OptimizerConfig(), seed=0)
+    with pytest.raises(InputError) as err:
+        method(method.Params(), student=student, teacher=None, num_classes=10, input_shape=digits.input_shape).fit(trainer)
+    assert err.value.key == "data.batch_size" and "no optimizer step" in err.value.message
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_sgd_nesterov_is_an_explicit_setting(nesterov):
+    from kdpipe.config import OptimizerConfig
+    from kdpipe.train import make_optimizer
+
+    cfg = OptimizerConfig(nesterov=nesterov)
+    optimizer, _ = make_optimizer(torch.nn.Linear(2, 2).parameters(), cfg, 1, 1)
+    assert optimizer.param_groups[0]["nesterov"] is nesterov
+    assert OptimizerConfig().nesterov is True  # the documented default
+    assert "Nesterov" in OptimizerConfig.model_fields["nesterov"].description
+
+
+def test_epoch_timings_are_logged_and_summarized(workdir):
+    """Per epoch: epoch_seconds and samples_per_second (training) and the validation pass's own, in MLflow and
+    the progress line; report.json holds the median epoch seconds and the throughput."""
+    from conftest import LENIENT, cli, read_report
+
+    result = cli("run", PIPELINES / "digits.yaml", *sets(*FAST, *LENIENT))
+    assert result.exit_code == 0, result.output
+    report = read_report(result.stdout)
+    timing = report["distill"]["timing"]
+    assert timing["epochs"] == 6 and timing["median_epoch_seconds"] > 0 and timing["samples_per_second"] > 0
+    assert timing["optimizer_steps"] == 6 * 19  # ceil(1169 / 64) batches per epoch
+    assert "epoch_seconds" in result.stderr and "samples_per_second" in result.stderr
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    run_id = report["mlflow"]["run_id"]
+    seconds = {m.step: m.value for m in client.get_metric_history(run_id, "student/epoch_seconds")}
+    rates = {m.step: m.value for m in client.get_metric_history(run_id, "student/samples_per_second")}
+    assert sorted(seconds) == list(range(1, 7))
+    for step in seconds:
+        assert seconds[step] > 0 and abs(rates[step] * seconds[step] - report["data"]["train"]) <= 0.05 * report["data"]["train"]
+    val_rates = client.get_metric_history(run_id, "student/val_samples_per_second")
+    assert len(val_rates) == 6 and all(m.value > 0 for m in val_rates)
+    params = client.get_run(run_id).data.params
+    assert params["distill.optimizer.nesterov"] == "True"
