@@ -229,11 +229,11 @@ def schema() -> None:
 @app.command()
 def methods() -> None:
     """List the distillation methods with their parameters, defaults and search ranges."""
-    from kdpipe.methods import registry, search_space
+    from kdpipe.methods import active_conditions, registry, search_space
 
     for name, cls in sorted(registry().items()):
         typer.echo(f"{name}: {cls.summary}")
-        space = search_space(cls.Params)
+        space, conditions = search_space(cls.Params), active_conditions(cls.Params)
         for pname, field in cls.Params.model_fields.items():
             rng = space.get(pname)
             if rng is None:
@@ -242,7 +242,9 @@ def methods() -> None:
                 shown = f"  search {rng['choices']}"
             else:
                 shown = f"  search [{rng['low']}, {rng['high']}]{' log' if rng['log'] else ''}"
-            typer.echo(f"    {pname} = {field.default!r}{shown}")
+            when = "".join(f"  when {other} in {allowed}" for other, allowed in conditions.get(pname, {}).items())
+            about = f"  # {field.description}" if field.description else ""
+            typer.echo(f"    {pname} = {field.default!r}{shown}{when}{about}")
 
 
 def main() -> None:
