@@ -234,3 +234,28 @@ def test_epoch_timings_are_logged_and_summarized(workdir):
     assert len(val_rates) == 6 and all(m.value > 0 for m in val_rates)
     params = client.get_run(run_id).data.params
     assert params["distill.optimizer.nesterov"] == "True"
+
+
+def test_conditional_parameters_are_searched_only_where_they_act():
+    """hint_weight acts only in FitNets' joint form, hint_epochs / temperature / alpha only in the two-stage form;
+    NST's degree and c only with the polynomial kernel, sigma2 only with the Gaussian one."""
+    import optuna
+
+    from kdpipe.pipeline import load_pipeline
+    from kdpipe.search import resolve_space
+
+    for file, acts in [("fitnets.yaml", {"hint_weight": ("stages", {1}), "hint_epochs": ("stages", {2}),
+                                         "temperature": ("stages", {2}), "alpha": ("stages", {2})}),
+                       ("nst.yaml", {"degree": ("kernel", {"polynomial"}), "c": ("kernel", {"polynomial"}),
+                                     "sigma2": ("kernel", {"gaussian"})})]:
+        space = resolve_space(load_pipeline(PIPELINES / file, ["search={trials: 1}"]))
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        seen = set()
+        for _ in range(30):
+            trial = study.ask()
+            space.suggest(trial)
+            for param, (condition, values) in acts.items():
+                assert (param in trial.params) == (trial.params[condition] in values), (file, trial.params)
+            seen.add(trial.params[next(iter(acts.values()))[0]])
+            study.tell(trial, 0.5)
+        assert len(seen) > 1  # both settings of the condition were drawn
