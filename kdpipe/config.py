@@ -368,7 +368,7 @@ def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
     pipeline.distill.params = params.model_dump(mode="json")
     method.check_pipeline(pipeline)
     if pipeline.search is not None:
-        from kdpipe.search import resolve_space
+        from kdpipe.search.space import resolve_space
 
         resolve_space(pipeline)  # raises InputError naming the search.space key
     return pipeline
