@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import warnings
 from pathlib import Path
 
 from kdpipe.errors import InputError
+from kdpipe.locks import file_lock
 
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
 # Any fixed 64-bit key works: every kdpipe worker takes the same lock around schema and study creation.
@@ -60,12 +60,8 @@ def schema_lock(url: str):
         finally:
             engine.dispose()
     elif parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        with open(f"{parsed.database}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with file_lock(Path(f"{parsed.database}.lock")):
+            yield
     else:
         yield
 
