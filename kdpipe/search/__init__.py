@@ -9,11 +9,12 @@ Optuna's storage: sqlite, PostgreSQL, or Optuna's journal file.
     plots     the campaign's PNG plots
 """
 
-from kdpipe.search.campaign import DIRECTIONS, Campaign, TrialRuns, best_trial, make_pruner, make_sampler, summarize
+from kdpipe.search.campaign import (DIRECTIONS, Campaign, TrialRuns, best_trial, fail_orphans, make_pruner, make_sampler,
+                                    summarize)
 from kdpipe.search.plots import save_plots
 from kdpipe.search.space import OPTIMIZER, Choice, SearchSpace, resolve_space
 from kdpipe.search.storage import describe_storage, is_rdb_url, open_study, schema_lock, sqlalchemy_url
 
 __all__ = ["DIRECTIONS", "OPTIMIZER", "Campaign", "Choice", "SearchSpace", "TrialRuns", "best_trial", "describe_storage",
-           "is_rdb_url", "make_pruner", "make_sampler", "open_study", "resolve_space", "save_plots", "schema_lock",
-           "sqlalchemy_url", "summarize"]
+           "fail_orphans", "is_rdb_url", "make_pruner", "make_sampler", "open_study", "resolve_space", "save_plots",
+           "schema_lock", "sqlalchemy_url", "summarize"]

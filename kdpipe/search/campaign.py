@@ -72,7 +72,15 @@ class TrialRuns:
     def end(self, run_id: str, state: str, error: str | None = None) -> None:
         tags = [self.RunTag("kdpipe.trial_state", state)] + ([self.RunTag("kdpipe.error", error[:5000])] if error else [])
         self.client.log_batch(run_id, tags=tags)
-        self.client.set_terminated(run_id, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
+        self.client.set_terminated(run_id, {"complete": "FINISHED", "pruned": "KILLED", "killed": "KILLED"}.get(state, "FAILED"))
+
+    def close_running(self, reason: str) -> list[str]:
+        """End the trial runs still RUNNING under the campaign's run (their worker died); returns their run ids."""
+        running = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
+                                                                "and attributes.status = 'RUNNING'")
+        for run in running:
+            self.end(run.info.run_id, "killed", reason)
+        return [run.info.run_id for run in running]
 
 
 @dataclass
@@ -88,12 +96,14 @@ class Campaign:
     trainer_options: dict[str, Any]  # further Trainer keywords (precision, compile)
     runs: TrialRuns
     work_dir: Path  # trial checkpoints and ONNX files
+    run_dir: Path  # the run directory this worker belongs to: a resumed run fails the trials it left running
     log: Any = print
 
     def __post_init__(self):
         self.objective_names = self.pipeline.search.objective
         self.best_accuracy, self.best_trial = -1.0, None
         self.host = socket.gethostname()
+        self.owner = f"{self.host}:{self.run_dir}"  # marks the trials this run started, for fail_orphans
         self.work_dir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, trial) -> float | tuple[float, ...]:
@@ -102,6 +112,7 @@ class Campaign:
         choice = self.space.suggest(trial)
         method_cls = get_method(choice.method)
         trial.set_user_attr("worker", f"{self.host}:{os.getpid()}")
+        trial.set_user_attr("run_dir", self.owner)
         run_id = self.runs.start(f"trial-{trial.number}",
                                  {"method": choice.method, **choice.params,
                                   **{OPTIMIZER + k: v for k, v in choice.optimizer.items()}},
@@ -188,6 +199,22 @@ class Campaign:
             f"{n} {v:.4f}" for n, v in zip(self.objective_names, trial.values))
         shown = "  ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
         self.log(f"  trial {trial.number} {trial.state.name.lower()}{value}  {shown}")
+
+
+def fail_orphans(study, owner: str | None) -> list[int]:
+    """Fail the trials a killed earlier process of this run left RUNNING; returns their numbers.
+
+    `owner`: the run's `run_dir` trial attribute on a shared study, whose other workers' running trials are alive
+    (or, on an RDB storage, failed by Optuna's heartbeat check once their worker stops beating); None for the
+    run's private study, where every running trial is the run's own.
+    """
+    from optuna.trial import TrialState
+
+    orphans = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if owner is None or t.user_attrs.get("run_dir") == owner]
+    for number in orphans:
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    return orphans
 
 
 def _short(value: Any) -> str:
