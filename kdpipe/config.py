@@ -285,8 +285,14 @@ class Pipeline(Strict):
     search: SearchConfig | None = Field(None, description="an Optuna campaign over the method's parameters before distill")
 
     def resolved(self) -> dict[str, Any]:
-        """The pipeline as plain data with every default filled in, keyed as in the file."""
-        return self.model_dump(mode="json", by_alias=True)
+        """The pipeline as plain data with every default filled in, keyed as in the file, as a run records it
+        (pipeline.yaml, MLflow params): a search storage's password is masked (the run's ledger keeps the real URL)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if self.search is not None and self.search.storage is not None:
+            from kdpipe.search.storage import mask_credentials
+
+            data["search"]["storage"] = mask_credentials(self.search.storage)
+        return data
 
 
 # --- loading ------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from kdpipe.search.campaign import (DIRECTIONS, Campaign, TrialRuns, best_trial,
                                     summarize)
 from kdpipe.search.plots import save_plots
 from kdpipe.search.space import OPTIMIZER, Choice, SearchSpace, resolve_space
-from kdpipe.search.storage import describe_storage, is_rdb_url, open_study, schema_lock, sqlalchemy_url
+from kdpipe.search.storage import (check_storage_location, describe_storage, is_rdb_url, mask_credentials, open_study,
+                                   schema_lock, sqlalchemy_url)
 
-__all__ = ["DIRECTIONS", "OPTIMIZER", "Campaign", "Choice", "SearchSpace", "TrialRuns", "best_trial", "describe_storage",
-           "fail_orphans", "is_rdb_url", "make_pruner", "make_sampler", "open_study", "resolve_space", "save_plots",
-           "schema_lock", "sqlalchemy_url", "summarize"]
+__all__ = ["DIRECTIONS", "OPTIMIZER", "Campaign", "Choice", "SearchSpace", "TrialRuns", "best_trial",
+           "check_storage_location", "describe_storage", "fail_orphans", "is_rdb_url", "make_pruner", "make_sampler",
+           "mask_credentials", "open_study", "resolve_space", "save_plots", "schema_lock", "sqlalchemy_url", "summarize"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from pathlib import Path
 
@@ -26,13 +27,42 @@ def sqlalchemy_url(storage: str) -> str:
     return storage
 
 
+def mask_credentials(url: str) -> str:
+    """`url` as it may be recorded (params, report, the run's pipeline copy): scheme://user:****@host/...
+
+    A password with '@' must be percent-encoded in a URL anyway, so the userinfo ends at the last '@' before it.
+    """
+    return re.sub(r"^([A-Za-z][\w+.-]*://[^:@/?#]*):[^@]*@", r"\1:****@", url)
+
+
 def describe_storage(storage: str) -> str:
-    """The storage as the report may show it: an RDB URL without its password."""
+    """The storage as the report may show it: an RDB URL without its password, a journal file's full path."""
+    return mask_credentials(storage) if is_rdb_url(storage) else str(Path(storage).resolve())
+
+
+def storage_file(storage: str) -> Path | None:
+    """The file a storage writes (a sqlite database, Optuna's journal); None for a database server."""
     if not is_rdb_url(storage):
-        return str(Path(storage).resolve())
+        return Path(storage).resolve()
     from sqlalchemy.engine import make_url
 
-    return make_url(storage).render_as_string(hide_password=True)
+    url = make_url(storage)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return Path(url.database).resolve()
+    return None
+
+
+def check_storage_location(storage: str | None, overrides: list[str], cache_dir: Path) -> None:
+    """A file storage named by the pipeline file must lie in the cache directory: a pipeline file alone cannot make
+    a run write files anywhere else. One given on the command line (--storage, --set search.storage=) may go anywhere.
+    Raises InputError (exit 2)."""
+    if storage is None or any(o.partition("=")[0].strip() in ("search", "search.storage") for o in overrides):
+        return
+    path, cache = storage_file(storage), Path(cache_dir).resolve()
+    if path is not None and not path.is_relative_to(cache):
+        raise InputError("search.storage", f"a file storage named in the pipeline file must lie in the cache "
+                                           f"directory {cache}, not {path}; give it with --storage or --set, or "
+                                           "leave it null (a sqlite file in the run directory)")
 
 
 @contextlib.contextmanager
