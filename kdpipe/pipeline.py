@@ -18,7 +18,8 @@ from kdpipe.config import (DataConfig, DistillBase, ExportConfig, NonNegativeInt
                            StudentConfig, TeacherConfig, ValidateConfig, Strict, _input_error)
 from kdpipe.errors import InputError
 from kdpipe.methods import get_method, registry
-from kdpipe.search import resolve_space
+from kdpipe.search.space import resolve_space
+from kdpipe.search.storage import mask_credentials
 
 DEFAULT_METHOD = "kd"
 
@@ -69,8 +70,12 @@ class Pipeline(Strict):
         return self.model_copy(update={"distill": distill_section({**distill, "method": method, "params": params})})
 
     def resolved(self) -> dict[str, Any]:
-        """The pipeline as plain data with every default filled in, keyed as in the file."""
-        return self.model_dump(mode="json", by_alias=True)
+        """The pipeline as plain data with every default filled in, keyed as in the file, as a run records it
+        (pipeline.yaml, MLflow params): a search storage's password is masked (the run's ledger keeps the real URL)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if self.search is not None and self.search.storage is not None:
+            data["search"]["storage"] = mask_credentials(self.search.storage)
+        return data
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -7,13 +7,31 @@ by at least `min_improvement`, so a worse model never replaces a better one.
 `kdpipe promote` applies the same check; `--force` overrides it and leaves a
 tag on the version saying so. Aliases only: the deprecated registry stages are
 never used.
+
+Promotion is a compare-and-set that never demotes, even when runs promote at
+once. MLflow has no atomic compare-and-set on aliases, so a promoter that read
+an older holder could overwrite a better version set in between. Two guards:
+
+- a store on this machine (sqlite file, file store) is locked with a lock file
+  beside it around read-and-set, so promotions there are serial;
+- on any store (an MLflow server, PostgreSQL), a promoter that judged its
+  version better first tags it as a claimant of the alias, then sets the
+  alias, then re-reads: the alias must sit on the best claimant (or a holder
+  at least as good), else it moves it there and re-reads again. Every claim
+  is written before its own alias write, so the last promoter to write sees
+  every claimant that ever wrote, and the alias ends on the best of them.
+  `--force` withdraws the other versions' claims, so its choice stays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
+import os
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +40,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdpipe.errors import InputError
+from kdpipe.locks import file_lock
 
 TAG = "kdpipe."
 GATES_PASSED = TAG + "gates_passed"
@@ -43,6 +62,11 @@ class RegistryPolicy(BaseModel):
 
 def metric_tag(metric: str) -> str:
     return f"{TAG}metric.{metric}"
+
+
+def claim_tag(alias: str) -> str:
+    """Set on a version that beat the alias's holder and moved the alias to it."""
+    return f"{TAG}claim.{alias}"
 
 
 def metrics_of(report: dict) -> dict[str, float]:
@@ -109,7 +133,7 @@ def judge(client, policy: RegistryPolicy, model_name: str, version: str, alias: 
     except MlflowException:
         raise InputError("--version", f"model '{model_name}' has no version {version}") from None
     holder = alias_holder(client, model_name, alias)
-    current = holder.version if holder is not None else None
+    current = str(holder.version) if holder is not None else None  # the sqlite store gives an int
     if candidate.tags.get(GATES_PASSED) != "true":
         return Verdict(False, f"version {version} did not pass every gate (tag {GATES_PASSED})", current)
     metric = policy.primary_metric
@@ -134,16 +158,98 @@ def judge(client, policy: RegistryPolicy, model_name: str, version: str, alias: 
 
 
 def promote(client, policy: RegistryPolicy, model_name: str, version: str, alias: str, force: bool = False) -> Verdict:
-    """Move `alias` to `version` when `judge` allows it, or when forced (recorded in a tag on the version)."""
-    verdict = judge(client, policy, model_name, version, alias)
-    if verdict.allowed:
-        if verdict.current != str(version):
-            client.set_registered_model_alias(model_name, alias, str(version))
+    """Move `alias` to `version` when `judge` allows it, or when forced (recorded in a tag on the version).
+
+    When a better version took the alias concurrently, the verdict says so and `allowed` is False.
+    """
+    version = str(version)
+    with promotion_lock(client._registry_uri):  # MlflowClient keeps the URI it was built with; there is no getter
+        verdict = judge(client, policy, model_name, version, alias)
+        if verdict.allowed:
+            if verdict.current == version:
+                return verdict
+            _test_hold(version)
+            client.set_model_version_tag(model_name, version, claim_tag(alias), "true")
+            client.set_registered_model_alias(model_name, alias, version)
+            holder = settle(client, policy, model_name, alias)
+            if holder != version:
+                return Verdict(False, f"{verdict.reason}; but version {holder}, better, took '{alias}' at the same "
+                                      f"time", verdict.current)
+            return verdict
+        if force:
+            client.set_registered_model_alias(model_name, alias, version)
+            client.set_model_version_tag(model_name, version, f"{TAG}forced.{alias}", json.dumps({
+                "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "replaced_version": verdict.current, "overridden_check": verdict.reason}))
+            for other in _claimants(client, model_name, alias):
+                if str(other.version) != version:
+                    client.delete_model_version_tag(model_name, str(other.version), claim_tag(alias))
+            return Verdict(True, f"forced: {verdict.reason}", verdict.current)
         return verdict
-    if force:
-        client.set_registered_model_alias(model_name, alias, str(version))
-        client.set_model_version_tag(model_name, str(version), f"{TAG}forced.{alias}", json.dumps({
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "replaced_version": verdict.current, "overridden_check": verdict.reason}))
-        return Verdict(True, f"forced: {verdict.reason}", verdict.current)
-    return verdict
+
+
+def settle(client, policy: RegistryPolicy, model_name: str, alias: str) -> str:
+    """Put `alias` on the best claimant unless its holder is at least as good; repeat until a re-read needs no move.
+
+    Returns the version left holding the alias.
+    """
+    metric = policy.primary_metric
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+
+    def score(v) -> float:
+        value = v.tags.get(metric_tag(metric))
+        return -math.inf if value is None else sign * float(value)
+
+    while True:
+        holder = alias_holder(client, model_name, alias)
+        contenders = ([holder] if holder is not None else []) + [
+            v for v in _claimants(client, model_name, alias) if v.tags.get(GATES_PASSED) == "true"]
+        best = max(contenders, key=score)  # the holder comes first, so a tie keeps it
+        if holder is not None and str(best.version) == str(holder.version):
+            return str(holder.version)
+        client.set_registered_model_alias(model_name, alias, str(best.version))
+
+
+def _claimants(client, model_name: str, alias: str) -> list:
+    versions = client.search_model_versions(f"name='{model_name}'")
+    return [v for v in versions if v.tags.get(claim_tag(alias)) == "true"]
+
+
+@contextlib.contextmanager
+def promotion_lock(store_uri: str):
+    """Serialize promotions on a registry store this machine holds (sqlite or file store); elsewhere, no lock."""
+    store = local_store_path(store_uri)
+    if store is None:
+        yield
+        return
+    with file_lock(store.with_name(store.name + ".promote.lock")):
+        yield
+
+
+def local_store_path(store_uri: str) -> Path | None:
+    """The file or directory of a sqlite or file-store URI (or a bare path); None for servers and databases."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(store_uri).scheme
+    if scheme == "sqlite":
+        from sqlalchemy.engine import make_url
+
+        database = make_url(store_uri).database
+        return Path(database).resolve() if database not in (None, "", ":memory:") else None
+    if scheme == "file":
+        return Path(urlparse(store_uri).path).resolve()
+    if scheme == "":
+        return Path(store_uri).resolve()
+    return None
+
+
+def _test_hold(version: str) -> None:
+    """Test hook: with KDPIPE_TEST_PROMOTE_HOLD=DIR, report having read (DIR/read-V) and wait for DIR/write-V, so a
+    test can order concurrent promotions between their read and their write."""
+    directory = os.environ.get("KDPIPE_TEST_PROMOTE_HOLD")
+    if not directory:
+        return
+    Path(directory, f"read-{version}").touch()
+    deadline = time.monotonic() + 120
+    while not Path(directory, f"write-{version}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -29,6 +29,7 @@ from kdpipe.errors import GateFailed, InputError, StageFailed
 from kdpipe.methods import get_method
 from kdpipe.models import build_model, load_checkpoint
 from kdpipe.progress import Progress
+from kdpipe.search.storage import check_storage_location
 from kdpipe.teacher_cache import TeacherOutputCache
 from kdpipe.tracking import Tracker, load_tracking_config
 from kdpipe.train import resolve_precision
@@ -198,6 +199,13 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
         ledger = read_ledger(resume)
         pipeline_file, overrides = Path(resume) / "pipeline.yaml", []
     prepared = prepare(pipeline_file, overrides)
+    search = prepared.pipeline.search
+    if search is not None and resume is None:  # checked once, when the run starts
+        check_storage_location(search.storage, overrides,
+                               Path(cache_dir or os.environ.get("KDPIPE_CACHE_DIR") or Path(runs_dir) / ".cache"))
+        ledger["search_storage"] = search.storage  # pipeline.yaml masks its password; the resumed run needs it
+    elif search is not None and ledger.get("search_storage"):
+        search.storage = ledger["search_storage"]
     tracking = load_tracking_config(mlflow_config)
     from kdpipe.onnx_runtime import import_ort
 

@@ -15,8 +15,8 @@ import yaml
 
 from kdpipe.errors import InputError
 from kdpipe.methods import get_method
-from kdpipe.search import (DIRECTIONS, Campaign, TrialRuns, best_trial, make_pruner, make_sampler, open_study,
-                           resolve_space, save_plots, summarize)
+from kdpipe.search import (DIRECTIONS, Campaign, TrialRuns, best_trial, fail_orphans, make_pruner, make_sampler,
+                           open_study, resolve_space, save_plots, summarize)
 
 
 def run(ctx) -> None:
@@ -29,16 +29,6 @@ def run(ctx) -> None:
     space = resolve_space(pipeline)
     _check_candidate_models(ctx, space)
 
-    storage = search.storage or f"sqlite:///{ctx.run_dir / 'search.db'}"
-    # A private study replays exactly from the seed; workers sharing a study must not all draw the same points.
-    seed = pipeline.seed if search.seed is None else search.seed
-    if search.storage is not None:
-        seed += os.getpid()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(storage, search.study or pipeline.name, [DIRECTIONS[o] for o in search.objective],
-                       sampler=make_sampler(search.sampler, space, seed),
-                       pruner=make_pruner(search.pruner_name, pipeline.distill.epochs),
-                       heartbeat_seconds=search.heartbeat_seconds)
     # The run's teacher-output cache (memory, and disk shared by workers on this machine): computed once for
     # every trial, and for distill after them. Trials keep no per-epoch checkpoints: they are never resumed.
     options = {**ctx.trainer_options("search"), "checkpoint_dir": None}
@@ -46,12 +36,29 @@ def run(ctx) -> None:
     campaign = Campaign(pipeline=pipeline, space=space, data=ctx.data, teacher=ctx.teacher,
                         initial_student=copy.deepcopy(ctx.student), teacher_cache=cache, trainer_options=options,
                         runs=TrialRuns(ctx.tracker.mlflow, ctx.tracker.run_id), work_dir=ctx.run_dir / "search",
-                        log=ctx.progress.info)
+                        run_dir=ctx.run_dir, log=ctx.progress.info)
+    storage = search.storage or f"sqlite:///{ctx.run_dir / 'search.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(storage, search.study or pipeline.name, [DIRECTIONS[o] for o in search.objective],
+                       pruner=make_pruner(search.pruner_name, pipeline.distill.epochs),
+                       heartbeat_seconds=search.heartbeat_seconds)
+    if ctx.report.get("resumed"):
+        orphans = fail_orphans(study, None if search.storage is None else campaign.owner)
+        closed = campaign.runs.close_running("its worker was killed; the run was resumed")
+        if orphans or closed:
+            ctx.progress.info(f"  failed trial(s) {orphans} left running by the interrupted process; "
+                              f"closed {len(closed)} MLflow trial run(s)")
+    # A private study replays exactly from the seed; a resumed one continues past the trials it holds instead of
+    # drawing their points again; workers sharing a study must not all draw the same points.
+    seed = (pipeline.seed if search.seed is None else search.seed) + len(study.trials)
+    if search.storage is not None:
+        seed += os.getpid()
+    study.sampler = make_sampler(search.sampler, space, seed)
     ctx.progress.info(f"  study '{study.study_name}': {search.trials} trials on {len(space.methods)} method(s), "
                       f"sampler {search.sampler}, pruner {search.pruner_name}")
-    trials = search.trials
-    if search.storage is None:  # a private study: a resumed run only runs the trials still missing
-        trials -= sum(t.state.is_finished() for t in study.trials)
+    # A resumed run only runs the trials still missing: on a shared study, those this run has not finished yet.
+    mine = [t for t in study.trials if search.storage is None or t.user_attrs.get("run_dir") == campaign.owner]
+    trials = search.trials - sum(t.state.is_finished() for t in mine)
     study.optimize(campaign, n_trials=max(0, trials), timeout=search.timeout, catch=(Exception,),
                    callbacks=[campaign.trial_line])
 

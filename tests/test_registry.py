@@ -52,7 +52,7 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "w")
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -214,3 +214,115 @@ def test_promote_applies_the_same_checks_and_force_is_recorded(runs):
 
     unknown = cli("promote", MODEL, "--version", "99")
     assert unknown.exit_code == 2 and f"--version: model '{MODEL}' has no version 99" in unknown.stderr
+
+
+# --- concurrent promotion ---------------------------------------------------------------------------------------------
+
+# test_accuracy of the champion before the race, of the worse and of the better contender.
+OLD, WORSE_VALUE, BETTER_VALUE = 0.70, 0.805, 0.928
+
+
+def registered_versions(uri: str, model: str, source_dir: Path) -> dict[str, str]:
+    """Three versions of `model` that passed their gates; the first holds 'champion'. Returns label -> version."""
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("promote-race") or client.get_experiment(
+        client.create_experiment("promote-race"))
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    (source_dir / "model").mkdir(parents=True, exist_ok=True)
+    (source_dir / "model" / "weights.txt").write_text("stand-in")
+    client.log_artifacts(run_id, str(source_dir / "model"), "model")
+    client.create_registered_model(model)
+    versions = {}
+    for label, value in (("old", OLD), ("worse", WORSE_VALUE), ("better", BETTER_VALUE)):
+        tags = {"kdpipe.gates_passed": "true", "kdpipe.metric.test_accuracy": repr(value)}
+        versions[label] = str(client.create_model_version(model, f"runs:/{run_id}/model", run_id=run_id, tags=tags).version)
+    client.set_registered_model_alias(model, "champion", versions["old"])
+    return versions
+
+
+def start_promote(uri: str, model: str, version: str, hold: Path, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KDPIPE_TEST_PROMOTE_HOLD": str(hold)}
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "kdpipe", "promote", model, "--version", version],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"promote exited {process.returncode} before {path.name}: {process.stderr.read()}")
+        assert time.monotonic() < deadline, f"no {path.name}"
+        time.sleep(0.05)
+
+
+def race(uri: str, model: str, first: str, second: str, tmp_path: Path, locked: bool) -> dict[str, tuple[int, str]]:
+    """`kdpipe promote` of `first` and `second` in two processes, `first` writing the alias first.
+
+    Locked store: `second` must wait on the lock until `first` is done. Otherwise (no lock) both read the old champion before
+    either writes (the race), then `first` writes, then `second`. Returns version -> (exit code, output).
+    """
+    hold = tmp_path / f"hold-{model}"
+    hold.mkdir()
+    p_first = start_promote(uri, model, first, hold, tmp_path)
+    wait_for(hold / f"read-{first}", p_first)
+    p_second = start_promote(uri, model, second, hold, tmp_path)
+    if locked:
+        time.sleep(5)  # long enough for the second process to start and reach the lock
+        assert not (hold / f"read-{second}").exists(), "the second promoter read while the first held the lock"
+        assert p_second.poll() is None
+    else:
+        wait_for(hold / f"read-{second}", p_second)
+    (hold / f"write-{first}").touch()
+    out_first = p_first.communicate(timeout=120)
+    (hold / f"write-{second}").touch()  # locked: it reads only now, and may be refused before the hook
+    out_second = p_second.communicate(timeout=120)
+    return {first: (p_first.returncode, "".join(out_first)), second: (p_second.returncode, "".join(out_second))}
+
+
+@pytest.fixture
+def sqlite_store(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("order", ["better_first", "worse_first"])
+def test_concurrent_promotions_on_an_mlflow_server_leave_the_better_champion(mlflow_server, tmp_path, order):
+    model = f"race-server-{order}"
+    versions = registered_versions(mlflow_server, model, tmp_path)
+    worse, better = versions["worse"], versions["better"]
+    first, second = (better, worse) if order == "better_first" else (worse, better)
+    results = race(mlflow_server, model, first, second, tmp_path, locked=False)
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    assert str(client.get_model_version_by_alias(model, "champion").version) == better
+    assert results[better][0] == 0, results[better][1]
+    if order == "better_first":
+        # The worse one judged against the old champion, wrote over the better one, then found it and moved back.
+        assert results[worse][0] == 1, results[worse][1]
+        assert f"version {better}, better, took 'champion' at the same time" in results[worse][1]
+
+
+@pytest.mark.parametrize("order", ["better_first", "worse_first"])
+def test_concurrent_promotions_on_a_sqlite_store_are_serial_and_leave_the_better_champion(sqlite_store, tmp_path, order):
+    model = f"race-sqlite-{order}"
+    versions = registered_versions(sqlite_store, model, tmp_path)
+    worse, better, old = versions["worse"], versions["better"], versions["old"]
+    first, second = (better, worse) if order == "better_first" else (worse, better)
+    results = race(sqlite_store, model, first, second, tmp_path, locked=True)
+
+    client = MlflowClient(tracking_uri=sqlite_store, registry_uri=sqlite_store)
+    assert str(client.get_model_version_by_alias(model, "champion").version) == better
+    assert results[better][0] == 0, results[better][1]
+    if order == "better_first":  # serial: the worse one saw the better champion and was refused
+        assert results[worse][0] == 1 and "does not improve" in results[worse][1], results[worse][1]
+
+    # --force withdraws the other versions' claims, so a later promotion does not bring the better one back.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store}
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    forced = subprocess.run([sys.executable, "-m", "kdpipe", "promote", model, "--version", old, "--force"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    again = subprocess.run([sys.executable, "-m", "kdpipe", "promote", model, "--version", worse],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert str(client.get_model_version_by_alias(model, "champion").version) == worse

@@ -10,10 +10,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,58 @@ def test_two_workers_share_a_postgres_study(postgres_url, workdir):
 
     workers = start_workers(postgres_url, "shared", trials=2, count=2, cwd=workdir)
     assert_workers_shared_study(workers, RDBStorage(sqlalchemy_url(postgres_url)), "shared", trials=2)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_on_its_real_storage_and_its_password_is_recorded_nowhere(postgres_url, workdir):
+    """A `kdpipe search` worker whose --storage carries a password, killed mid-trial and resumed: the resumed run
+    connects with the real password (kept in the run's ledger), fails the trial it left running, and neither
+    MLflow, the report nor the pipeline copy holds the password."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    from kdpipe.search import sqlalchemy_url
+    from test_search_resume import CAMPAIGN, SEARCH
+
+    password = "S3cret-kdpipe-pw"  # the fixture's server trusts loopback clients, so any password connects
+    url = postgres_url.replace("postgres@", f"postgres:{password}@")
+    args = [sys.executable, "-m", "kdpipe", "search", str(SEARCH), "--storage", url, "--study", "resumed",
+            *[a for item in CAMPAIGN for a in ("--set", item)]]
+    worker = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = RDBStorage(sqlalchemy_url(postgres_url))
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert worker.poll() is None, worker.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the worker never reached a running trial"
+            try:
+                trials = optuna.load_study(study_name="resumed", storage=storage).trials
+            except KeyError:  # not created yet
+                trials = []
+            last = trials[-1] if trials else None
+            if any(t.state.is_finished() for t in trials) and last.state == optuna.trial.TrialState.RUNNING \
+                    and "run_dir" in last.user_attrs:  # the trial is under way
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.communicate()
+    orphan = trials[-1].number
+    (run_dir,) = (workdir / "runs" / "digits-search").iterdir()
+    assert "postgres:****@" in (run_dir / "pipeline.yaml").read_text()
+    assert password in (run_dir / "ledger.json").read_text()  # where the resumed run finds its storage
+
+    resumed = subprocess.run([sys.executable, "-m", "kdpipe", "run", "--resume", str(run_dir)], cwd=workdir,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"failed trial(s) [{orphan}] left running by the interrupted process" in resumed.stderr
+    trials = optuna.load_study(study_name="resumed", storage=storage).trials
+    assert trials[orphan].state == optuna.trial.TrialState.FAIL and all(t.state.is_finished() for t in trials)
+    assert password not in resumed.stdout + resumed.stderr
+
+    # Every file the two processes wrote (MLflow's sqlite store and artifacts, report, pipeline copy), but the ledger.
+    for path in workdir.rglob("*"):
+        if path.is_file() and path.name != "ledger.json":
+            assert password.encode() not in path.read_bytes(), path

@@ -1,0 +1,257 @@
+"""One worker's campaign: the trials it trains, their nested MLflow runs, the sampler and pruner, and the summary.
+
+A campaign trains one student per trial with the parameters Optuna suggests,
+reusing one teacher-output cache across trials (the teacher is frozen), and
+records every trial as a nested MLflow run under the campaign's run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdpipe.methods import get_method
+from kdpipe.search.space import OPTIMIZER, SearchSpace
+from kdpipe.search.storage import describe_storage
+from kdpipe.teacher_cache import TeacherOutputCache
+from kdpipe.inference import accuracy
+from kdpipe.train import Trainer
+
+DIRECTIONS = {"val_accuracy": "maximize", "latency_p50": "minimize"}
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int):
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(name: str, epochs: int):
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, epochs // 4))
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs))
+    return optuna.pruners.NopPruner()
+
+
+class TrialRuns:
+    """Each trial as an MLflow run nested under the campaign's run (explicit run ids: no fluent active-run juggling)."""
+
+    def __init__(self, mlflow, parent_run_id: str):
+        from mlflow.entities import Metric, Param, RunTag
+
+        self.Metric, self.Param, self.RunTag = Metric, Param, RunTag
+        self.client = mlflow.MlflowClient()
+        self.parent_run_id = parent_run_id
+        self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+
+    def start(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.parent_run_id, **tags})
+        self.client.log_batch(run.info.run_id, params=[self.Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[self.Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def end(self, run_id: str, state: str, error: str | None = None) -> None:
+        tags = [self.RunTag("kdpipe.trial_state", state)] + ([self.RunTag("kdpipe.error", error[:5000])] if error else [])
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, {"complete": "FINISHED", "pruned": "KILLED", "killed": "KILLED"}.get(state, "FAILED"))
+
+    def close_running(self, reason: str) -> list[str]:
+        """End the trial runs still RUNNING under the campaign's run (their worker died); returns their run ids."""
+        running = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
+                                                                "and attributes.status = 'RUNNING'")
+        for run in running:
+            self.end(run.info.run_id, "killed", reason)
+        return [run.info.run_id for run in running]
+
+
+@dataclass
+class Campaign:
+    """One worker's share of a study: the trials it runs and what it needs to run them."""
+
+    pipeline: Any  # kdpipe.pipeline.Pipeline
+    space: SearchSpace
+    data: Any  # kdpipe.data.Splits, on the device
+    teacher: nn.Module | None
+    initial_student: nn.Module  # untrained: every trial starts from these weights
+    teacher_cache: TeacherOutputCache  # one instance for every trial: the teacher's outputs are computed once
+    trainer_options: dict[str, Any]  # further Trainer keywords (precision, compile)
+    runs: TrialRuns
+    work_dir: Path  # trial checkpoints and ONNX files
+    run_dir: Path  # the run directory this worker belongs to: a resumed run fails the trials it left running
+    log: Any = print
+
+    def __post_init__(self):
+        self.objective_names = self.pipeline.search.objective
+        self.best_accuracy, self.best_trial = -1.0, None
+        self.host = socket.gethostname()
+        self.owner = f"{self.host}:{self.run_dir}"  # marks the trials this run started, for fail_orphans
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, trial) -> float | tuple[float, ...]:
+        import optuna
+
+        choice = self.space.suggest(trial)
+        method_cls = get_method(choice.method)
+        trial.set_user_attr("worker", f"{self.host}:{os.getpid()}")
+        trial.set_user_attr("run_dir", self.owner)
+        run_id = self.runs.start(f"trial-{trial.number}",
+                                 {"method": choice.method, **choice.params,
+                                  **{OPTIMIZER + k: v for k, v in choice.optimizer.items()}},
+                                 {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)})
+        try:
+            params = method_cls.Params.model_validate(choice.params)
+            student = copy.deepcopy(self.initial_student)
+            method = method_cls(params, student=student, teacher=self.teacher, num_classes=self.data.num_classes,
+                                input_shape=self.data.input_shape, taps=self.pipeline.distill.taps)
+            cfg = self.pipeline.distill
+            trainer = Trainer(self.data, epochs=cfg.epochs, batch_size=self.pipeline.data.batch_size,
+                              optimizer=cfg.optimizer.model_copy(update=choice.optimizer), seed=self.pipeline.seed, teacher_cache=self.teacher_cache,
+                              on_epoch=self._epoch_reporter(trial, run_id), **self.trainer_options)
+            torch.manual_seed(self.pipeline.seed + 1)
+            student = method.fit(trainer).eval()
+            val_acc = accuracy(student, self.data.x_val, self.data.y_val)
+            results = {"val_accuracy": val_acc}
+            if "latency_p50" in self.objective_names:
+                results["latency_p50"] = self._latency_p50(student, trial.number)
+            self.runs.log_metrics(run_id, {f"final/{k}": v for k, v in results.items()})
+            self._keep_if_best(trial, student, method.extra_modules(), val_acc)
+        except optuna.TrialPruned:
+            self.runs.end(run_id, "pruned")
+            raise
+        except Exception as exc:
+            self.runs.end(run_id, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        self.runs.end(run_id, "complete")
+        values_out = tuple(results[name] for name in self.objective_names)
+        return values_out[0] if len(values_out) == 1 else values_out
+
+    def _epoch_reporter(self, trial, run_id: str):
+        import optuna
+
+        step = 0
+        can_prune = len(self.objective_names) == 1
+
+        def on_epoch(label: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+            # One running step across every fit a method makes (hint stage, generations), so steps never repeat.
+            nonlocal step
+            step += 1
+            self.runs.log_metrics(run_id, {f"{label}/{k}": v for k, v in metrics.items()}, step=step)
+            if can_prune and "val_accuracy" in metrics:  # a phase without validation (FitNets' hints) has none
+                trial.report(metrics["val_accuracy"], step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at {label} epoch {epoch}")
+
+        return on_epoch
+
+    def _latency_p50(self, student: nn.Module, number: int) -> float:
+        from kdpipe.onnx_runtime import available_providers, session
+        from kdpipe.stages.export import export_onnx
+        from kdpipe.stages.validate import measure_latency
+
+        cfg = self.pipeline.validation
+        path = self.work_dir / f"trial-{number}.onnx"
+        x_val = self.data.x_val.cpu()
+        try:
+            export_onnx(copy.deepcopy(student).cpu(), x_val[:2], path, self.pipeline.export.opset, True)
+            providers, _ = available_providers(cfg.providers)
+            sess = session(path, providers, cfg.threads)
+            return measure_latency(sess, x_val.numpy(), min(cfg.batch_sizes), cfg.warmup, cfg.runs)["p50"]
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _keep_if_best(self, trial, student: nn.Module, extra: nn.Module | None, val_acc: float) -> None:
+        """Keep this worker's most accurate student on disk (as distill saves it), so distill can reuse it."""
+        if val_acc <= self.best_accuracy:
+            return
+        path = self.work_dir / f"trial-{trial.number}-student.pt"
+        torch.save({"student": student.state_dict(), **({"extra": extra.state_dict()} if extra else {})}, path)
+        if self.best_trial is not None:
+            (self.work_dir / f"trial-{self.best_trial}-student.pt").unlink(missing_ok=True)
+        self.best_accuracy, self.best_trial = val_acc, trial.number
+        trial.set_user_attr("checkpoint", f"{self.host}:{path.resolve()}")
+
+    def local_checkpoint(self, trial) -> Path | None:
+        """The trial's student checkpoint when this machine holds it."""
+        host, _, path = str(trial.user_attrs.get("checkpoint", "")).partition(":")
+        return Path(path) if host == self.host and path and Path(path).is_file() else None
+
+    def trial_line(self, study, trial) -> None:
+        value = "" if trial.values is None else "  " + "  ".join(
+            f"{n} {v:.4f}" for n, v in zip(self.objective_names, trial.values))
+        shown = "  ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        self.log(f"  trial {trial.number} {trial.state.name.lower()}{value}  {shown}")
+
+
+def fail_orphans(study, owner: str | None) -> list[int]:
+    """Fail the trials a killed earlier process of this run left RUNNING; returns their numbers.
+
+    `owner`: the run's `run_dir` trial attribute on a shared study, whose other workers' running trials are alive
+    (or, on an RDB storage, failed by Optuna's heartbeat check once their worker stops beating); None for the
+    run's private study, where every running trial is the run's own.
+    """
+    from optuna.trial import TrialState
+
+    orphans = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if owner is None or t.user_attrs.get("run_dir") == owner]
+    for number in orphans:
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    return orphans
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def best_trial(study, objective_names: list[str]):
+    """The single best trial; for a Pareto search, the front's most accurate trial. None before any trial completes."""
+    import optuna
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return None
+    candidates = study.best_trials if len(objective_names) > 1 else [study.best_trial]
+    acc = objective_names.index("val_accuracy")
+    return max(candidates, key=lambda t: t.values[acc])
+
+
+def summarize(study, storage: str, objective_names: list[str]) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    trials = study.trials
+    best = best_trial(study, objective_names)
+    count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
+    summary = {
+        "study": study.study_name,
+        "storage": describe_storage(storage),
+        "objective": objective_names,
+        "n_trials": len(trials),
+        "n_complete": count(TrialState.COMPLETE),
+        "n_pruned": count(TrialState.PRUNED),
+        "n_failed": count(TrialState.FAIL),
+        "best_trial": best.number if best else None,
+        "best_params": best.params if best else None,
+        "best_value": (best.values[0] if len(objective_names) == 1 else dict(zip(objective_names, best.values))) if best else None,
+    }
+    if len(objective_names) > 1:
+        summary["pareto_front"] = [{"trial": t.number, "values": dict(zip(objective_names, t.values)), "params": t.params}
+                                   for t in study.best_trials]
+    return summary

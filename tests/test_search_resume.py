@@ -1,0 +1,76 @@
+"""A search killed mid-trial and resumed: the orphaned trial is failed, the sampler continues its sequence instead of
+drawing the earlier trials' points again, and no trial's MLflow run is left RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets
+
+SEARCH = PIPELINES / "digits-search.yaml"
+TRIALS = 4
+# kd over its declared ranges, trials long enough (a few seconds) to be killed in the middle of one, never pruned.
+CAMPAIGN = [*FAST, *LENIENT, "search.space=auto", f"search.trials={TRIALS}", "search.pruner=none",
+            "distill.epochs=5", "export.quantize=none", "export.deliver=fp32", "validate.batch_sizes=[1]"]
+
+
+def wait_for_running_trial(runs: Path, process: subprocess.Popen, finished: int) -> tuple[Path, optuna.Study]:
+    """The run directory and its study once `finished` trials are done and the next one is running."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        for db in runs.glob("digits-search/*/search.db"):
+            try:
+                study = optuna.load_study(study_name="digits-search", storage=f"sqlite:///{db}")
+                states = [t.state for t in study.trials]
+            except (KeyError, ValueError, RuntimeError, optuna.exceptions.StorageInternalError):
+                continue  # the study is being created
+            if sum(s.is_finished() for s in states) >= finished and optuna.trial.TrialState.RUNNING in states:
+                return db.parent, study
+        time.sleep(0.2)
+    pytest.fail("the search never reached a running trial")
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_without_repeating_trials_and_fails_the_orphan(workdir):
+    process = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", str(SEARCH), *sets(*CAMPAIGN)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir)
+    try:
+        run_dir, study = wait_for_running_trial(workdir / "runs", process, finished=1)
+        time.sleep(0.5)  # well inside the running trial's first epochs
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate()
+    before = optuna.load_study(study_name="digits-search", storage=f"sqlite:///{run_dir / 'search.db'}").trials
+    orphan = next(t for t in before if t.state == optuna.trial.TrialState.RUNNING)
+
+    resumed = run_process("run", "--resume", run_dir, cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"failed trial(s) [{orphan.number}] left running by the interrupted process" in resumed.stderr
+
+    trials = optuna.load_study(study_name="digits-search", storage=f"sqlite:///{run_dir / 'search.db'}").trials
+    assert len(trials) == TRIALS and trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert all(t.state.is_finished() for t in trials)
+    drawn = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(drawn)) == len(drawn), drawn  # the resumed sampler drew none of the earlier points again
+
+    report = read_report(resumed.stdout)
+    assert report["resumed"] == 1 and report["search"]["n_failed"] == 1
+    client = mlflow.MlflowClient(report["mlflow"]["tracking_uri"])
+    parent = client.get_run(report["mlflow"]["run_id"])
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(nested) == TRIALS
+    assert not [r for r in nested if r.info.status == "RUNNING"]
+    killed = [r for r in nested if r.data.tags.get("optuna.trial") == str(orphan.number)]
+    assert len(killed) == 1 and killed[0].info.status == "KILLED"
+    assert killed[0].data.tags["kdpipe.trial_state"] == "killed"
