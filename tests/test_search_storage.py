@@ -25,7 +25,7 @@ def test_mask_credentials(url, masked):
 
 
 def test_pipeline_copy_and_report_mask_the_password(workdir):
-    from kdpipe.config import load_pipeline
+    from kdpipe.pipeline import load_pipeline
 
     pipeline = load_pipeline(SEARCH, ["search.storage=postgresql://kd:s3cret@db/optuna"])
     assert pipeline.resolved()["search"]["storage"] == "postgresql://kd:****@db/optuna"
