@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from kdpipe.errors import GateFailed, InputError, StageFailed
+from kdpipe.errors import GateFailed, InputError, RunInterrupted, StageFailed
+from kdpipe.tracking import TrackingUnreachable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill a trained classifier into a small student and ship it as a validated ONNX model.")
@@ -39,11 +40,14 @@ def run(
     mlflow_config: Annotated[Path | None, typer.Option("--mlflow-config", help="default: ./mlflow.yaml")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue an interrupted run from its run directory "
                                                                  "(runs/NAME/RUN_ID), in the same MLflow run")] = None,
+    until: Annotated[str | None, typer.Option("--until", metavar="STAGE", help="stop after this stage (teacher, search, "
+                                              "distill, export, validate, register); --resume continues later")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run the pipeline: teacher → distill → export → validate → register. Prints report.json's path last.
 
     Under `torchrun --nproc-per-node N -m kdpipe run FILE` it trains with DistributedDataParallel; rank 0 prints.
+    SIGTERM or SIGINT ends the run as killed (report.json, MLflow status KILLED), exit 128 + the signal number.
     """
     from kdpipe.runner import run_pipeline
 
@@ -53,8 +57,9 @@ def run(
             raise InputError("", "give a pipeline file, or --resume RUN_DIR to continue an interrupted run")
         if resume is not None and set_:
             raise InputError("--set", "a resumed run keeps its pipeline (run_dir/pipeline.yaml); --set cannot change it")
-        report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, resume=resume)
-    except (InputError, StageFailed) as exc:
+        report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, resume=resume,
+                                           until=until)
+    except (InputError, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
         _fail(exc, shown, debug)
     except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
         _fail(StageFailed("setup", exc), shown, debug)
@@ -65,6 +70,11 @@ def run(
 
 def _report_outcome(report_path: Path, report: dict) -> None:
     """One summary line on stderr, report.json's path on stdout; exit 1 naming the failed gates."""
+    if report["status"] == "stopped":
+        typer.echo(f"stopped after {report['stopped_after']}; continue with: kdpipe run --resume {report_path.parent}",
+                   err=True)
+        typer.echo(str(report_path))
+        return
     student = report.get("student") or {}
     teacher = report.get("teacher") or {}
     summary = f"status {report['status']}: student accuracy {student.get('accuracy', float('nan')):.4f}"
@@ -93,7 +103,7 @@ def validate(
 
     try:
         report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, onnx_model=model)
-    except (InputError, StageFailed) as exc:
+    except (InputError, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
         _fail(exc, str(pipeline), debug)
     except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
         _fail(StageFailed("setup", exc), str(pipeline), debug)
@@ -154,7 +164,7 @@ def search(
     overrides += [f"search.trials={trials}"] if trials else []
     try:
         report_path, report = run_pipeline(pipeline, overrides, runs_dir, mlflow_config=mlflow_config, until="search")
-    except (InputError, StageFailed) as exc:
+    except (InputError, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
         _fail(exc, str(pipeline), debug)
     except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
         _fail(StageFailed("setup", exc), str(pipeline), debug)

@@ -36,3 +36,18 @@ class StageFailed(Exception):
         super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
         self.stage = stage
         self.cause = cause
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived while a run was working (exit 128 + signal number, the shell's convention).
+
+    A BaseException, so that code catching Exception (a stage, Optuna's trial loop) does not swallow it and the
+    run's own handler records the run as killed.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"killed by {self.signal_name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -63,3 +64,31 @@ class Progress:
         for g in gates:
             value = "n/a" if g.value is None else f"{g.value:.6g}"
             self._print(f"{g.name:<{width}}  {value:>12}  {g.limit:>12.6g}  {'passed' if g.passed else 'FAILED'}")
+
+    @contextmanager
+    def http_retries(self, server: str):
+        """Print a line each time MLflow's HTTP client retries a request: its retries are otherwise silent, and a
+        server that is down looks like a hung run. urllib3 logs each retry as a warning."""
+        handler = _RetryLine(self, server)
+        logger = logging.getLogger("urllib3.connectionpool")
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+
+
+class _RetryLine(logging.Handler):
+    def __init__(self, progress: Progress, server: str):
+        super().__init__(logging.WARNING)
+        self.progress = progress
+        self.server = server
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # urllib3: "Retrying (%r) after connection broken by '%r': %s" % (retry, error, url path)
+        if not str(record.msg).startswith("Retrying") or len(record.args or ()) < 3:
+            return
+        retry, error, path = record.args[:3]
+        left = getattr(retry, "total", None)
+        self.progress.info(f"  MLflow server {self.server} did not answer {path} ({type(error).__name__}); "
+                           f"retrying, {left} retries left")

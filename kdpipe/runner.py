@@ -7,10 +7,13 @@ MLflow run exists, so invalid input leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import secrets
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,18 +28,22 @@ from kdpipe import __version__, distributed
 from kdpipe.atomic import write_json
 from kdpipe.pipeline import Pipeline, load_pipeline
 from kdpipe.data import Splits, load_data
-from kdpipe.errors import GateFailed, InputError, StageFailed
+from kdpipe.errors import GateFailed, InputError, RunInterrupted, StageFailed
+from kdpipe.locks import Busy, file_lock
 from kdpipe.methods import get_method
 from kdpipe.models import build_model, load_checkpoint
 from kdpipe.progress import Progress
 from kdpipe.search.storage import check_storage_location
 from kdpipe.teacher_cache import TeacherOutputCache
-from kdpipe.tracking import Tracker, load_tracking_config
+from kdpipe.tracking import (Tracker, TrackingUnreachable, check_reachable, http_uris, load_tracking_config,
+                             unreachable_reason)
 from kdpipe.train import resolve_precision
 
 STAGES = ["teacher", "search", "distill", "export", "validate", "register"]
 MAIN_RANK_STAGES = {"export", "validate", "register"}  # under torchrun, ranks other than 0 stop after training
 VALIDATE_STAGES = ["teacher", "export", "validate"]  # `kdpipe validate MODEL.onnx`: a given model, no training
+RUN_LOCK = "run.lock"  # held by the process working in a run directory
+STOPPED_AFTER_TAG = "kdpipe.stopped_after"
 
 
 @dataclass
@@ -121,8 +128,10 @@ class ResumedTracker:
         tracker.run_id = run_id
         client = tracker.client()
         self.tracker = tracker
-        self.logged = {key: max(m.step for m in client.get_metric_history(run_id, key))
-                       for key in client.get_run(run_id).data.metrics}
+        run = client.get_run(run_id)
+        self.logged = {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+        if STOPPED_AFTER_TAG in run.data.tags:  # an earlier `--until` stopped it; this invocation goes on
+            client.delete_tag(run_id, STOPPED_AFTER_TAG)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         fresh = {k: v for k, v in metrics.items() if (step or 0) > self.logged.get(k, -1)}
@@ -142,6 +151,40 @@ def read_ledger(run_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError, AttributeError):
         raise InputError("--resume", f"{run_dir} is not a kdpipe run directory: no readable ledger.json") from None
     return ledger
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path):
+    """Hold the run directory for this process: a second process resuming it at the same time would train and log
+    the same stages twice. InputError (exit 2) when another process holds it."""
+    try:
+        with file_lock(Path(run_dir) / RUN_LOCK, wait=False):
+            yield
+    except Busy as busy:
+        raise InputError("--resume", f"{run_dir} is in use by another kdpipe process (pid {busy.holder or 'unknown'}); "
+                                     "wait for it to end") from None
+
+
+@contextlib.contextmanager
+def signals_interrupt_the_run():
+    """SIGTERM and SIGINT raise RunInterrupted in the main thread, so the run's failure handler records the run as
+    killed (report.json, MLflow status KILLED) instead of the process vanishing with its MLflow run RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    watched = (signal.SIGTERM, signal.SIGINT)
+
+    def interrupt(signum, frame):
+        for number in watched:  # the handler's cleanup runs once, uninterrupted by a repeated signal
+            signal.signal(number, signal.SIG_IGN)
+        raise RunInterrupted(signum)
+
+    previous = {number: signal.signal(number, interrupt) for number in watched}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass
@@ -164,6 +207,7 @@ def prepare(pipeline_file: Path, overrides: list[str], check_models: bool = True
     device = pick_device(pipeline.distill.device)
     resolve_precision(pipeline.distill.precision, device)
     data = load_data(pipeline.data, pipeline.seed)
+    check_trainable(pipeline, data)
     teacher = None
     if pipeline.teacher is not None:
         teacher = build_model(pipeline.teacher.model, "teacher.model", data.input_shape, data.num_classes)
@@ -177,6 +221,23 @@ def prepare(pipeline_file: Path, overrides: list[str], check_models: bool = True
     return Prepared(pipeline, data, teacher, student, device)
 
 
+def check_trainable(pipeline: Pipeline, data: Splits) -> None:
+    """Inputs that would make a run train nothing, found before any work (InputError, exit 2)."""
+    if pipeline.distill.epochs == 0:
+        raise InputError("distill.epochs", "expected ≥ 1: with 0 epochs the student is never trained")
+    if pipeline.teacher is not None and pipeline.teacher.checkpoint is None and pipeline.teacher.train.epochs == 0:
+        raise InputError("teacher.train.epochs", "expected ≥ 1 when the teacher is trained (teacher.checkpoint: null): "
+                                                 "with 0 epochs the teacher is never trained")
+    # The trainer skips batches with fewer than 2 samples per process (BatchNorm cannot train on one sample).
+    ranks = distributed.from_environment().world_size
+    if pipeline.data.batch_size < 2 * ranks and len(data.y_train) >= 2 * ranks:
+        raise InputError("data.batch_size", f"expected ≥ {2 * ranks}: a batch of {pipeline.data.batch_size} gives fewer "
+                                            f"than 2 samples to each of {ranks} process(es), and the trainer skips such "
+                                            "batches (BatchNorm cannot train on one sample), so no step would be made")
+    if len(torch.unique(data.y_train)) < 2:
+        raise InputError("data", "the training split holds one class; a classifier needs at least 2")
+
+
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
@@ -187,48 +248,61 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
     """Run every stage (through `until` when given); return (report path, report).
 
     The search stage runs only when the pipeline has a `search:` section.
-    `resume`: the run directory of an interrupted run. Its finished stages are restored (each stage's optional
-    `restore(ctx)`), not re-run; the others continue in the same MLflow run, training from the last epoch
-    checkpoint, and metric steps already logged are not logged twice.
+    `until`: stop after this stage; the report says status "stopped" and "stopped_after", and `resume` continues.
+    `resume`: the run directory of an interrupted or stopped run. Its finished stages are restored (each stage's
+    optional `restore(ctx)`), not re-run; the others continue in the same MLflow run, training from the last epoch
+    checkpoint, and metric steps already logged are not logged twice. The run directory is locked while a process
+    works in it.
     Under torchrun every rank trains; ranks other than 0 return (None, report) after the training stages.
     `onnx_model`: validate this ONNX classifier against the pipeline's data and gates instead of training one.
-    Raises InputError, GateFailed or StageFailed.
+    Raises InputError, GateFailed, StageFailed, TrackingUnreachable or RunInterrupted (SIGTERM, SIGINT).
     """
-    ledger: dict[str, Any] = {"finished": []}
-    if resume is not None:
-        ledger = read_ledger(resume)
-        pipeline_file, overrides = Path(resume) / "pipeline.yaml", []
-    prepared = prepare(pipeline_file, overrides)
-    search = prepared.pipeline.search
-    if search is not None and resume is None:  # checked once, when the run starts
-        check_storage_location(search.storage, overrides,
-                               Path(cache_dir or os.environ.get("KDPIPE_CACHE_DIR") or Path(runs_dir) / ".cache"))
-        ledger["search_storage"] = search.storage  # pipeline.yaml masks its password; the resumed run needs it
-    elif search is not None and ledger.get("search_storage"):
-        search.storage = ledger["search_storage"]
-    tracking = load_tracking_config(mlflow_config)
-    from kdpipe.onnx_runtime import import_ort
+    if until is not None and until not in STAGES:
+        raise InputError("--until", f"expected one of {', '.join(STAGES)}, got '{until}'")
+    with contextlib.ExitStack() as held:
+        ledger: dict[str, Any] = {"finished": []}
+        if resume is not None:
+            read_ledger(resume)  # a run directory, before a lock file is made in it
+            if distributed.from_environment().is_main:
+                held.enter_context(lock_run_dir(resume))
+            ledger = read_ledger(resume)  # as the last process that worked in it left it
+            pipeline_file, overrides = Path(resume) / "pipeline.yaml", []
+        prepared = prepare(pipeline_file, overrides)
+        search = prepared.pipeline.search
+        if search is not None and resume is None:  # checked once, when the run starts
+            check_storage_location(search.storage, overrides,
+                                   Path(cache_dir or os.environ.get("KDPIPE_CACHE_DIR") or Path(runs_dir) / ".cache"))
+            ledger["search_storage"] = search.storage  # pipeline.yaml masks its password; the resumed run needs it
+        elif search is not None and ledger.get("search_storage"):
+            search.storage = ledger["search_storage"]
+        if until == "search" and prepared.pipeline.search is None:
+            raise InputError("--until", "the pipeline has no search: section, so no search stage to stop after")
+        tracking = load_tracking_config(mlflow_config)
+        from kdpipe.onnx_runtime import import_ort
 
-    try:
-        import_ort()
-    except RuntimeError as exc:
-        raise InputError("", str(exc)) from None
-    if onnx_model is not None:
-        from kdpipe.onnx_runtime import check_classifier
+        try:
+            import_ort()
+        except RuntimeError as exc:
+            raise InputError("", str(exc)) from None
+        if onnx_model is not None:
+            from kdpipe.onnx_runtime import check_classifier
 
-        check_classifier(onnx_model, prepared.data.input_shape, prepared.data.num_classes,
-                         prepared.pipeline.validation.batch_sizes, "MODEL")
+            check_classifier(onnx_model, prepared.data.input_shape, prepared.data.num_classes,
+                             prepared.pipeline.validation.batch_sizes, "MODEL")
 
-    env = distributed.init(prepared.device)
-    try:
-        return _run_stages(prepared, pipeline_file, runs_dir, cache_dir, tracking, until, resume, ledger, env, onnx_model)
-    finally:
-        distributed.shutdown()
+        env = distributed.init(prepared.device)
+        try:
+            with signals_interrupt_the_run():
+                return _run_stages(prepared, pipeline_file, runs_dir, cache_dir, tracking, until, resume, ledger, env,
+                                   held, onnx_model, mlflow_config)
+        finally:
+            distributed.shutdown()
 
 
 def _run_stages(prepared: Prepared, pipeline_file: Path, runs_dir: Path, cache_dir: Path | None, tracking,
-                until: str | None, resume: Path | None, ledger: dict[str, Any],
-                env: distributed.DistEnv, onnx_model: Path | None = None) -> tuple[Path | None, dict[str, Any]]:
+                until: str | None, resume: Path | None, ledger: dict[str, Any], env: distributed.DistEnv,
+                held: contextlib.ExitStack, onnx_model: Path | None = None,
+                mlflow_config: Path | None = None) -> tuple[Path | None, dict[str, Any]]:
     pipeline = prepared.pipeline
     resolved = pipeline.resolved()
     if resume is not None:
@@ -240,85 +314,157 @@ def _run_stages(prepared: Prepared, pipeline_file: Path, runs_dir: Path, cache_d
         run_dir = runs_dir / pipeline.name / run_id
         if env.is_main:
             run_dir.mkdir(parents=True)
+            held.enter_context(lock_run_dir(run_dir))
             (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    tracker = Tracker(tracking) if env.is_main else SilentTracker()
     progress = Progress() if env.is_main else Progress(open(os.devnull, "w"))
     cache_dir = Path(cache_dir or os.environ.get("KDPIPE_CACHE_DIR") or ledger.get("cache_dir") or runs_dir / ".cache")
-    ctx = RunContext(
-        pipeline=pipeline, pipeline_file=Path(pipeline_file), run_dir=run_dir, cache_dir=cache_dir,
-        data=prepared.data.to(prepared.device), device=prepared.device,
-        teacher=prepared.teacher.to(prepared.device) if prepared.teacher is not None else None,
-        student=prepared.student.to(prepared.device), tracker=tracker, progress=progress,
-        teacher_cache=TeacherOutputCache(cache_dir / "teacher-outputs", pipeline.distill.teacher_cache_memory_mb),
-        dist=env,
-    )
-    if resume is not None:
-        if env.is_main:
-            ctx.tracker = tracker = ResumedTracker(tracker, ledger["mlflow_run_id"])
-        ctx.report = {**ledger["report"], "status": "running", "resumed": ledger["report"].get("resumed", 0) + 1}
-        ctx.gates = [Gate(**g) for g in ledger["gates"]]
-        ctx.artifacts = {k: Path(v["path"]) if "path" in v else v["value"] for k, v in ledger["artifacts"].items()}
-    else:
-        _start_report(ctx, tracker, tracking, resolved, run_id)
-    if onnx_model is not None:
-        ctx.artifacts["given_onnx"] = Path(onnx_model).resolve()
+    data = prepared.data.to(prepared.device)
     report_path = run_dir / "report.json"
+    resume_command = f"kdpipe run --resume {run_dir}" + (f" --mlflow-config {mlflow_config}" if mlflow_config else "")
+    if resume is not None:
+        report = {**ledger["report"], "status": "running", "resumed": ledger["report"].get("resumed", 0) + 1}
+    else:
+        report = _new_report(pipeline, run_dir, run_id, data, prepared.device, tracking)
+    gates: list[Gate] = [Gate(**g) for g in ledger.get("gates", [])]
+    stages = STAGES[:STAGES.index(until) + 1] if until else STAGES
+    if onnx_model is not None:
+        stages = VALIDATE_STAGES
+    stages = [s for s in stages if s != "search" or pipeline.search is not None]
+    stopped_after = until if until is not None and until != STAGES[-1] and onnx_model is None else None
 
-    def save_ledger() -> None:
-        if env.is_main:
-            write_json(run_dir / "ledger.json", {
-                **ledger, "mlflow_run_id": ctx.report["mlflow"]["run_id"], "cache_dir": str(ctx.cache_dir),
-                "report": ctx.report, "gates": [asdict(g) for g in ctx.gates],
-                "artifacts": {k: v for k, v in map(_ledger_artifact, ctx.artifacts.items()) if v is not None},
-            })
-
-    save_ledger()
+    tracker = None
+    stage = "setup"  # the part of the run in progress, named in the report when the run ends badly
     try:
-        stages = STAGES[:STAGES.index(until) + 1] if until else STAGES
-        if onnx_model is not None:
-            stages = VALIDATE_STAGES
-        for name in [s for s in stages if s != "search" or pipeline.search is not None]:
-            if name in MAIN_RANK_STAGES and not env.is_main:
-                continue
-            stage = importlib.import_module(f"kdpipe.stages.{name}")
-            if name in ledger["finished"]:
-                if hasattr(stage, "restore"):
-                    stage.restore(ctx)
-                continue
-            start = time.perf_counter()
-            with progress.stage(name):
-                try:
-                    stage.run(ctx)
-                except (InputError, GateFailed):
-                    raise
-                except Exception as exc:
-                    raise StageFailed(name, exc) from exc
-            seconds = time.perf_counter() - start
-            ctx.report["stage_seconds"][name] = round(seconds, 3)
-            tracker.log_metrics({f"stage_seconds/{name}": seconds})
-            ledger["finished"].append(name)
-            save_ledger()
-    except BaseException as exc:
-        if env.is_main:
-            ctx.report["status"] = "failed"
-            ctx.report["error"] = exc.format(None) if isinstance(exc, InputError) else str(exc) or type(exc).__name__
+        with contextlib.ExitStack() as run_scope:
+            if env.is_main:
+                check_reachable(tracking)
+                for uri in http_uris(tracking):
+                    run_scope.enter_context(progress.http_retries(uri))
+            tracker = Tracker(tracking) if env.is_main else SilentTracker()
+            if resume is not None:
+                if env.is_main:
+                    tracker = ResumedTracker(tracker, ledger["mlflow_run_id"])
+            else:
+                report["mlflow"]["run_id"] = _start_mlflow_run(tracker, pipeline, run_dir, run_id, resolved)
+            ctx = RunContext(
+                pipeline=pipeline, pipeline_file=Path(pipeline_file), run_dir=run_dir, cache_dir=cache_dir, data=data,
+                device=prepared.device,
+                teacher=prepared.teacher.to(prepared.device) if prepared.teacher is not None else None,
+                student=prepared.student.to(prepared.device), tracker=tracker, progress=progress, report=report,
+                gates=gates,
+                teacher_cache=TeacherOutputCache(cache_dir / "teacher-outputs", pipeline.distill.teacher_cache_memory_mb),
+                dist=env,
+            )
+            if resume is not None:
+                ctx.artifacts = {k: Path(v["path"]) if "path" in v else v["value"] for k, v in ledger["artifacts"].items()}
+            if onnx_model is not None:
+                ctx.artifacts["given_onnx"] = Path(onnx_model).resolve()
+
+            def save_ledger() -> None:
+                if env.is_main:
+                    write_json(run_dir / "ledger.json", {
+                        **ledger, "mlflow_run_id": ctx.report["mlflow"]["run_id"], "cache_dir": str(ctx.cache_dir),
+                        "report": ctx.report, "gates": [asdict(g) for g in ctx.gates],
+                        "artifacts": {k: v for k, v in map(_ledger_artifact, ctx.artifacts.items()) if v is not None},
+                    })
+
+            if resume is None:  # a resumed run's ledger is already on disk; a read-only one must still end truthfully
+                save_ledger()
+            for stage in stages:
+                if stage in MAIN_RANK_STAGES and not env.is_main:
+                    continue
+                module = importlib.import_module(f"kdpipe.stages.{stage}")
+                if stage in ledger["finished"]:
+                    if hasattr(module, "restore"):
+                        module.restore(ctx)
+                    continue
+                start = time.perf_counter()
+                with progress.stage(stage):
+                    try:
+                        module.run(ctx)
+                    except (InputError, GateFailed):
+                        raise
+                    except Exception as exc:
+                        raise StageFailed(stage, exc) from exc
+                seconds = time.perf_counter() - start
+                ctx.report["stage_seconds"][stage] = round(seconds, 3)
+                tracker.log_metrics({f"stage_seconds/{stage}": seconds})
+                ledger["finished"].append(stage)
+                save_ledger()
+            stage = "report"
+            if not env.is_main:
+                return None, ctx.report
             ctx.report["gates"] = {g.name: g.as_dict() for g in ctx.gates}
+            if stopped_after is not None:
+                ctx.report.update(status="stopped", stopped_after=stopped_after)
+            else:
+                ctx.report.pop("stopped_after", None)
+                ctx.report["status"] = "passed" if ctx.gates_passed else "failed"
             write_json(report_path, ctx.report)
+            tracker.log_artifact(run_dir / "pipeline.yaml")
             tracker.log_artifact(report_path)
-            tracker.set_tags({"kdpipe.status": "failed"})
-            tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    if not env.is_main:
-        return None, ctx.report
-    ctx.report["gates"] = {g.name: g.as_dict() for g in ctx.gates}
-    ctx.report["status"] = "passed" if ctx.gates_passed else "failed"
-    write_json(report_path, ctx.report)
-    tracker.log_artifact(run_dir / "pipeline.yaml")
-    tracker.log_artifact(report_path)
-    tracker.set_tags({"kdpipe.status": ctx.report["status"]})
-    tracker.end("FINISHED" if ctx.gates_passed else "FAILED")
+            tracker.set_tags({"kdpipe.status": ctx.report["status"],
+                              **({STOPPED_AFTER_TAG: stopped_after} if stopped_after is not None else {})})
+            tracker.end("FINISHED" if ctx.gates_passed or stopped_after is not None else "FAILED")
+    except BaseException as exc:
+        if not env.is_main:
+            raise
+        raised = _end_badly(exc, stage, report_path, report, gates, tracker, tracking, progress,
+                            resume_command if (run_dir / "ledger.json").is_file() else None)
+        if raised is exc:
+            raise
+        raise raised from exc
     progress.gate_table(ctx.gates)
     return report_path, ctx.report
+
+
+def _end_badly(exc: BaseException, stage: str, report_path: Path, report: dict[str, Any], gates: list[Gate],
+               tracker, tracking, progress: Progress, resume_command: str | None) -> BaseException:
+    """Record a run that failed or was killed: report.json (where the disk allows, else as an MLflow artifact),
+    the MLflow run's status FAILED or KILLED, and the error the CLI shows. Each record is attempted on its own, so a
+    full disk or a server that is down does not keep the others from being made. Returns the exception to raise.
+
+    `resume_command` is None when nothing was started that --resume could continue (the MLflow run never began)."""
+    again = f"continue with: {resume_command}" if resume_command else "run again"
+    killed = isinstance(exc, (RunInterrupted, KeyboardInterrupt))
+    if isinstance(exc, RunInterrupted):
+        exc.args = (f"killed by {exc.signal_name} during stage '{stage}'; {again}",)
+    elif not killed and not isinstance(exc, (InputError, GateFailed, StageFailed, TrackingUnreachable)):
+        exc = StageFailed(stage, exc)  # raised by the runner itself (the ledger, the tracker), not by a stage's code
+    started = tracker is not None and tracker.run_id is not None
+    down = None
+    if isinstance(exc, TrackingUnreachable):  # the check before any work
+        exc.args = (f"{exc}; when it answers, {again}",)
+    elif not killed:  # did the stage fail because the server went away? Then the server is the error to report.
+        down = next(((u, r) for u in http_uris(tracking) if (r := unreachable_reason(u, tracking.connect_timeout_s))),
+                    None)
+        if down is not None:
+            exc = StageFailed(stage, TrackingUnreachable(
+                f"MLflow server {down[0]} stopped answering ({down[1]}); when it is back, {again}"))
+    report.update(status="killed" if killed else "failed", failed_stage=stage,
+                  error=exc.format(None) if isinstance(exc, InputError) else str(exc) or type(exc).__name__,
+                  gates={g.name: g.as_dict() for g in gates})
+    report.pop("stopped_after", None)
+    written = True
+    try:
+        write_json(report_path, report)
+    except OSError as error:
+        written = False
+        progress.info(f"report.json could not be written to the run directory: {error}")
+    if tracker is None:
+        return exc
+    attempts = [lambda: tracker.end("KILLED" if killed else "FAILED")]
+    if started and down is None:
+        record_report = (lambda: tracker.log_artifact(report_path)) if written else \
+            (lambda: tracker.mlflow.log_dict(report, "report.json"))
+        attempts = [record_report, lambda: tracker.set_tags({"kdpipe.status": report["status"],
+                                                            "kdpipe.failed_stage": stage}), *attempts]
+    for attempt in attempts:
+        try:
+            attempt()
+        except Exception as error:  # noqa: BLE001 - the run's own error is the one to report
+            progress.info(f"MLflow could not record the run's end: {type(error).__name__}: {error}")
+    return exc
 
 
 def _ledger_artifact(item: tuple[str, Any]) -> tuple[str, dict[str, Any] | None]:
@@ -333,20 +479,25 @@ def _ledger_artifact(item: tuple[str, Any]) -> tuple[str, dict[str, Any] | None]
     return key, {"value": value}
 
 
-def _start_report(ctx: RunContext, tracker: Tracker, tracking, resolved: dict[str, Any], run_id: str) -> None:
-    pipeline, run_dir = ctx.pipeline, ctx.run_dir
-    mlflow_run_id = tracker.start(f"{pipeline.name}-{run_id}", {"kdpipe.version": __version__, "kdpipe.run_dir": str(run_dir),
-                                                                "kdpipe.method": pipeline.distill.method})
-    tracker.log_params(resolved)
-    ctx.report = {
+def _new_report(pipeline: Pipeline, run_dir: Path, run_id: str, data: Splits, device: torch.device,
+                tracking) -> dict[str, Any]:
+    return {
         "status": "running",
         "name": pipeline.name,
         "run_id": run_id,
         "run_dir": str(run_dir),
         "method": {"name": pipeline.distill.method, "params": pipeline.distill.params.model_dump(mode="json")},
-        "data": {"source": pipeline.data.source, **ctx.data.sizes(), "num_classes": ctx.data.num_classes},
-        "device": str(ctx.device),
+        "data": {"source": pipeline.data.source, **data.sizes(), "num_classes": data.num_classes},
+        "device": str(device),
         "stage_seconds": {},
-        "mlflow": {"tracking_uri": tracking.tracking_uri, "experiment": tracking.experiment, "run_id": mlflow_run_id,
+        "mlflow": {"tracking_uri": tracking.tracking_uri, "experiment": tracking.experiment, "run_id": None,
                    "model_name": None, "model_version": None, "alias": None},
     }
+
+
+def _start_mlflow_run(tracker, pipeline: Pipeline, run_dir: Path, run_id: str, resolved: dict[str, Any]) -> str | None:
+    mlflow_run_id = tracker.start(f"{pipeline.name}-{run_id}", {"kdpipe.version": __version__,
+                                                                "kdpipe.run_dir": str(run_dir),
+                                                                "kdpipe.method": pipeline.distill.method})
+    tracker.log_params(resolved)
+    return mlflow_run_id

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from kdpipe.errors import InputError
+from kdpipe.locks import file_lock
 from kdpipe.registry import RegistryPolicy
 
 MLFLOW_CONFIG = "mlflow.yaml"
@@ -21,6 +26,9 @@ class TrackingConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "kdpipe"
     artifact_location: str | None = None
+    # How long a tracking server may take to answer: the reachability check before a run, and each request's
+    # timeout during it (MLflow's own retries are bounded by it too: see retry_environment).
+    connect_timeout_s: float = 5.0
     registry: RegistryPolicy = field(default_factory=RegistryPolicy)
 
 
@@ -43,6 +51,9 @@ def load_tracking_config(path: Path | None = None) -> TrackingConfig:
         err = exc.errors()[0]
         key = ".".join(["registry", *map(str, err["loc"])])
         raise InputError(key, f"{path}: {err['msg']}, got {err.get('input')!r}") from None
+    timeout = values.get("connect_timeout_s", TrackingConfig.connect_timeout_s)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise InputError("connect_timeout_s", f"{path}: expected a number of seconds > 0, got {timeout!r}")
     config = TrackingConfig(**values)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         config.tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -65,6 +76,71 @@ def registry_uri(config: TrackingConfig) -> str:
     return config.tracking_uri
 
 
+class TrackingUnreachable(Exception):
+    """The MLflow server does not answer (exit 3)."""
+
+    exit_code = 3
+
+
+def http_uris(config: TrackingConfig) -> list[str]:
+    """The tracking and registry URIs that are MLflow servers (http, https), each once."""
+    return list(dict.fromkeys(u for u in (config.tracking_uri, registry_uri(config))
+                              if u.startswith(("http://", "https://"))))
+
+
+def unreachable_reason(uri: str, timeout_s: float) -> str | None:
+    """Why the MLflow server at `uri` does not answer within `timeout_s`, or None when it answers.
+
+    Any HTTP answer counts as reachable (a server behind authentication may refuse /health); only a refused,
+    reset or silent connection does not."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as exc:
+        return str(exc.reason)
+    except OSError as exc:  # a timeout while reading the answer, a reset connection
+        return str(exc) or type(exc).__name__
+
+
+def check_reachable(config: TrackingConfig) -> None:
+    """Raise TrackingUnreachable, naming the URI, when an MLflow server of `config` does not answer."""
+    for uri in http_uris(config):
+        reason = unreachable_reason(uri, config.connect_timeout_s)
+        if reason is not None:
+            raise TrackingUnreachable(f"MLflow server {uri} did not answer within {config.connect_timeout_s:g}s "
+                                      f"({reason})")
+
+
+def retry_environment(config: TrackingConfig) -> dict[str, str]:
+    """MLflow's HTTP retry settings bounded by connect_timeout_s. Its defaults (7 retries, backoff factor 2, 120 s
+    timeout) keep a run silent for minutes when the server is down; these give up after three tries, about
+    2 s of backoff apart, each waiting at most connect_timeout_s for an answer."""
+    return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(math.ceil(config.connect_timeout_s)),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
+
+
+@contextmanager
+def store_lock(config: TrackingConfig):
+    """Serialize creating and migrating a sqlite store (and its experiment) between processes on one machine:
+    MLflow's alembic migrations fail when two processes create the same empty store at once."""
+    if not config.tracking_uri.startswith("sqlite:"):
+        yield
+        return
+    from sqlalchemy.engine import make_url
+
+    database = make_url(config.tracking_uri).database
+    if database in (None, "", ":memory:"):
+        yield
+        return
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_name(path.name + ".lock")):
+        yield
+
+
 def mlflow_client(config: TrackingConfig):
     """A client bound to `config`'s store, whatever URIs this process set globally before."""
     import mlflow
@@ -82,12 +158,20 @@ class Tracker:
         self.config = config
         # mlflow.set_*_uri also write these variables; end() puts back what the caller had.
         self._caller_uris = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-        mlflow.set_tracking_uri(config.tracking_uri)
-        # Set explicitly: a registry URI left over in this process would otherwise win over the tracking URI.
-        mlflow.set_registry_uri(registry_uri(config))
-        if mlflow.get_experiment_by_name(config.experiment) is None:
-            mlflow.create_experiment(config.experiment, artifact_location=config.artifact_location)
-        mlflow.set_experiment(config.experiment)
+        # Retry settings the caller chose win; end() removes the ones set here.
+        self._retry_env_set = {k: v for k, v in retry_environment(config).items() if k not in os.environ}
+        os.environ.update(self._retry_env_set)
+        try:
+            mlflow.set_tracking_uri(config.tracking_uri)
+            # Set explicitly: a registry URI left over in this process would otherwise win over the tracking URI.
+            mlflow.set_registry_uri(registry_uri(config))
+            with store_lock(config):
+                if mlflow.get_experiment_by_name(config.experiment) is None:
+                    mlflow.create_experiment(config.experiment, artifact_location=config.artifact_location)
+            mlflow.set_experiment(config.experiment)
+        except BaseException:
+            self.restore_environment()
+            raise
         self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> str:
@@ -108,8 +192,17 @@ class Tracker:
         self.mlflow.set_tags(tags)
 
     def end(self, status: str) -> None:
-        if self.mlflow.active_run() is not None:
-            self.mlflow.end_run(status=status)
+        """End the run with `status` and put back the caller's MLflow environment, even when the server fails."""
+        try:
+            if self.mlflow.active_run() is not None:
+                self.mlflow.end_run(status=status)  # pops the active run before calling the server
+        finally:
+            self.restore_environment()
+
+    def restore_environment(self) -> None:
+        for name in self._retry_env_set:
+            os.environ.pop(name, None)
+        self._retry_env_set = {}
         self.mlflow.set_tracking_uri(self._caller_uris["MLFLOW_TRACKING_URI"])
         self.mlflow.set_registry_uri(self._caller_uris["MLFLOW_REGISTRY_URI"])
         for name, value in self._caller_uris.items():
