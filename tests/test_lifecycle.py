@@ -208,7 +208,7 @@ def test_single_class_data_is_an_input_error(workdir):
 def test_a_checkpointed_teacher_needs_no_training_epochs(workdir):
     import torch
 
-    from kdpipe.config import load_pipeline
+    from kdpipe.pipeline import load_pipeline
     from kdpipe.models import build_model
 
     cfg = load_pipeline(DIGITS).teacher.model
