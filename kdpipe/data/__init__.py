@@ -42,7 +42,7 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device | None = None) ->
         raise InputError("data.normalize", f"expected {sample_shape[0] if len(sample_shape) == 3 else 'image'} "
                                            f"channels' statistics for samples of shape {sample_shape}, "
                                            f"got {len(normalization[0])} values")
-    conversion = InputConversion(1 / 255 if stored["val"].dtype == np.uint8 else None,
+    conversion = InputConversion(255.0 if stored["val"].dtype == np.uint8 else None,
                                  *(tuple(v) for v in normalization) if normalization else (None, None))
     augmentation = Augmentation(cfg.augment, sample_shape) if cfg.augment else None
 

@@ -35,13 +35,13 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
 class InputConversion:
     """Stored samples → model inputs: uint8 scaled to [0, 1], then normalized per channel when configured."""
 
-    scale: float | None = None  # 1/255 for uint8 images
+    divisor: float | None = None  # 255 for uint8 images
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
     def unit(self, x: torch.Tensor) -> torch.Tensor:
         """Float samples, images in [0, 1] (what augmentation works on). Float storage passes through uncopied."""
-        return x.float() if self.scale is None else x.float() * self.scale
+        return x.float() if self.divisor is None else x.float() / self.divisor
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is None:
