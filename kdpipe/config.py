@@ -533,7 +533,7 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType, Annotated):
+    if origin in (Union, types.UnionType, Annotated, list):
         for arg in typing.get_args(annotation):
             found = _submodel(arg)
             if found is not None:
@@ -547,6 +547,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         if current is None:
             return []
+        if isinstance(part, int):  # an item of a list of models: the item's model
+            continue
         field = next((f for n, f in current.model_fields.items() if (f.alias or n) == part), None)
         if field is None:
             return []
