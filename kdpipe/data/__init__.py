@@ -182,14 +182,11 @@ def _images(parts: dict[str, Part], cfg: DataConfig, device: torch.device | None
     """val/test decoded into memory; train decoded into memory or streamed, as `storage` says."""
     decoder = Decoder(cfg.channels or 3, cfg.size)
     workers = worker_count(cfg.workers)
-    stored = {s: decode_all(parts[s].x, decoder, workers) for s in ("val", "test")}
     shape = first_image(parts["train"].x, decoder).shape
-    if shape != stored["val"].shape[1:]:
-        raise InputError("data.image_size", f"training images are {shape[1]}×{shape[2]}, validation images "
-                                            f"{stored['val'].shape[2]}×{stored['val'].shape[3]}; set image_size")
     storage = choose_storage(cfg.storage, len(parts["train"].y), shape, device)
+    decoded = ("train", "val", "test") if storage == "memory" else ("val", "test")
+    stored = dict(zip(decoded, decode_all([parts[s].x for s in decoded], decoder, workers, shape)))
     if storage == "memory":
-        stored["train"] = decode_all(parts["train"].x, decoder, workers)
         return stored, torch.from_numpy(stored["train"]), storage
     return stored, StreamedImages(parts["train"].x, decoder, shape, workers), storage
 

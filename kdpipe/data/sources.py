@@ -207,17 +207,18 @@ def _read_image_folder(path: Path) -> Source:
 def _read_hf(path: Path, cfg: DataConfig) -> Source:
     """A `datasets` dataset saved with save_to_disk (a Dataset, or a DatasetDict whose train/validation/test are
     the splits), or one parquet file. Read from local files only; nothing is downloaded."""
-    if path.is_file():
+    try:
+        import datasets
         import pyarrow.parquet as pq
-
+    except ImportError:
+        raise InputError("data.source", "source hf needs the datasets package: pip install 'kdpipe[hf]'") from None
+    if path.is_file():
         try:
             table = pq.read_table(path, memory_map=True)
         except Exception as exc:  # pyarrow raises several types for a file that is not parquet
             raise InputError("data.path", f"cannot read {path} as parquet: {exc}") from None
         tables, files, features = {"all": table}, [path], _parquet_features(table)
     else:
-        import datasets
-
         try:
             loaded = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError, OSError) as exc:

@@ -88,15 +88,32 @@ def first_image(records: ImageRecords, decoder: Decoder) -> np.ndarray:
         raise InputError("data.path", str(exc)) from None
 
 
-def decode_all(records: ImageRecords, decoder: Decoder, workers: int) -> np.ndarray:
-    """Every record decoded once, by `workers` processes, into one uint8 N×C×H×W array."""
-    shape = first_image(records, decoder).shape
-    images = np.empty((len(records), *shape), dtype=np.uint8)
-    loader = DataLoader(_Decoding(records, decoder, shape), batch_size=DECODE_BATCH, num_workers=workers,
-                        collate_fn=_stack)
-    for start, batch in zip(range(0, len(records), DECODE_BATCH), loader):
+class _Chain(Dataset):
+    """Several record sets as one, so one pool of workers decodes them all."""
+
+    def __init__(self, parts: list[_Decoding]):
+        self.parts = parts
+        self.ends = np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray | str:
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[part][i - (int(self.ends[part - 1]) if part else 0)]
+
+
+def decode_all(record_sets: list[ImageRecords], decoder: Decoder, workers: int,
+               shape: tuple[int, ...] | None = None) -> list[np.ndarray]:
+    """Every record of each set decoded once, by one pool of `workers` processes, into uint8 N×C×H×W arrays.
+    `shape`: the shape every image must have; default: the first image's."""
+    shape = shape or first_image(record_sets[0], decoder).shape
+    chain = _Chain([_Decoding(records, decoder, shape) for records in record_sets])
+    images = np.empty((len(chain), *shape), dtype=np.uint8)
+    loader = DataLoader(chain, batch_size=DECODE_BATCH, num_workers=workers, collate_fn=_stack)
+    for start, batch in zip(range(0, len(chain), DECODE_BATCH), loader):
         images[start:start + DECODE_BATCH] = _checked(batch).numpy()
-    return images
+    return np.split(images, chain.ends[:-1])
 
 
 class _EpochBatches:
