@@ -28,15 +28,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-def resolve_path(value: str | Path, base_dir: Path | None, *, what: str = "file", must_exist: bool = True) -> Path:
+def resolve_path(value: str | Path, base_dir: Path | None, *, what: str = "file") -> Path:
     """`value` as a path: a relative one is taken against `base_dir` (the pipeline file's folder), or against the
     working directory when there is none. Raises ValueError naming the folder it looked in when nothing is there."""
     path = Path(value).expanduser()
     resolved = path if path.is_absolute() or base_dir is None else Path(base_dir) / path
-    if must_exist and not resolved.exists():
+    if not resolved.exists():
         if path.is_absolute():
             raise ValueError(f"{what} not found: {path}")
-        folder = f"{Path(base_dir).resolve()}, the pipeline file's folder" if base_dir is not None else f"{Path.cwd()}, the working directory"
+        folder = (f"{Path(base_dir).resolve()}, the pipeline file's folder" if base_dir is not None
+                  else f"{Path.cwd()}, the working directory")
         raise ValueError(f"{what} not found: {value} (resolved against {folder})")
     return resolved
 

@@ -155,3 +155,9 @@ def test_digits_stay_float_and_unconverted():
     index, x, _ = next(splits.train_batches(64, torch.Generator().manual_seed(0)))
     assert torch.equal(x, splits.x_train[index])
     assert splits.to_input(splits.x_train) is splits.x_train  # no copy
+
+
+def test_too_few_samples_to_split(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((4, 3)), y=np.array([0, 1, 0, 1]))
+    with pytest.raises(InputError, match="too few samples"):
+        load_data(DataConfig(source="npz", path=tmp_path / "d.npz"), seed=0)

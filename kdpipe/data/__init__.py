@@ -72,6 +72,8 @@ def _split(source: Source, cfg: DataConfig, seed: int) -> dict[str, Part]:
         everything = given["all"]
         test_idx, val_idx, train_idx = stratified_split(everything.y, [cfg.test_fraction, cfg.val_fraction], seed)
         split_off = f"{everything.origin}, split by class with seed {seed}"
+        if min(len(train_idx), len(val_idx), len(test_idx)) == 0:
+            raise InputError("data", f"too few samples ({len(everything.y)}) to split into train, validation and test")
         return {"train": everything.subset(train_idx, f"{split_off}: the rest"),
                 "val": everything.subset(val_idx, f"{split_off}: val_fraction {cfg.val_fraction}"),
                 "test": everything.subset(test_idx, f"{split_off}: test_fraction {cfg.test_fraction}")}

@@ -94,6 +94,8 @@ class Splits:
         return torch.uint8 if self.stream is not None else self.x_train.dtype
 
     def to(self, device: torch.device) -> Splits:
+        if self.augmentation is not None:
+            self.augmentation.module.to(device)
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
         return Splits(**moved)
 
