@@ -162,7 +162,7 @@ def prepare(pipeline_file: Path, overrides: list[str], check_models: bool = True
     torch.manual_seed(pipeline.seed)
     device = pick_device(pipeline.distill.device)
     resolve_precision(pipeline.distill.precision, device)
-    data = load_data(pipeline.data, pipeline.seed)
+    data = load_data(pipeline.data, pipeline.seed, device)
     teacher = None
     if pipeline.teacher is not None:
         teacher = build_model(pipeline.teacher.model, "teacher.model", data.input_shape, data.num_classes)
