@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kdpipe.errors import InputError
 
@@ -29,23 +29,169 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def resolve_path(value: str | Path, base_dir: Path | None, *, what: str = "file") -> Path:
+    """`value` as a path: a relative one is taken against `base_dir` (the pipeline file's folder), or against the
+    working directory when there is none. Raises ValueError naming the folder it looked in when nothing is there."""
+    path = Path(value).expanduser()
+    resolved = path if path.is_absolute() or base_dir is None else Path(base_dir) / path
+    if not resolved.exists():
+        if path.is_absolute():
+            raise ValueError(f"{what} not found: {path}")
+        folder = (f"{Path(base_dir).resolve()}, the pipeline file's folder" if base_dir is not None
+                  else f"{Path.cwd()}, the working directory")
+        raise ValueError(f"{what} not found: {value} (resolved against {folder})")
+    return resolved
+
+
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+UnitInterval = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class Normalization(Strict):
+    mean: list[float] = Field(min_length=1)
+    std: list[PositiveFloat] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Normalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        return self
+
+
+class RandomCrop(Strict):
+    padding: NonNegativeInt = 4
+    padding_mode: Literal["constant", "reflect", "replicate"] = "constant"
+
+
+class HorizontalFlip(Strict):
+    p: Probability = 0.5
+
+
+class RandomResizedCrop(Strict):
+    scale: tuple[UnitInterval, UnitInterval] = (0.08, 1.0)
+    ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
+
+    @model_validator(mode="after")
+    def _check(self) -> RandomResizedCrop:
+        if self.scale[0] > self.scale[1] or self.ratio[0] > self.ratio[1]:
+            raise ValueError("expected [low, high] with low ≤ high for scale and ratio")
+        return self
+
+
+class ColorJitter(Strict):
+    brightness: NonNegativeFloat = 0.0
+    contrast: NonNegativeFloat = 0.0
+    saturation: NonNegativeFloat = 0.0
+    hue: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    p: Probability = 1.0
+
+
+class AugmentStep(Strict):
+    """One augmentation, written as a one-key mapping: `- hflip: {p: 0.5}` (or just `- hflip` for its defaults)."""
+
+    random_crop: RandomCrop | None = None
+    hflip: HorizontalFlip | None = None
+    random_resized_crop: RandomResizedCrop | None = None
+    color_jitter: ColorJitter | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {value: {}}
+        if isinstance(value, dict):  # `- hflip:` with nothing after it reads as None: the defaults
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> AugmentStep:
+        if len(self.model_fields_set) != 1:
+            raise ValueError(f"expected one augmentation per list item, one of {', '.join(type(self).model_fields)}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return next(iter(self.model_fields_set))
+
+    @property
+    def params(self) -> BaseModel:
+        return getattr(self, self.name)
+
+
 class DataConfig(Strict):
-    source: Literal["digits", "npz", "csv"] = "digits"
-    path: Path | None = Field(None, description="data file for npz and csv sources")
-    label_column: str = Field("label", description="csv: the column holding the class label")
+    source: Literal["digits", "npz", "csv", "imagefolder", "hf"] = "digits"
+    path: Path | None = Field(None, description="npz/csv file; imagefolder: a folder with train/ (and optionally val/, "
+                                                "test/) or class folders directly; hf: a dataset saved with "
+                                                "save_to_disk or a parquet file. Relative to the pipeline file's folder")
+    image_column: str = Field("image", description="hf: the column holding the images")
+    label_column: str = Field("label", description="csv and hf: the column holding the class label")
+    split_column: str | None = Field(None, description="csv: a column saying train, val or test for each row; "
+                                                       "the splits are then used as given")
     shape: list[PositiveInt] | None = Field(None, description="per-sample shape to reshape flat rows into, e.g. [1, 8, 8]")
-    num_classes: PositiveInt | None = Field(None, description="number of classes; default: max label + 1")
+    layout: Literal["auto", "nchw", "nhwc"] = Field(
+        "auto", description="npz: the layout of 4-d image arrays; auto tells it from the shape and refuses to guess")
+    num_classes: PositiveInt | None = Field(None, description="number of classes; default: max label + 1 "
+                                                              "(labels must then cover 0..max)")
+    image_size: PositiveInt | list[PositiveInt] | None = Field(
+        None, description="imagefolder and hf: int or [H, W]; images are resized (shorter side) and center-cropped "
+                          "to it; null: every image must already have one size")
+    channels: Literal[1, 3] | None = Field(None, description="1 or 3: every image is converted to this; "
+                                                            "null: 3 for imagefolder and hf, as stored for arrays")
+    normalize: Literal["imagenet"] | Normalization | None = Field(
+        None, description="{mean: [...], std: [...]} per channel, or imagenet; the same on every split")
+    augment: list[AugmentStep] = Field(
+        default_factory=list, description="training batches only, per sample on the training device: random_crop, "
+                                          "hflip, random_resized_crop, color_jitter")
+    storage: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: decoded uint8 on the training device; stream: decoded by DataLoader workers "
+                            "every epoch (data larger than memory); auto: memory when it fits")
+    workers: Literal["auto"] | NonNegativeInt = Field("auto", description="image decoding processes; auto: one per "
+                                                                         "CPU core, at most 8")
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.2
     batch_size: PositiveInt = 64
 
+    @field_validator("path")
+    @classmethod
+    def _resolve(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        base_dir = (info.context or {}).get("base_dir")
+        return path if path is None or base_dir is None else resolve_path(path, base_dir, what="data file")
+
+    @field_validator("image_size")
+    @classmethod
+    def _height_width(cls, size: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(size, list) and len(size) != 2:
+            raise ValueError(f"expected an int or [height, width], got {size}")
+        return size
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.source != "digits" and self.path is None:
-            raise ValueError(f"source '{self.source}' needs a 'path' to its data file")
+            raise ValueError(f"source '{self.source}' needs a 'path' to its data")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1 to leave training data")
+        if self.image_size is not None and self.source not in ("imagefolder", "hf"):
+            raise ValueError(f"image_size applies to imagefolder and hf images, not to source '{self.source}'")
+        if self.split_column is not None and self.source != "csv":
+            raise ValueError("split_column applies to csv files")
+        if isinstance(self.normalize, Normalization) and self.channels and len(self.normalize.mean) != self.channels:
+            raise ValueError(f"normalize has {len(self.normalize.mean)} values per statistic for {self.channels} channels")
         return self
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """image_size as (height, width)."""
+        if self.image_size is None:
+            return None
+        return tuple(self.image_size) if isinstance(self.image_size, list) else (self.image_size, self.image_size)
+
+    @property
+    def normalization(self) -> tuple[list[float], list[float]] | None:
+        if self.normalize is None:
+            return None
+        values = IMAGENET_NORMALIZATION if self.normalize == "imagenet" else self.normalize.model_dump()
+        return values["mean"], values["std"]
 
 
 class ModelConfig(Strict):
@@ -279,7 +425,7 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType, Annotated):
+    if origin in (Union, types.UnionType, Annotated, list):
         for arg in typing.get_args(annotation):
             found = _submodel(arg)
             if found is not None:
@@ -332,6 +478,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         if current is None:
             return []
+        if isinstance(part, int):  # an item of a list of models: the item's model
+            continue
         field = next((f for n, f in current.model_fields.items() if (f.alias or n) == part), None)
         if field is None:
             return []

@@ -118,12 +118,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     raw = apply_overrides(read_yaml(Path(path)), overrides or [])
-    return validate_pipeline(raw)
+    return validate_pipeline(raw, base_dir=Path(path).parent)
 
 
-def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
+def validate_pipeline(raw: dict[str, Any], base_dir: Path | None = None) -> Pipeline:
+    """`base_dir`: the pipeline file's folder, against which relative paths in it resolve."""
     try:
-        pipeline = Pipeline.model_validate(raw)
+        pipeline = Pipeline.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise _input_error(exc, Pipeline, ()) from None
     get_method(pipeline.distill.method).check_pipeline(pipeline)

@@ -206,7 +206,7 @@ def prepare(pipeline_file: Path, overrides: list[str], check_models: bool = True
     torch.manual_seed(pipeline.seed)
     device = pick_device(pipeline.distill.device)
     resolve_precision(pipeline.distill.precision, device)
-    data = load_data(pipeline.data, pipeline.seed)
+    data = load_data(pipeline.data, pipeline.seed, device)
     check_trainable(pipeline, data)
     teacher = None
     if pipeline.teacher is not None:

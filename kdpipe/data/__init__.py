@@ -1,189 +1,213 @@
-"""Datasets: built-in digits, npz and csv files; deterministic stratified splits held as tensors.
+"""Datasets: built-in digits, npz and csv files, image folders and local `datasets` data; deterministic splits.
 
-Data that fits in memory lives on the training device as tensors, so a
-training step is an index into them, with no DataLoader machinery.
+Data that fits in memory lives on the training device as tensors (images as
+uint8, converted per batch), so a training step is an index into them, with no
+DataLoader machinery; image data larger than memory is streamed by DataLoader
+workers. Validation and test inputs are held model-ready in memory.
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdpipe.config import DataConfig
+from kdpipe.data.augment import Augmentation
+from kdpipe.data.images import Decoder
+from kdpipe.data.sources import SPLIT_NAMES, Part, Source, read_source
+from kdpipe.data.splits import InputConversion, Splits, stratified_split
+from kdpipe.data.storage import StreamedImages, choose_storage, decode_all, first_image, worker_count
 from kdpipe.errors import InputError
-from kdpipe.fingerprint import fingerprint
+from kdpipe.fingerprint import Fingerprint
+
+__all__ = ["InputConversion", "Splits", "load_data", "stratified_split"]
 
 
-@dataclass
-class Splits:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    fingerprint: str  # content hash of the arrays and the split settings
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-    def to(self, device: torch.device) -> Splits:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-        return Splits(**moved)
-
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
-
-    @property
-    def augmented(self) -> bool:
-        """Whether training batches are randomly augmented (teacher outputs then differ every epoch)."""
-        return False
-
-    def train_batches(self, batch_size: int, generator: torch.Generator, *, rank: int = 0,
-                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(index, inputs, labels) of this rank's share of each batch of a fresh permutation of the training split.
-
-        Every rank draws the same permutation from `generator`; a batch too small to give each rank two samples
-        (BatchNorm cannot train on one) is skipped. Inputs are ready for the model, on the data's device.
-        """
-        n = len(self.y_train)
-        order = torch.randperm(n, generator=generator).to(self.y_train.device)
-        for start in range(0, n, batch_size):
-            index = order[start:start + batch_size]
-            if len(index) < 2 * world_size and n >= 2 * world_size:
-                continue
-            index = index[rank::world_size]
-            yield index, self.x_train[index], self.y_train[index]
-
-    def train_inputs(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(index, inputs) over the training split in order, never augmented: for frozen-teacher passes."""
-        for start in range(0, len(self.y_train), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(self.y_train)), device=self.y_train.device)
-            yield index, self.x_train[index]
-
-
-def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
-    """Split indices per class by `fractions` (the remainder is the last part), deterministically by seed.
-
-    Each class is shuffled with its own generator derived from (seed, class), so
-    adding samples of one class never reshuffles another.
-    """
-    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
-    for label in np.unique(y):
-        idx = np.flatnonzero(y == label)
-        idx = idx[np.random.default_rng([seed, int(label)]).permutation(len(idx))]
-        start = 0
-        for i, frac in enumerate(fractions):
-            count = int(round(frac * len(idx)))
-            parts[i].append(idx[start:start + count])
-            start += count
-        parts[-1].append(idx[start:])
-    return [np.sort(np.concatenate(p)) for p in parts]
-
-
-def load_data(cfg: DataConfig, seed: int) -> Splits:
-    x, y, x_test, y_test = _read_source(cfg)
-    if len(x) != len(y) or (x_test is not None and len(x_test) != len(y_test)):
-        raise InputError("data.path", "expected as many labels as samples")
-    x = _shape_samples(x, cfg, "data.path")
-    y = _labels(y, "data.path")
-    if x_test is not None:
-        x_test = _shape_samples(x_test, cfg, "data.path")
-        y_test = _labels(y_test, "data.path")
-        if x_test.shape[1:] != x.shape[1:]:
-            raise InputError("data.path", f"x_test samples have shape {x_test.shape[1:]}, x has {x.shape[1:]}")
-        val_idx, train_idx = stratified_split(y, [cfg.val_fraction], seed)
-        test = (x_test, y_test)
+def load_data(cfg: DataConfig, seed: int, device: torch.device | None = None) -> Splits:
+    """Read, check, split and store the configured data. `device`: where training runs (for `storage: auto`)."""
+    source = read_source(cfg)
+    for part in source.parts.values():
+        part.y = _labels(part.y, part.origin)
+    parts = _split(source, cfg, seed)
+    num_classes = _num_classes(parts, cfg, source.classes)
+    if isinstance(parts["train"].x, np.ndarray):
+        stored, train, storage = _arrays(parts, cfg)
     else:
-        test_idx, val_idx, train_idx = stratified_split(y, [cfg.test_fraction, cfg.val_fraction], seed)
-        test = (x[test_idx], y[test_idx])
-    all_labels = np.concatenate([y, test[1]])
-    num_classes = cfg.num_classes or int(all_labels.max()) + 1
-    if all_labels.max() >= num_classes:
-        raise InputError("data.num_classes", f"labels go up to {int(all_labels.max())}, which needs more than {num_classes} classes")
-    digest = fingerprint(x, y, test[0], test[1], [seed, cfg.val_fraction, cfg.test_fraction, num_classes])
+        stored, train, storage = _images(parts, cfg, device)
+    sample_shape = tuple(stored["val"].shape[1:])
+    normalization = cfg.normalization
+    if normalization is not None and (len(sample_shape) != 3 or len(normalization[0]) != sample_shape[0]):
+        raise InputError("data.normalize", f"expected {sample_shape[0] if len(sample_shape) == 3 else 'image'} "
+                                           f"channels' statistics for samples of shape {sample_shape}, "
+                                           f"got {len(normalization[0])} values")
+    conversion = InputConversion(255.0 if stored["val"].dtype == np.uint8 else None,
+                                 *(tuple(v) for v in normalization) if normalization else (None, None))
+    augmentation = Augmentation(cfg.augment, sample_shape) if cfg.augment else None
 
-    def tensors(xs, ys):
-        return torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32)), torch.from_numpy(ys.astype(np.int64))
+    def tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return conversion(torch.from_numpy(stored[split])), torch.from_numpy(parts[split].y)
 
-    x_tr, y_tr = tensors(x[train_idx], y[train_idx])
-    x_va, y_va = tensors(x[val_idx], y[val_idx])
-    x_te, y_te = tensors(*test)
-    if min(len(y_tr), len(y_va), len(y_te)) == 0:
-        raise InputError("data", f"too few samples ({len(y)}) to split into train, validation and test")
-    return Splits(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, digest)
-
-
-def _read_source(cfg: DataConfig):
-    if cfg.source == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        # 8×8 grey images with values 0..16, scaled to [0, 1].
-        return digits.images[:, None, :, :] / 16.0, digits.target, None, None
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise InputError("data.path", f"data file not found: {path}")
-    if cfg.source == "npz":
-        return _read_npz(path)
-    return _read_csv(path, cfg.label_column)
+    x_val, y_val = tensors("val")
+    x_test, y_test = tensors("test")
+    provenance = {
+        "source": cfg.source,
+        "splits": {s: {"from": parts[s].origin, "size": len(parts[s].y)} for s in SPLIT_NAMES},
+        "storage": storage,
+        "stored_dtype": str(stored["val"].dtype),
+        "classes": source.classes,
+        "skipped_files": {"count": len(source.skipped), "first": source.skipped[:5]},
+    }
+    splits = Splits(train if storage == "memory" else None, torch.from_numpy(parts["train"].y), x_val, y_val,
+                    x_test, y_test, num_classes, _fingerprint(parts, stored, cfg, seed, num_classes),
+                    conversion, augmentation, train if storage == "stream" else None, provenance)
+    return splits
 
 
-def _read_npz(path: Path):
-    try:
-        arrays = np.load(path, allow_pickle=False)
-    except Exception as exc:  # numpy raises several types for a file that is not an npz
-        raise InputError("data.path", f"cannot read {path} as .npz: {exc}") from None
-    missing = [k for k in ("x", "y") if k not in arrays.files]
+def _split(source: Source, cfg: DataConfig, seed: int) -> dict[str, Part]:
+    """train/val/test: given splits as they are, the others split off by class (stratified) from the training data."""
+    given = source.parts
+    if "all" in given:
+        everything = given["all"]
+        test_idx, val_idx, train_idx = stratified_split(everything.y, [cfg.test_fraction, cfg.val_fraction], seed)
+        split_off = f"{everything.origin}, split by class with seed {seed}"
+        if min(len(train_idx), len(val_idx), len(test_idx)) == 0:
+            raise InputError("data", f"too few samples ({len(everything.y)}) to split into train, validation and test")
+        return {"train": everything.subset(train_idx, f"{split_off}: the rest"),
+                "val": everything.subset(val_idx, f"{split_off}: val_fraction {cfg.val_fraction}"),
+                "test": everything.subset(test_idx, f"{split_off}: test_fraction {cfg.test_fraction}")}
+    for split in ("val", "test"):
+        if split in given and f"{split}_fraction" in cfg.model_fields_set:
+            raise InputError(f"data.{split}_fraction", f"the data gives its {split} split ({given[split].origin}), "
+                                                       f"so {split}_fraction would be ignored: remove it")
+    parts = {"train": given["train"]}
+    for split in ("test", "val"):
+        if split in given:
+            parts[split] = given[split]
+            continue
+        fraction = getattr(cfg, f"{split}_fraction")
+        rest = parts["train"]
+        taken, kept = stratified_split(rest.y, [fraction], seed)
+        parts[split] = rest.subset(taken, f"{rest.origin}, {split}_fraction {fraction} split off by class (seed {seed})")
+        parts["train"] = rest.subset(kept, f"{rest.origin}, less the {split} split")
+    for split in SPLIT_NAMES:
+        if len(parts[split].y) == 0:
+            raise InputError("data", f"the {split} split is empty ({parts[split].origin})")
+    return parts
+
+
+def _num_classes(parts: dict[str, Part], cfg: DataConfig, classes: list[str] | None) -> int:
+    all_labels = np.concatenate([p.y for p in parts.values()])
+    if len(np.unique(parts["train"].y)) < 2:
+        raise InputError("data.path" if cfg.path else "data", f"the training split has a single class "
+                                                              f"({parts['train'].origin}): nothing to classify")
+    highest = int(all_labels.max())
+    if cfg.num_classes is not None:
+        if highest >= cfg.num_classes:
+            raise InputError("data.num_classes", f"labels go up to {highest}, which needs more than {cfg.num_classes} classes")
+        return cfg.num_classes
+    if classes is not None:
+        return len(classes)
+    missing = sorted(set(range(highest + 1)) - set(np.unique(all_labels).tolist()))
     if missing:
-        raise InputError("data.path", f"{path} has no array {' or '.join(repr(m) for m in missing)} (found: {', '.join(arrays.files) or 'none'}); expected 'x' and 'y', optionally 'x_test' and 'y_test'")
-    has_test = "x_test" in arrays.files and "y_test" in arrays.files
-    return (arrays["x"], arrays["y"], arrays["x_test"] if has_test else None, arrays["y_test"] if has_test else None)
+        shown = ", ".join(map(str, missing[:5])) + (" …" if len(missing) > 5 else "")
+        raise InputError("data.num_classes", f"labels go up to {highest} but {len(missing)} of 0..{highest} never occur "
+                                             f"(missing {shown}); relabel them 0..K-1 or set num_classes to {highest + 1}")
+    return highest + 1
 
 
-def _read_csv(path: Path, label_column: str):
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
-    if not rows:
-        raise InputError("data.path", f"{path} is empty")
-    header, body = rows[0], rows[1:]
-    if label_column not in header:
-        raise InputError("data.label_column", f"no column '{label_column}' in {path} (columns: {', '.join(header)})")
-    col = header.index(label_column)
-    try:
-        values = np.array([[float(v) for i, v in enumerate(r) if i != col] for r in body], dtype=np.float32)
-        labels = np.array([float(r[col]) for r in body])
-    except ValueError as exc:
-        raise InputError("data.path", f"{path}: expected numeric feature and label values ({exc})") from None
-    return values, labels, None, None
+def _arrays(parts: dict[str, Part], cfg: DataConfig) -> tuple[dict[str, np.ndarray], torch.Tensor, str]:
+    stored = {s: _as_samples(p.x, cfg, p.origin) for s, p in parts.items()}
+    for split, x in stored.items():
+        if x.shape[1:] != stored["train"].shape[1:]:
+            raise InputError("data.path", f"{parts[split].origin}: samples of shape {x.shape[1:]}, but the training "
+                                          f"samples have shape {stored['train'].shape[1:]}")
+        if x.dtype != stored["train"].dtype:
+            raise InputError("data.path", f"{parts[split].origin}: {x.dtype} samples, but the training samples are "
+                                          f"{stored['train'].dtype}")
+    return stored, torch.from_numpy(stored["train"]), "memory"
 
 
-def _shape_samples(x: np.ndarray, cfg: DataConfig, key: str) -> np.ndarray:
-    if not np.issubdtype(x.dtype, np.number):
-        raise InputError(key, f"expected numeric samples, got dtype {x.dtype}")
+def _as_samples(x: np.ndarray, cfg: DataConfig, origin: str) -> np.ndarray:
+    """Samples as N×D features or N×C×H×W images; uint8 kept (scaled per batch), other numbers as float32."""
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise InputError("data.path", f"{origin}: expected numeric samples, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.floating):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise InputError("data.path", f"{origin}: {bad} non-finite values (NaN or inf) in the samples")
     if cfg.shape is not None:
         per_sample = int(np.prod(cfg.shape))
         if x[0].size != per_sample:
             raise InputError("data.shape", f"shape {cfg.shape} holds {per_sample} values but each sample has {x[0].size}")
-        return x.reshape(len(x), *cfg.shape)
-    if x.ndim == 3:  # N×H×W: one channel
-        return x[:, None]
-    if x.ndim in (2, 4):
-        return x
-    raise InputError(key, f"expected samples as N×D, N×H×W or N×C×H×W, got an array of shape {x.shape}")
+        x = x.reshape(len(x), *cfg.shape)
+    elif x.ndim == 3:  # N×H×W: one channel
+        x = x[:, None]
+    elif x.ndim == 4:
+        x = x.transpose(0, 3, 1, 2) if _layout(x.shape, cfg.layout, origin) == "nhwc" else x
+    elif x.ndim != 2:
+        raise InputError("data.path", f"{origin}: expected samples as N×D, N×H×W, N×C×H×W or N×H×W×C, got shape {x.shape}")
+    if cfg.channels is not None and x.ndim == 4 and x.shape[1] != cfg.channels:
+        x = _convert_channels(x, cfg.channels, origin)
+    dtype = np.uint8 if x.dtype == np.uint8 else np.float32
+    return np.ascontiguousarray(x, dtype=dtype)
 
 
-def _labels(y: np.ndarray, key: str) -> np.ndarray:
+IMAGE_CHANNELS = (1, 3, 4)
+
+
+def _layout(shape: tuple[int, ...], layout: str, origin: str) -> str:
+    """nchw or nhwc for a 4-d image array: as configured, or told by which axis can hold image channels."""
+    if layout != "auto":
+        return layout
+    first, last = shape[1] in IMAGE_CHANNELS, shape[3] in IMAGE_CHANNELS
+    if first != last:
+        return "nchw" if first else "nhwc"
+    raise InputError("data.layout", f"{origin}: cannot tell whether samples of shape {shape[1:]} are C×H×W or "
+                                    f"H×W×C; set layout to nchw or nhwc")
+
+
+def _convert_channels(x: np.ndarray, channels: int, origin: str) -> np.ndarray:
+    have = x.shape[1]
+    if have == 1 and channels == 3:
+        return np.repeat(x, 3, axis=1)
+    if have in (3, 4) and channels == 1:  # ITU-R 601 luma, as Pillow's "L"; alpha dropped
+        luma = np.tensordot(np.array([0.299, 0.587, 0.114]), x[:, :3].astype(np.float64), axes=(0, 1))[:, None]
+        return np.rint(luma).astype(np.uint8) if x.dtype == np.uint8 else luma.astype(np.float32)
+    if have == 4 and channels == 3:
+        return x[:, :3]
+    raise InputError("data.channels", f"{origin}: cannot convert {have}-channel samples to {channels} channels")
+
+
+def _images(parts: dict[str, Part], cfg: DataConfig, device: torch.device | None):
+    """val/test decoded into memory; train decoded into memory or streamed, as `storage` says."""
+    decoder = Decoder(cfg.channels or 3, cfg.size)
+    workers = worker_count(cfg.workers)
+    shape = first_image(parts["train"].x, decoder).shape
+    storage = choose_storage(cfg.storage, len(parts["train"].y), shape, device)
+    decoded = ("train", "val", "test") if storage == "memory" else ("val", "test")
+    stored = dict(zip(decoded, decode_all([parts[s].x for s in decoded], decoder, workers, shape)))
+    if storage == "memory":
+        return stored, torch.from_numpy(stored["train"]), storage
+    return stored, StreamedImages(parts["train"].x, decoder, shape, workers), storage
+
+
+def _fingerprint(parts: dict[str, Part], stored: dict[str, np.ndarray], cfg: DataConfig, seed: int,
+                 num_classes: int) -> str:
+    """Content hash of arrays; images by their records' identity (paths, sizes and times), never read again."""
+    digest = Fingerprint()
+    for split in SPLIT_NAMES:
+        x = parts[split].x
+        digest.add(stored[split] if split in stored else x.identity(), parts[split].y)
+    settings = cfg.model_dump(mode="json", include={"image_size", "channels", "normalize", "augment", "layout", "shape"})
+    return digest.add([seed, cfg.val_fraction, cfg.test_fraction, num_classes, settings]).hexdigest()
+
+
+def _labels(y: np.ndarray, origin: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
-        raise InputError(key, f"expected labels as a 1-d array of class indices, got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.number) or not np.all(np.equal(np.mod(y, 1), 0)) or (y < 0).any():
-        raise InputError(key, "expected integer class labels ≥ 0")
+        raise InputError("data.path", f"{origin}: expected labels as a 1-d array of class indices, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)) or not np.all(np.equal(np.mod(y, 1), 0)) \
+            or (y < 0).any():
+        raise InputError("data.path", f"{origin}: expected integer class labels ≥ 0")
     return y.astype(np.int64)

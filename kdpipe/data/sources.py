@@ -1,0 +1,261 @@
+"""Reading each source into samples per split, before any splitting, decoding or conversion.
+
+A source gives either the whole data set (part "all", split later by the
+configured fractions) or some of its splits as given (parts "train", "val",
+"test"). Images stay undecoded here (`ImageRecords`), so streaming never
+decodes a file twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kdpipe.config import DataConfig, resolve_path
+from kdpipe.data.images import list_class_folders
+from kdpipe.errors import InputError
+from kdpipe.fingerprint import fingerprint
+
+SPLIT_NAMES = ("train", "val", "test")
+HF_SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "val", "test": "test"}
+
+
+@dataclass
+class ImageRecords:
+    """Undecoded images, one per row; subclasses say how to read one and name it in an error."""
+
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, index: np.ndarray) -> ImageRecords:
+        return dataclasses.replace(self, rows=self.rows[index])
+
+    def raw(self, i: int) -> object:
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        raise NotImplementedError
+
+    def identity(self) -> str:
+        """A digest that changes when any image may have changed, without reading the images."""
+        raise NotImplementedError
+
+
+def _file_identity(path: Path) -> list:
+    """What changes when a file may have changed, without reading it: its path, size and modification time."""
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+@dataclass
+class ImageFiles(ImageRecords):
+    files: list[Path] = field(default_factory=list)
+
+    def raw(self, i: int) -> object:
+        return self.files[self.rows[i]]
+
+    def name(self, i: int) -> str:
+        return str(self.files[self.rows[i]])
+
+    def identity(self) -> str:
+        return fingerprint([_file_identity(self.files[row]) for row in self.rows])
+
+
+@dataclass
+class ArrowImages(ImageRecords):
+    column: object = None  # pyarrow ChunkedArray of image cells (memory-mapped from the dataset's files)
+    origin: str = ""
+    files: list[Path] = field(default_factory=list)
+
+    def raw(self, i: int) -> object:
+        return self.column[int(self.rows[i])].as_py()
+
+    def name(self, i: int) -> str:
+        return f"{self.origin} row {int(self.rows[i])}"
+
+    def identity(self) -> str:
+        return fingerprint(self.rows, [_file_identity(path) for path in self.files])
+
+
+@dataclass
+class Part:
+    """One split's samples as read: an array (features or images) or undecoded images, and their labels."""
+
+    x: np.ndarray | ImageRecords
+    y: np.ndarray
+    origin: str  # where it came from, for the report
+
+    def subset(self, index: np.ndarray, origin: str) -> Part:
+        return Part(self.x[index] if isinstance(self.x, np.ndarray) else self.x.subset(index), self.y[index], origin)
+
+
+@dataclass
+class Source:
+    parts: dict[str, Part]  # "all", or "train" with "val" and/or "test" when the source gives them
+    classes: list[str] | None = None  # class names by label, when the source has them
+    skipped: list[str] = field(default_factory=list)  # files left out as not images
+
+
+def read_source(cfg: DataConfig) -> Source:
+    if cfg.source == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        # 8×8 grey images with values 0..16, scaled to [0, 1].
+        return Source({"all": Part(digits.images[:, None, :, :] / 16.0, digits.target, "scikit-learn digits")})
+    try:
+        path = resolve_path(cfg.path, None, what="data file")
+    except ValueError as exc:
+        raise InputError("data.path", str(exc)) from None
+    if cfg.source == "npz":
+        return _read_npz(path)
+    if cfg.source == "csv":
+        return _read_csv(path, cfg)
+    if cfg.source == "imagefolder":
+        return _read_image_folder(path)
+    return _read_hf(path, cfg)
+
+
+def _read_npz(path: Path) -> Source:
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for a file that is not an npz
+        raise InputError("data.path", f"cannot read {path} as .npz: {exc}") from None
+    missing = [k for k in ("x", "y") if k not in arrays.files]
+    if missing:
+        raise InputError("data.path", f"{path} has no array {' or '.join(repr(m) for m in missing)} (found: "
+                                      f"{', '.join(arrays.files) or 'none'}); expected 'x' and 'y', optionally "
+                                      f"'x_val' and 'y_val', 'x_test' and 'y_test'")
+    parts = {"train": Part(arrays["x"], arrays["y"], f"{path} x, y")}
+    for split in ("val", "test"):
+        x_key, y_key = f"x_{split}", f"y_{split}"
+        if (x_key in arrays.files) != (y_key in arrays.files):
+            raise InputError("data.path", f"{path} has '{x_key if x_key in arrays.files else y_key}' without "
+                                          f"'{y_key if x_key in arrays.files else x_key}'")
+        if x_key in arrays.files:
+            parts[split] = Part(arrays[x_key], arrays[y_key], f"{path} {x_key}, {y_key}")
+    for name, part in parts.items():
+        if len(part.x) != len(part.y):
+            raise InputError("data.path", f"{part.origin}: {len(part.x)} samples but {len(part.y)} labels")
+    if len(parts) == 1:
+        parts = {"all": parts["train"]}
+    return Source(parts)
+
+
+def _read_csv(path: Path, cfg: DataConfig) -> Source:
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise InputError("data.path", f"{path} is empty")
+    header, body = rows[0], rows[1:]
+    for key, column in (("data.label_column", cfg.label_column), ("data.split_column", cfg.split_column)):
+        if column is not None and column not in header:
+            raise InputError(key, f"no column '{column}' in {path} (columns: {', '.join(header)})")
+    label_col = header.index(cfg.label_column)
+    split_col = header.index(cfg.split_column) if cfg.split_column else None
+    features = [i for i in range(len(header)) if i not in (label_col, split_col)]
+    try:
+        values = np.array([[float(r[i]) for i in features] for r in body], dtype=np.float32)
+        labels = np.array([float(r[label_col]) for r in body])
+    except (ValueError, IndexError) as exc:
+        raise InputError("data.path", f"{path}: expected numeric feature and label values in every row ({exc})") from None
+    if split_col is None:
+        return Source({"all": Part(values, labels, str(path))})
+    splits = np.array([r[split_col].strip().lower() for r in body])
+    unknown = sorted(set(splits) - set(SPLIT_NAMES))
+    if unknown:
+        raise InputError("data.split_column", f"{path}: column '{cfg.split_column}' holds '{unknown[0]}'; "
+                                              f"expected train, val or test")
+    parts = {s: Part(values[splits == s], labels[splits == s], f"{path} rows with {cfg.split_column}={s}")
+             for s in SPLIT_NAMES if (splits == s).any()}
+    if "train" not in parts:
+        raise InputError("data.split_column", f"{path}: no row has {cfg.split_column}=train")
+    return Source(parts)
+
+
+def _read_image_folder(path: Path) -> Source:
+    """path/train/<class>/… with optional val/ and test/, or path/<class>/… (split by the fractions)."""
+    if not path.is_dir():
+        raise InputError("data.path", f"expected a folder of images, got the file {path}")
+    if (path / "train").is_dir():
+        given = {s: path / s for s in SPLIT_NAMES if (path / s).is_dir()}
+    else:
+        given = {"all": path}
+    listings = {s: list_class_folders(folder) for s, folder in given.items()}
+    first, classes = next(iter(listings.items()))
+    for split, listing in listings.items():
+        if listing.classes != classes.classes:
+            only_here = sorted(set(listing.classes) - set(classes.classes))
+            only_there = sorted(set(classes.classes) - set(listing.classes))
+            raise InputError("data.path", f"{given[split]} has different classes from {given[first]}: "
+                                          f"only in {split}: {only_here or 'none'}, only in {first}: {only_there or 'none'}")
+    parts = {s: Part(ImageFiles(np.arange(len(lst.files)), lst.files), lst.labels, f"{given[s]} (image folders)")
+             for s, lst in listings.items()}
+    skipped = [str(p) for lst in listings.values() for p in lst.skipped]
+    return Source(parts, classes.classes, skipped)
+
+
+def _read_hf(path: Path, cfg: DataConfig) -> Source:
+    """A `datasets` dataset saved with save_to_disk (a Dataset, or a DatasetDict whose train/validation/test are
+    the splits), or one parquet file. Read from local files only; nothing is downloaded."""
+    try:
+        import datasets
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("data.source", "source hf needs the datasets package: pip install 'kdpipe[hf]'") from None
+    if path.is_file():
+        try:
+            table = pq.read_table(path, memory_map=True)
+        except Exception as exc:  # pyarrow raises several types for a file that is not parquet
+            raise InputError("data.path", f"cannot read {path} as parquet: {exc}") from None
+        tables, files, features = {"all": table}, [path], _parquet_features(table)
+    else:
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise InputError("data.path", f"cannot load {path} with datasets.load_from_disk: {exc}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            unknown = sorted(set(loaded) - set(HF_SPLIT_NAMES))
+            if unknown or "train" not in loaded:
+                raise InputError("data.path", f"{path}: expected splits train and optionally validation and test, "
+                                              f"got {', '.join(loaded)}")
+            named = {HF_SPLIT_NAMES[k]: ds for k, ds in loaded.items()}
+        else:
+            named = {"all": loaded}
+        tables = {s: ds.with_format("arrow")[:] for s, ds in named.items()}
+        files = sorted({Path(f["filename"]) for ds in named.values() for f in ds.cache_files})
+        features = next(iter(named.values())).features
+    parts, raw_labels = {}, {}
+    for split, table in tables.items():
+        origin = path if split == "all" else f"{path} split {split}"
+        for key, column in (("data.image_column", cfg.image_column), ("data.label_column", cfg.label_column)):
+            if column not in table.column_names:
+                raise InputError(key, f"{origin} has no column '{column}' (columns: {', '.join(table.column_names)})")
+        raw_labels[split] = table.column(cfg.label_column).to_numpy(zero_copy_only=False)
+        images = ArrowImages(np.arange(len(table)), table.column(cfg.image_column), str(origin), files)
+        parts[split] = Part(images, raw_labels[split], f"{origin} (hf)")
+    feature = features.get(cfg.label_column) if features else None
+    classes = getattr(feature, "names", None) or (feature.get("names") if isinstance(feature, dict) else None)
+    if any(values.dtype.kind in "OUS" for values in raw_labels.values()):
+        # String labels: numbered in sorted order over every split, so a name means one class everywhere.
+        classes = sorted({str(v) for values in raw_labels.values() for v in values.tolist()})
+        lookup = {name: i for i, name in enumerate(classes)}
+        for part in parts.values():
+            part.y = np.array([lookup[str(v)] for v in part.y.tolist()], dtype=np.int64)
+    return Source(parts, classes)
+
+
+def _parquet_features(table) -> dict | None:
+    """The label names `datasets` records in a parquet file's metadata, as {column: {"names": [...]}}."""
+    meta = (table.schema.metadata or {}).get(b"huggingface")
+    try:
+        return json.loads(meta)["info"]["features"] if meta else None
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,153 @@
+"""The training, validation and test splits as the training loop and the stages read them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kdpipe.data.augment import Augmentation
+from kdpipe.data.storage import StreamedImages
+
+
+def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Split indices per class by `fractions` (the remainder is the last part), deterministically by seed.
+
+    Each class is shuffled with its own generator derived from (seed, class), so
+    adding samples of one class never reshuffles another.
+    """
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        idx = idx[np.random.default_rng([seed, int(label)]).permutation(len(idx))]
+        start = 0
+        for i, frac in enumerate(fractions):
+            count = int(round(frac * len(idx)))
+            parts[i].append(idx[start:start + count])
+            start += count
+        parts[-1].append(idx[start:])
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+@dataclass(frozen=True)
+class InputConversion:
+    """Stored samples → model inputs: uint8 scaled to [0, 1], then normalized per channel when configured."""
+
+    divisor: float | None = None  # 255 for uint8 images
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Float samples, images in [0, 1] (what augmentation works on). Float storage passes through uncopied."""
+        return x.float() if self.divisor is None else x.float() / self.divisor
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return (x - mean) / std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.unit(x))
+
+
+@dataclass
+class Splits:
+    """x_val and x_test: model-ready float inputs. x_train: the stored training samples (uint8 for 8-bit images,
+    float otherwise), or None when they are streamed; the loop reads them through train_batches/train_inputs."""
+
+    x_train: torch.Tensor | None
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    fingerprint: str  # content hash of the data (or of its files' paths, sizes and times) and the split settings
+    conversion: InputConversion = field(default_factory=InputConversion)
+    augmentation: Augmentation | None = None
+    stream: StreamedImages | None = None
+    provenance: dict = field(default_factory=dict)  # where each split came from, its size, storage, skipped files
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's input shape per sample (C, H, W for images), after conversion."""
+        return tuple(self.x_val.shape[1:])
+
+    @property
+    def augmented(self) -> bool:
+        """Whether training batches are randomly augmented (teacher outputs then differ every epoch)."""
+        return self.augmentation is not None
+
+    @property
+    def normalization(self) -> tuple[list[float], list[float]] | None:
+        """(mean, std) per channel applied to every split after scaling to [0, 1]; None when not normalized."""
+        return None if self.conversion.mean is None else (list(self.conversion.mean), list(self.conversion.std))
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """dtype of the stored training samples; uint8 ones are divided by 255 before normalization."""
+        return torch.uint8 if self.stream is not None else self.x_train.dtype
+
+    def to(self, device: torch.device) -> Splits:
+        if self.augmentation is not None:
+            self.augmentation.module.to(device)
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return Splits(**moved)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored samples (e.g. x_train[index]) as model-ready float inputs, never augmented."""
+        return self.conversion(x)
+
+    def train_batches(self, batch_size: int, generator: torch.Generator, *, rank: int = 0,
+                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(index, inputs, labels) of this rank's share of each batch of a fresh permutation of the training split.
+
+        Every rank draws the same permutation from `generator`; a batch too small to give each rank two samples
+        (BatchNorm cannot train on one) is skipped. Inputs are model-ready floats on the labels' device,
+        augmented per sample when the pipeline says so (with parameters drawn from `generator` as well).
+        """
+        n = len(self.y_train)
+        device = self.y_train.device
+        order = torch.randperm(n, generator=generator).to(device)
+        indices = []
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            if len(index) < 2 * world_size and n >= 2 * world_size:
+                continue
+            indices.append(index[rank::world_size])
+        for index, stored in zip(indices, self._stored(indices)):
+            x = self.conversion.unit(stored)
+            if self.augmentation is not None:
+                x = self.augmentation(x, generator)
+            yield index, self.conversion.normalize(x), self.y_train[index]
+
+    def train_inputs(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(index, inputs) over the training split in order, never augmented: for frozen-teacher passes."""
+        indices = list(torch.arange(len(self.y_train), device=self.y_train.device).split(batch_size))
+        for index, stored in zip(indices, self._stored(indices)):
+            yield index, self.to_input(stored)
+
+    def calibration_inputs(self, count: int, batch_size: int, seed: int) -> list[np.ndarray]:
+        """`count` batches of model-ready float32 inputs drawn without replacement from the training split (a fixed
+        draw per seed), never augmented: for static INT8 calibration."""
+        order = np.random.default_rng(seed).permutation(len(self.y_train))[: batch_size * count]
+        indices = [torch.from_numpy(order[i:i + batch_size]).to(self.y_train.device)
+                   for i in range(0, len(order), batch_size)]
+        return [np.ascontiguousarray(self.to_input(stored).cpu().numpy(), dtype=np.float32)
+                for stored in self._stored(indices)]
+
+    def _stored(self, indices: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The stored training samples of each batch of indices (on the labels' device, as the samples are)."""
+        if self.stream is not None:
+            yield from self.stream.batches(indices, self.y_train.device)
+        else:
+            for index in indices:
+                yield self.x_train[index]
