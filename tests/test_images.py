@@ -14,7 +14,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from conftest import FAST, LENIENT, PIPELINES, cli, read_report, sets
-from kdpipe.config import DataConfig, load_pipeline
+from kdpipe.config import DataConfig
+from kdpipe.pipeline import load_pipeline
 from kdpipe.data import load_data
 
 CLASSES = ["four", "one", "seven", "zero"]  # sorted folder names; labels follow this order
@@ -287,8 +288,10 @@ def test_relative_data_path_resolves_against_the_pipeline_folder(workdir, image_
 def test_image_folder_pipeline_with_augmentation_runs_end_to_end(workdir, image_copy):
     path = image_pipeline(workdir / "p.yaml", path="pets", channels=1, normalize={"mean": [0.3], "std": [0.35]},
                           augment=[{"random_crop": {"padding": 2}}, "hflip"])
-    result = cli("run", path, *sets(*FAST, *LENIENT, "teacher.train.epochs=3", "distill.epochs=2",
-                                    "export.quantize=none", "export.deliver=fp32"))
+    # A few images and epochs: the run is about the data path end to end, not about accuracy.
+    result = cli("run", path, *sets(*FAST, "teacher.train.epochs=3", "distill.epochs=2", "export.quantize=none",
+                                    "export.deliver=fp32", "validate.gates.accuracy_min=0.0",
+                                    "validate.gates.max_accuracy_drop_vs_teacher=1.0"))
     assert result.exit_code == 0, result.output
     report = read_report(result.stdout)
     assert report["status"] == "passed"
