@@ -174,7 +174,7 @@ def promote(client, policy: RegistryPolicy, model_name: str, version: str, alias
             holder = settle(client, policy, model_name, alias)
             if holder != version:
                 return Verdict(False, f"{verdict.reason}; but version {holder}, better, took '{alias}' at the same "
-                                      f"time", verdict.current)
+                                      f"time", holder)
             return verdict
         if force:
             client.set_registered_model_alias(model_name, alias, version)

@@ -299,6 +299,7 @@ def test_concurrent_promotions_on_an_mlflow_server_leave_the_better_champion(mlf
     if order == "better_first":
         # The worse one judged against the old champion, wrote over the better one, then found it and moved back.
         assert results[worse][0] == 1, results[worse][1]
+        assert f"refused: 'champion' stays on version {better}" in results[worse][1]
         assert f"version {better}, better, took 'champion' at the same time" in results[worse][1]
 
 

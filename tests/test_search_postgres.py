@@ -97,8 +97,8 @@ def test_killed_worker_resumes_on_its_real_storage_and_its_password_is_recorded_
     url = postgres_url.replace("postgres@", f"postgres:{password}@")
     args = [sys.executable, "-m", "kdpipe", "search", str(SEARCH), "--storage", url, "--study", "resumed",
             *[a for item in CAMPAIGN for a in ("--set", item)]]
+    storage = RDBStorage(sqlalchemy_url(postgres_url))  # creates Optuna's schema before the worker starts, not racing it
     worker = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    storage = RDBStorage(sqlalchemy_url(postgres_url))
     try:
         deadline = time.monotonic() + 600
         while True:

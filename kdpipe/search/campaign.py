@@ -26,6 +26,8 @@ from kdpipe.inference import accuracy
 from kdpipe.train import Trainer
 
 DIRECTIONS = {"val_accuracy": "maximize", "latency_p50": "minimize"}
+# A trial's MLflow run status by how the trial ended (killed: its worker died; a resumed run closes it).
+RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "killed": "KILLED"}
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int):
@@ -72,7 +74,7 @@ class TrialRuns:
     def end(self, run_id: str, state: str, error: str | None = None) -> None:
         tags = [self.RunTag("kdpipe.trial_state", state)] + ([self.RunTag("kdpipe.error", error[:5000])] if error else [])
         self.client.log_batch(run_id, tags=tags)
-        self.client.set_terminated(run_id, {"complete": "FINISHED", "pruned": "KILLED", "killed": "KILLED"}.get(state, "FAILED"))
+        self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"))
 
     def close_running(self, reason: str) -> list[str]:
         """End the trial runs still RUNNING under the campaign's run (their worker died); returns their run ids."""
