@@ -48,16 +48,25 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    arch: str | None = Field(None, description="zoo architecture: mlp, cnn, resnet")
-    entrypoint: str | None = Field(None, description="'package.module:factory' returning an nn.Module (runs user code)")
-    width: PositiveInt = 32
-    depth: PositiveInt = 2
+    arch: str | None = Field(None, description="a zoo name (`kdpipe models` lists them), timm:NAME, torchvision:NAME "
+                                                "(the vision extra; random init, load weights with `weights`), or "
+                                                "hf:DIR (a local save_pretrained transformers image classifier)")
+    entrypoint: str | None = Field(None, description="'package.module:factory' or 'file.py:factory' returning an "
+                                                     "nn.Module (runs user code; the module is looked up in the "
+                                                     "pipeline file's folder first)")
+    weights: Path | None = Field(None, description="weights to load: .safetensors or a torch state dict (read "
+                                                   "weights-only; {state_dict|model: ...} wrappers and module. "
+                                                   "prefixes accepted)")
+    reset_head: bool = Field(False, description="replace the classifier when the weights' class count differs "
+                                                "from the data's")
+    width: PositiveInt = Field(32, description="mlp, cnn, resnet only")
+    depth: PositiveInt = Field(2, description="mlp, cnn, resnet only")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the factory")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if (self.arch is None) == (self.entrypoint is None):
-            raise ValueError("give exactly one of 'arch' (zoo) or 'entrypoint' (package.module:factory)")
+            raise ValueError("give exactly one of 'arch' (zoo, timm:, torchvision:, hf:) or 'entrypoint' (package.module:factory)")
         if self.entrypoint is not None and ":" not in self.entrypoint:
             raise ValueError(f"entrypoint must look like 'package.module:factory', got '{self.entrypoint}'")
         return self
@@ -66,10 +75,20 @@ class ModelConfig(Strict):
     @classmethod
     def _known_arch(cls, arch: str | None) -> str | None:
         from kdpipe.models import ZOO
+        from kdpipe.models.external import PREFIXES
 
-        if arch is not None and arch not in ZOO:
-            raise ValueError(f"unknown arch '{arch}'{_suggest(arch, ZOO)}; expected one of {', '.join(sorted(ZOO))}")
-        return arch
+        if arch is None or arch in ZOO:
+            return arch
+        prefix, sep, name = arch.partition(":")
+        if sep and f"{prefix}:" in PREFIXES:
+            if not name:
+                raise ValueError(f"'{arch}' names no model after '{prefix}:'")
+            return arch
+        if sep:
+            raise ValueError(f"unknown model library '{prefix}:'{_suggest(prefix + ':', PREFIXES)}; expected one of "
+                             f"{', '.join(PREFIXES)}")
+        raise ValueError(f"unknown arch '{arch}'{_suggest(arch, ZOO)}; expected one of {', '.join(sorted(ZOO))}, "
+                         f"or timm:NAME, torchvision:NAME, hf:DIR")
 
 
 class OptimizerConfig(Strict):
@@ -143,6 +162,9 @@ class DistillConfig(Strict):
 
 class ExportConfig(Strict):
     opset: Annotated[int, Field(ge=13, le=23)] = 18
+    input: Literal["float", "uint8"] = Field(
+        "float", description="float: the graph takes the data's float samples; uint8: decoded images N×C×H×W, "
+                             "the graph does the scaling and normalization (kdpipe.models.adapter.InputAdapter)")
     dynamic_batch: bool = True
     atol: PositiveFloat = Field(1.0e-4, description="parity limit (max abs logit difference); validate.gates.parity_atol wins")
     quantize: Literal["none", "dynamic", "static"] = Field(
@@ -307,8 +329,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` overrides; values are parsed as YAML so `8`, `true` and `[1, 64]` get their types."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str], base_dir: Path | None = None) -> dict[str, Any]:
+    """Apply `key.path=value` overrides; values are parsed as YAML so `8`, `true` and `[1, 64]` get their types.
+    With `base_dir`, relative paths in the values resolve against it (the working directory, for --set)."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -326,6 +349,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise InputError(key, f"--set cannot descend into '{part}', which holds {child!r}")
             node = child
+        if base_dir is not None:
+            value = resolve_paths(value, tuple(parts), base_dir, "the working directory (--set)")
         node[parts[-1]] = value
     return raw
 
@@ -333,9 +358,63 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     raw = read_yaml(Path(path))
     method_in_file = (raw.get("distill") or {}).get("method") if isinstance(raw.get("distill"), dict) else None
-    raw = apply_overrides(raw, overrides or [])
+    raw = resolve_paths(raw, (), Path(path).resolve().parent, "the pipeline file's folder")
+    raw = apply_overrides(raw, overrides or [], Path.cwd())
     _keep_params_of_overridden_method(raw, method_in_file, overrides or [])
     return validate_pipeline(raw)
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+FILE_KEYS = {("data", "path"): "data file", ("teacher", "checkpoint"): "checkpoint"}
+MODEL_SECTIONS = [("teacher", "model"), ("student", "model"), ("distill", "params", "peers", "*")]
+
+
+def resolve_path(value: str | Path, base_dir: Path) -> Path:
+    """A relative path taken relative to `base_dir`; an absolute one (or one starting with ~) as it is."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(base_dir) / path
+
+
+def _in_model_section(loc: tuple) -> bool:
+    return any(len(loc) == len(s) + 1 and all(p == "*" or p == q for p, q in zip(s, loc)) for s in MODEL_SECTIONS)
+
+
+def _existing(value: str, key: str, noun: str, base_dir: Path, origin: str) -> Path:
+    path = resolve_path(value, base_dir)
+    if not path.exists():
+        where = "" if Path(value).expanduser().is_absolute() else f" (resolved against {base_dir}, {origin})"
+        raise InputError(key, f"{noun} not found: {value}{where}")
+    return path
+
+
+def resolve_paths(value: Any, loc: tuple, base_dir: Path, origin: str) -> Any:
+    """`value` (found at dotted location `loc`) with every path it holds made absolute against `base_dir`:
+    data.path, teacher.checkpoint, and in each model section weights, hf:DIR and the entry point's module.
+    Inputs that must exist are checked here, so a not-found error names the folder a relative path was taken in.
+    `origin` says what that folder is."""
+    key = ".".join(loc)
+    if isinstance(value, dict):
+        return {k: resolve_paths(v, (*loc, str(k)), base_dir, origin) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_paths(v, (*loc, str(i)), base_dir, origin) for i, v in enumerate(value)]
+    if not isinstance(value, str) or not value:
+        return value
+    if loc in FILE_KEYS:
+        return str(_existing(value, key, FILE_KEYS[loc], base_dir, origin))
+    if not _in_model_section(loc):
+        return value
+    if loc[-1] == "weights":
+        return str(_existing(value, key, "weights file", base_dir, origin))
+    if loc[-1] == "arch" and value.startswith("hf:"):
+        return "hf:" + str(_existing(value[3:], key, "model directory", base_dir, origin))
+    if loc[-1] == "entrypoint" and ":" in value:
+        module, _, factory = value.rpartition(":")
+        if module.endswith(".py"):
+            return f"{_existing(module, key, 'entry-point file', base_dir, origin)}:{factory}"
+        if ":" not in module:  # FOLDER:module:factory: the folder the module is looked up in first
+            return f"{base_dir}:{module}:{factory}"
+    return value
 
 
 def _keep_params_of_overridden_method(raw: dict[str, Any], method_in_file: str | None, overrides: list[str]) -> None:
