@@ -85,7 +85,9 @@ def _import_entrypoint(module_name: str, key: str):
         finally:
             sys.path.remove(folder)
     except Exception as exc:  # the user's module may raise anything while it imports
-        raise InputError(f"{key}.entrypoint", f"cannot import '{module_name}': {type(exc).__name__}: {exc}") from None
+        folder, _, dotted = module_name.rpartition(":")
+        where = f" (looked in {folder} first, then on sys.path)" if folder else ""
+        raise InputError(f"{key}.entrypoint", f"cannot import '{dotted}'{where}: {type(exc).__name__}: {exc}") from None
 
 
 def _from_entrypoint(spec: str, key: str, input_shape, num_classes: int, kwargs: dict) -> nn.Module:

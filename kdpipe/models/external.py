@@ -77,10 +77,14 @@ def build_hf(directory: str, key: str, num_classes: int, reset_head: bool, kwarg
     if config.num_labels != num_classes and not reset_head:
         raise InputError(f"{key}.reset_head", f"{directory} classifies {config.num_labels} classes but the data has "
                                               f"{num_classes}; set reset_head: true to replace its classifier")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report (a replaced head) would break one-line output
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(
             directory, local_files_only=True, num_labels=num_classes, ignore_mismatched_sizes=reset_head, **kwargs)
-    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{key}.arch", f"cannot load {directory} as a transformers image classifier: "
                                         f"{str(exc).splitlines()[0]}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return Logits(model)
