@@ -7,6 +7,7 @@ path, so the CLI can print `file: key: what was expected` and exit 2.
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -373,7 +374,7 @@ MODEL_SECTIONS = [("teacher", "model"), ("student", "model"), ("distill", "param
 def resolve_path(value: str | Path, base_dir: Path) -> Path:
     """A relative path taken relative to `base_dir`; an absolute one (or one starting with ~) as it is."""
     path = Path(value).expanduser()
-    return path if path.is_absolute() else Path(base_dir) / path
+    return path if path.is_absolute() else Path(os.path.normpath(Path(base_dir) / path))
 
 
 def _in_model_section(loc: tuple) -> bool:
