@@ -22,7 +22,7 @@ torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 
 DIGITS = (1, 8, 8)
-LENIENT_RUN = [*FAST, "teacher.train.epochs=2", "distill.epochs=2", "validate.gates.accuracy_min=0.0",
+LENIENT_RUN = [*FAST, "teacher.train.epochs=0", "distill.epochs=2", "validate.gates.accuracy_min=0.0",
                "validate.gates.max_accuracy_drop_vs_teacher=1.0", "validate.gates.latency_p50_ms_max=1000",
                "export.quantize=none", "export.deliver=fp32"]
 
