@@ -102,7 +102,15 @@ def test_hf_directory_returns_logits_and_taps_its_layers(tmp_path):
     model = build(f"hf:{save_hf_vit(tmp_path / 'vit')}")
     with torch.no_grad():
         assert model(torch.zeros(3, *DIGITS)).shape == (3, 10)
-    assert model.default_taps == ["model.vit.layers.0", "model.vit.layers.1"]
+    # One tap per encoder layer (their module path differs between transformers versions), each giving the
+    # layer's hidden states: 4 patches + the class token, 16 wide.
+    assert len(model.default_taps) == 2 and all(t.startswith("model.vit.") for t in model.default_taps)
+    from kdpipe.taps import forward_with_taps
+
+    with torch.no_grad():
+        features = forward_with_taps(model.eval(), torch.randn(3, *DIGITS), model.default_taps).features
+    assert [tuple(f.shape) for f in features.values()] == [(3, 5, 16), (3, 5, 16)]
+    assert not torch.equal(*features.values())
     # ViT reads the class token (a slice, not a module output): no embedding tap to offer.
     assert model.embedding_tap is None
 
@@ -290,3 +298,22 @@ def test_uint8_adapter_predicts_what_the_float_path_does_through_onnxruntime(tmp
     uint8_logits = uint8_session.run(None, {"input": images.numpy()})[0]
     assert np.abs(float_logits - uint8_logits).max() < 1e-4
     assert (float_logits.argmax(1) == uint8_logits.argmax(1)).all()
+
+
+def test_literal_error_keys_in_model_and_data_code_are_schema_paths():
+    """Every InputError raised with a literal key in kdpipe/models, kdpipe/data and the teacher stage names a
+    schema path (zoo models name theirs relative to their model section: "model.depth")."""
+    import ast
+
+    from conftest import ROOT
+
+    files = [*(ROOT / "kdpipe" / "models").glob("*.py"), *(ROOT / "kdpipe" / "data").glob("*.py"),
+             ROOT / "stages" / "teacher.py"]
+    keys = set()
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "InputError" and node.args
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value):
+                keys.add(node.args[0].value)
+    assert {"data.path", "model.arch", "model.depth"} <= keys
+    assert [k for k in keys if not _in_schema(k.replace("model.", "teacher.model.", 1) if k.startswith("model.") else k)] == []
