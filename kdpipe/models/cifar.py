@@ -271,23 +271,22 @@ class ShuffleNetV2(nn.Module):
         return self.fc(self.pool(self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))))
 
 
-def _resnet(depth: int, widths: tuple[int, int, int, int]):
-    return lambda name: lambda input_shape, num_classes: CifarResNet(input_shape, num_classes, depth, widths, name)
-
-
 VGG8 = [[64], [128], [256], [512], [512]]
 VGG13 = [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]
 NARROW, X4 = (16, 16, 32, 64), (32, 64, 128, 256)
 
-# name → factory(name) → builder(input_shape, num_classes)
-_FACTORIES = {
-    "resnet8": _resnet(8, NARROW), "resnet20": _resnet(20, NARROW), "resnet56": _resnet(56, NARROW),
-    "resnet110": _resnet(110, NARROW), "resnet8x4": _resnet(8, X4), "resnet32x4": _resnet(32, X4),
-    "wrn_16_2": lambda name: lambda s, n: WideResNet(s, n, 16, 2, name),
-    "wrn_40_2": lambda name: lambda s, n: WideResNet(s, n, 40, 2, name),
-    "vgg8": lambda name: lambda s, n: VGG(s, n, VGG8, name),
-    "vgg13": lambda name: lambda s, n: VGG(s, n, VGG13, name),
-    "mobilenetv2": lambda name: lambda s, n: MobileNetV2(s, n, 0.5, name),
-    "shufflev2": lambda name: lambda s, n: ShuffleNetV2(s, n, name),
+# name → builder(input_shape, num_classes)
+CIFAR_ZOO = {
+    "resnet8": lambda s, n: CifarResNet(s, n, 8, NARROW, "resnet8"),
+    "resnet20": lambda s, n: CifarResNet(s, n, 20, NARROW, "resnet20"),
+    "resnet56": lambda s, n: CifarResNet(s, n, 56, NARROW, "resnet56"),
+    "resnet110": lambda s, n: CifarResNet(s, n, 110, NARROW, "resnet110"),
+    "resnet8x4": lambda s, n: CifarResNet(s, n, 8, X4, "resnet8x4"),
+    "resnet32x4": lambda s, n: CifarResNet(s, n, 32, X4, "resnet32x4"),
+    "wrn_16_2": lambda s, n: WideResNet(s, n, 16, 2, "wrn_16_2"),
+    "wrn_40_2": lambda s, n: WideResNet(s, n, 40, 2, "wrn_40_2"),
+    "vgg8": lambda s, n: VGG(s, n, VGG8, "vgg8"),
+    "vgg13": lambda s, n: VGG(s, n, VGG13, "vgg13"),
+    "mobilenetv2": lambda s, n: MobileNetV2(s, n, 0.5, "mobilenetv2"),
+    "shufflev2": lambda s, n: ShuffleNetV2(s, n, "shufflev2"),
 }
-CIFAR_ZOO = {name: factory(name) for name, factory in _FACTORIES.items()}

@@ -30,7 +30,7 @@ def _area(shape: tuple[int, ...]) -> int:
 
 def _fingerprint(t: torch.Tensor) -> tuple:
     flat = t.detach().float().reshape(len(t), -1)
-    return flat.shape[1], round(float(flat.sum()), 3), round(float(flat.abs().sum()), 3)
+    return flat.shape[1], float(flat.sum()), float(flat.abs().sum())
 
 
 def _first_tensor(out) -> torch.Tensor | None:
@@ -114,7 +114,7 @@ def stage_ends_by_resolution(dry: DryPass) -> list[str]:
     inside = lambda path, outer: path.startswith(outer + ".")  # noqa: E731
     blocks = {p: step for p, step in steps.items() if not any(inside(q, p) and steps[q] != step for q in steps)}
     ends: list[str] = []
-    for path, step in sorted(blocks.items(), key=lambda item: dry.inputs[item[0]].seq):
+    for path in sorted(blocks, key=lambda p: dry.inputs[p].seq):
         start = dry.inputs[path]
         end = dry.latest_equal(sum(1 for e in dry.events if e.seq < start.seq), start.fingerprint)
         if end is not None and not any(inside(end, q) for q in blocks):
@@ -152,13 +152,15 @@ def stage_ends_of_blocks(model: nn.Module, dry: DryPass) -> list[str]:
 
 
 def embedding_tap(dry: DryPass) -> str | None:
-    """The module whose output is exactly what the logits layer reads (the penultimate vector), if one exists."""
+    """The module whose output is exactly what the logits layer reads (the penultimate vector), if one exists.
+    The innermost module giving the logits finishes first (a head's Linear before the head around it)."""
     if dry.logits is None:
         return None
-    for index in range(len(dry.events) - 1, -1, -1):
-        event = dry.events[index]
+    for index, event in enumerate(dry.events):
         if event.fingerprint == dry.logits and event.path in dry.inputs and dry.once(event.path):
-            return dry.latest_equal(index, dry.inputs[event.path].fingerprint)
+            found = dry.latest_equal(index, dry.inputs[event.path].fingerprint)
+            if found is not None:
+                return found
     return None
 
 
