@@ -317,3 +317,9 @@ def test_literal_error_keys_in_model_and_data_code_are_schema_paths():
                 keys.add(node.args[0].value)
     assert {"data.path", "model.arch", "model.depth"} <= keys
     assert [k for k in keys if not _in_schema(k.replace("model.", "teacher.model.", 1) if k.startswith("model.") else k)] == []
+
+
+def test_a_resolved_pipeline_with_every_key_spelled_out_builds_fixed_architectures():
+    """A run directory's pipeline.yaml (read again by --resume) holds width and depth at their defaults."""
+    spelled_out = ModelConfig(arch="resnet8").model_dump(mode="json")
+    assert build(**spelled_out, shape=(3, 8, 8)).fc.out_features == 10

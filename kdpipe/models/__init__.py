@@ -29,9 +29,10 @@ def build_model(cfg, key: str, input_shape: tuple[int, ...], num_classes: int) -
     `key` is the section's dotted path ("teacher.model"), the prefix of every error key.
     """
     arch, heads, stages = cfg.arch or "", [], None
-    fixed = {"width", "depth"} & cfg.model_fields_set
+    # Compared with the defaults, not with the keys given: a run directory's pipeline.yaml spells out every key.
+    fixed = [n for n in ("depth", "width") if getattr(cfg, n) != type(cfg).model_fields[n].default]
     if fixed and arch not in SIZED:
-        name = sorted(fixed)[0]
+        name = fixed[0]
         raise InputError(f"{key}.{name}", f"'{arch or cfg.entrypoint}' has a fixed size: width and depth apply to "
                                           f"{', '.join(SIZED)}")
     try:
