@@ -257,6 +257,35 @@ def methods() -> None:
             typer.echo(f"    {pname} = {field.default!r}{shown}{when}{about}")
 
 
+@app.command()
+def models(
+    input_shape: Annotated[str, typer.Option("--input", help="per-sample input shape C,H,W")] = "3,32,32",
+    classes: Annotated[int, typer.Option("--classes", min=1, help="number of classes")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="a JSON list of {arch, params}")] = False,
+) -> None:
+    """List the zoo architectures with their parameter counts for this input and class count."""
+    from kdpipe.models import ZOO, count_params
+
+    try:
+        shape = tuple(int(v) for v in input_shape.split(","))
+        if not shape or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(InputError("--input", f"expected positive integers like 3,32,32, got '{input_shape}'"), None, False)
+    rows = []
+    for arch, build in ZOO.items():
+        try:
+            rows.append({"arch": arch, "params": count_params(build(shape, classes))})
+        except InputError:  # an architecture that cannot take this input (a CNN on flat vectors)
+            rows.append({"arch": arch, "params": None})
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        shown = f"{row['params']:,}" if row["params"] is not None else "does not take this input"
+        typer.echo(f"{row['arch']:<12} {shown}")
+
+
 def main() -> None:
     try:
         app()

@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdpipe.errors import InputError
 
@@ -27,20 +27,6 @@ NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-def resolve_path(value: str | Path, base_dir: Path | None, *, what: str = "file") -> Path:
-    """`value` as a path: a relative one is taken against `base_dir` (the pipeline file's folder), or against the
-    working directory when there is none. Raises ValueError naming the folder it looked in when nothing is there."""
-    path = Path(value).expanduser()
-    resolved = path if path.is_absolute() or base_dir is None else Path(base_dir) / path
-    if not resolved.exists():
-        if path.is_absolute():
-            raise ValueError(f"{what} not found: {path}")
-        folder = (f"{Path(base_dir).resolve()}, the pipeline file's folder" if base_dir is not None
-                  else f"{Path.cwd()}, the working directory")
-        raise ValueError(f"{what} not found: {value} (resolved against {folder})")
-    return resolved
 
 
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -152,12 +138,6 @@ class DataConfig(Strict):
     test_fraction: Fraction = 0.2
     batch_size: PositiveInt = 64
 
-    @field_validator("path")
-    @classmethod
-    def _resolve(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        base_dir = (info.context or {}).get("base_dir")
-        return path if path is None or base_dir is None else resolve_path(path, base_dir, what="data file")
-
     @field_validator("image_size")
     @classmethod
     def _height_width(cls, size: int | list[int] | None) -> int | list[int] | None:
@@ -195,16 +175,25 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    arch: str | None = Field(None, description="zoo architecture: mlp, cnn, resnet")
-    entrypoint: str | None = Field(None, description="'package.module:factory' returning an nn.Module (runs user code)")
-    width: PositiveInt = 32
-    depth: PositiveInt = 2
+    arch: str | None = Field(None, description="a zoo name (`kdpipe models` lists them), timm:NAME, torchvision:NAME "
+                                                "(the vision extra; random init, load weights with `weights`), or "
+                                                "hf:DIR (a local save_pretrained transformers image classifier)")
+    entrypoint: str | None = Field(None, description="'package.module:factory' or 'file.py:factory' returning an "
+                                                     "nn.Module (runs user code; the module is looked up in the "
+                                                     "pipeline file's folder first)")
+    weights: Path | None = Field(None, description="weights to load: .safetensors or a torch state dict (read "
+                                                   "weights-only; {state_dict|model: ...} wrappers and module. "
+                                                   "prefixes accepted)")
+    reset_head: bool = Field(False, description="replace the classifier when the weights' class count differs "
+                                                "from the data's")
+    width: PositiveInt = Field(32, description="mlp, cnn, resnet only")
+    depth: PositiveInt = Field(2, description="mlp, cnn, resnet only")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the factory")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if (self.arch is None) == (self.entrypoint is None):
-            raise ValueError("give exactly one of 'arch' (zoo) or 'entrypoint' (package.module:factory)")
+            raise ValueError("give exactly one of 'arch' (zoo, timm:, torchvision:, hf:) or 'entrypoint' (package.module:factory)")
         if self.entrypoint is not None and ":" not in self.entrypoint:
             raise ValueError(f"entrypoint must look like 'package.module:factory', got '{self.entrypoint}'")
         return self
@@ -213,10 +202,20 @@ class ModelConfig(Strict):
     @classmethod
     def _known_arch(cls, arch: str | None) -> str | None:
         from kdpipe.models import ZOO
+        from kdpipe.models.external import PREFIXES
 
-        if arch is not None and arch not in ZOO:
-            raise ValueError(f"unknown arch '{arch}'{_suggest(arch, ZOO)}; expected one of {', '.join(sorted(ZOO))}")
-        return arch
+        if arch is None or arch in ZOO:
+            return arch
+        prefix, sep, name = arch.partition(":")
+        if sep and f"{prefix}:" in PREFIXES:
+            if not name:
+                raise ValueError(f"'{arch}' names no model after '{prefix}:'")
+            return arch
+        if sep:
+            raise ValueError(f"unknown model library '{prefix}:'{_suggest(prefix + ':', PREFIXES)}; expected one of "
+                             f"{', '.join(PREFIXES)}")
+        raise ValueError(f"unknown arch '{arch}'{_suggest(arch, ZOO)}; expected one of {', '.join(sorted(ZOO))}, "
+                         f"or timm:NAME, torchvision:NAME, hf:DIR")
 
 
 class OptimizerConfig(Strict):
@@ -283,6 +282,9 @@ class DistillBase(Strict):
 
 class ExportConfig(Strict):
     opset: Annotated[int, Field(ge=13, le=23)] = 18
+    input: Literal["float", "uint8"] = Field(
+        "float", description="float: the graph takes the data's float samples; uint8: decoded images N×C×H×W, "
+                             "the graph does the scaling and normalization (kdpipe.models.adapter.InputAdapter)")
     dynamic_batch: bool = True
     atol: PositiveFloat = Field(1.0e-4, description="parity limit (max abs logit difference); validate.gates.parity_atol wins")
     quantize: Literal["none", "dynamic", "static"] = Field(

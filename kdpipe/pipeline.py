@@ -8,6 +8,7 @@ and one validation pass checks a whole file.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -93,8 +94,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` overrides; values are parsed as YAML so `8`, `true` and `[1, 64]` get their types."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str], base_dir: Path | None = None) -> dict[str, Any]:
+    """Apply `key.path=value` overrides; values are parsed as YAML so `8`, `true` and `[1, 64]` get their types.
+    With `base_dir`, relative paths in the values resolve against it (the working directory, for --set)."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -112,25 +114,81 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise InputError(key, f"--set cannot descend into '{part}', which holds {child!r}")
             node = child
+        if base_dir is not None:
+            value = resolve_paths(value, tuple(parts), base_dir, "the working directory (--set)")
         node[parts[-1]] = value
     return raw
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
-    raw = apply_overrides(read_yaml(Path(path)), overrides or [])
-    return validate_pipeline(raw, base_dir=Path(path).parent)
+    """The pipeline file with `--set` overrides: relative paths in the file resolve against the file's folder,
+    those given with --set against the working directory."""
+    raw = resolve_paths(read_yaml(Path(path)), (), Path(path).resolve().parent, "the pipeline file's folder")
+    return validate_pipeline(apply_overrides(raw, overrides or [], Path.cwd()))
 
 
-def validate_pipeline(raw: dict[str, Any], base_dir: Path | None = None) -> Pipeline:
-    """`base_dir`: the pipeline file's folder, against which relative paths in it resolve."""
+def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
     try:
-        pipeline = Pipeline.model_validate(raw, context={"base_dir": base_dir})
+        pipeline = Pipeline.model_validate(raw)
     except ValidationError as exc:
         raise _input_error(exc, Pipeline, ()) from None
     get_method(pipeline.distill.method).check_pipeline(pipeline)
     if pipeline.search is not None:
         resolve_space(pipeline)  # raises InputError naming the search.space key
     return pipeline
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+FILE_KEYS = {("data", "path"): "data file", ("teacher", "checkpoint"): "checkpoint"}
+MODEL_SECTIONS = [("teacher", "model"), ("student", "model"), ("distill", "params", "peers", "*")]
+
+
+def resolve_path(value: str | Path, base_dir: Path) -> Path:
+    """A relative path taken relative to `base_dir`; an absolute one (or one starting with ~) as it is."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(os.path.normpath(Path(base_dir) / path))
+
+
+def _in_model_section(loc: tuple) -> bool:
+    return any(len(loc) == len(s) + 1 and all(p == "*" or p == q for p, q in zip(s, loc)) for s in MODEL_SECTIONS)
+
+
+def _existing(value: str, key: str, noun: str, base_dir: Path, origin: str) -> Path:
+    path = resolve_path(value, base_dir)
+    if not path.exists():
+        where = "" if Path(value).expanduser().is_absolute() else f" (resolved against {base_dir}, {origin})"
+        raise InputError(key, f"{noun} not found: {value}{where}")
+    return path
+
+
+def resolve_paths(value: Any, loc: tuple, base_dir: Path, origin: str) -> Any:
+    """`value` (found at dotted location `loc`) with every path it holds made absolute against `base_dir`:
+    data.path, teacher.checkpoint, and in each model section weights, hf:DIR and the entry point's module.
+    Inputs that must exist are checked here, so a not-found error names the folder a relative path was taken in.
+    `origin` says what that folder is."""
+    key = ".".join(loc)
+    if isinstance(value, dict):
+        return {k: resolve_paths(v, (*loc, str(k)), base_dir, origin) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_paths(v, (*loc, str(i)), base_dir, origin) for i, v in enumerate(value)]
+    if not isinstance(value, str) or not value:
+        return value
+    if loc in FILE_KEYS:
+        return str(_existing(value, key, FILE_KEYS[loc], base_dir, origin))
+    if not _in_model_section(loc):
+        return value
+    if loc[-1] == "weights":
+        return str(_existing(value, key, "weights file", base_dir, origin))
+    if loc[-1] == "arch" and value.startswith("hf:"):
+        return "hf:" + str(_existing(value[3:], key, "model directory", base_dir, origin))
+    if loc[-1] == "entrypoint" and ":" in value:
+        module, _, factory = value.rpartition(":")
+        if module.endswith(".py"):
+            return f"{_existing(module, key, 'entry-point file', base_dir, origin)}:{factory}"
+        if ":" not in module:  # FOLDER:module:factory: the folder the module is looked up in first
+            return f"{base_dir}:{module}:{factory}"
+    return value
 
 
 def json_schema() -> dict[str, Any]:

@@ -99,7 +99,7 @@ def test_unknown_method(workdir):
 
 def test_unknown_arch(workdir):
     path = write_pipeline(workdir / "p.yaml", **{"student.model.arch": "transformer"})
-    assert_input_error(cli("check", path), path, "student.model.arch", "unknown arch 'transformer'", "cnn, mlp, resnet")
+    assert_input_error(cli("check", path), path, "student.model.arch", "unknown arch 'transformer'", "cnn, mlp, mobilenetv2, resnet,", "timm:NAME")
 
 
 def test_invalid_resnet_depth(workdir):

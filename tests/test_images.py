@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from conftest import FAST, LENIENT, PIPELINES, cli, read_report, sets
+from conftest import FAST, PIPELINES, cli, read_report, sets
 from kdpipe.config import DataConfig
 from kdpipe.pipeline import load_pipeline
 from kdpipe.data import load_data

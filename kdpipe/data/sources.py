@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdpipe.config import DataConfig, resolve_path
+from kdpipe.config import DataConfig
 from kdpipe.data.images import list_class_folders
 from kdpipe.errors import InputError
 from kdpipe.fingerprint import fingerprint
@@ -110,10 +110,9 @@ def read_source(cfg: DataConfig) -> Source:
         digits = load_digits()
         # 8×8 grey images with values 0..16, scaled to [0, 1].
         return Source({"all": Part(digits.images[:, None, :, :] / 16.0, digits.target, "scikit-learn digits")})
-    try:
-        path = resolve_path(cfg.path, None, what="data file")
-    except ValueError as exc:
-        raise InputError("data.path", str(exc)) from None
+    path = Path(cfg.path)  # a pipeline file's relative path was resolved when it was loaded (kdpipe.pipeline)
+    if not path.exists():
+        raise InputError("data.path", f"data file not found: {path} (resolved against {Path.cwd()}, the working directory)")
     if cfg.source == "npz":
         return _read_npz(path)
     if cfg.source == "csv":

@@ -11,6 +11,7 @@ import math
 from torch import nn
 
 from kdpipe.errors import InputError
+from kdpipe.models.cifar import CifarResNet, conv_bn
 
 
 class MLP(nn.Module):
@@ -31,10 +32,6 @@ class MLP(nn.Module):
         return self.fc(self.body(x))
 
 
-def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-
-
 class CNN(nn.Module):
     """`depth` conv-BN-ReLU blocks; channels double (up to 4×width) and the map halves while it is larger than 2×2."""
 
@@ -48,7 +45,7 @@ class CNN(nn.Module):
             out = width * 2 ** min(i, 2)
             stride = 2 if i > 0 and size > 2 else 1
             size = (size + 1) // 2 if stride == 2 else size
-            blocks.append(conv_bn_relu(channels, out, stride))
+            blocks.append(conv_bn(channels, out, 3, stride))
             channels = out
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -60,45 +57,8 @@ class CNN(nn.Module):
         return self.fc(self.pool(self.blocks(x)))
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet(nn.Module):
-    """CIFAR-style ResNet (He et al. 2016): depth = 6n + 2, three stages of widths w, 2w, 4w."""
+class ResNet(CifarResNet):
+    """CIFAR-style ResNet (He et al. 2016) sized by width and depth: depth = 6n + 2, stages of w, 2w, 4w channels."""
 
     def __init__(self, input_shape, num_classes: int, width: int = 16, depth: int = 8):
-        super().__init__()
-        if len(input_shape) != 3:
-            raise InputError("model.arch", f"resnet needs image inputs C×H×W, got samples of shape {tuple(input_shape)}")
-        if (depth - 2) % 6 != 0 or depth < 8:
-            raise InputError("model.depth", f"resnet depth must be 6n + 2 with n ≥ 1 (8, 14, 20, 32, …), got {depth}")
-        n = (depth - 2) // 6
-        self.stem = conv_bn_relu(input_shape[0], width)
-        stages, channels = [], width
-        for i, out in enumerate((width, 2 * width, 4 * width)):
-            blocks = [BasicBlock(channels if j == 0 else out, out, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
-            stages.append(nn.Sequential(*blocks))
-            channels = out
-        self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(channels, num_classes)
-        self.default_taps = ["layer1", "layer2", "layer3"]
-        self.embedding_tap = "pool"
-
-    def forward(self, x):
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(self.pool(x))
+        super().__init__(input_shape, num_classes, depth, (width, width, 2 * width, 4 * width))
