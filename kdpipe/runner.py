@@ -124,7 +124,7 @@ class ResumedTracker:
     """A Tracker continuing an interrupted MLflow run: metric steps the run already holds are not logged again."""
 
     def __init__(self, tracker: Tracker, run_id: str):
-        tracker.mlflow.start_run(run_id=run_id)
+        tracker.mlflow.start_run(run_id=run_id, log_system_metrics=tracker.config.system_metrics)
         tracker.run_id = run_id
         client = tracker.client()
         self.tracker = tracker

@@ -29,6 +29,8 @@ class TrackingConfig:
     # How long a tracking server may take to answer: the reachability check before a run, and each request's
     # timeout during it (MLflow's own retries are bounded by it too: see retry_environment).
     connect_timeout_s: float = 5.0
+    # MLflow's own system metrics (CPU, memory, and GPU where present) beside the run's metrics.
+    system_metrics: bool = True
     registry: RegistryPolicy = field(default_factory=RegistryPolicy)
 
 
@@ -51,6 +53,8 @@ def load_tracking_config(path: Path | None = None) -> TrackingConfig:
         err = exc.errors()[0]
         key = ".".join(["registry", *map(str, err["loc"])])
         raise InputError(key, f"{path}: {err['msg']}, got {err.get('input')!r}") from None
+    if not isinstance(values.get("system_metrics", True), bool):
+        raise InputError("system_metrics", f"{path}: expected true or false, got {values['system_metrics']!r}")
     timeout = values.get("connect_timeout_s", TrackingConfig.connect_timeout_s)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise InputError("connect_timeout_s", f"{path}: expected a number of seconds > 0, got {timeout!r}")
@@ -175,7 +179,7 @@ class Tracker:
         self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> str:
-        run = self.mlflow.start_run(run_name=run_name, tags=tags)
+        run = self.mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.config.system_metrics)
         self.run_id = run.info.run_id
         return self.run_id
 

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import FAST, PIPELINES, cli, read_report, sets
-from kdpipe.config import DataConfig, ModelConfig, Pipeline, _submodel
+from kdpipe.config import DataConfig, ModelConfig, _submodel, _union_members
+from kdpipe.pipeline import Pipeline
 from kdpipe.errors import InputError
 from kdpipe.models import build_model
 from kdpipe.models.adapter import InputAdapter
@@ -223,18 +224,19 @@ def test_hf_directory_without_config(workdir):
     check_line(workdir, "teacher.model.arch", "not a save_pretrained directory", **{"teacher.model": {"arch": "hf:empty"}})
 
 
-def _in_schema(key: str) -> bool:
+def _in_schema(key: str, model=Pipeline) -> bool:
     """Whether `key` is a dotted path a user can write in --set: each part a field (by alias) of the pipeline
-    models; below a free mapping (distill.params, model.kwargs) any key is the method's or the factory's."""
-    model = Pipeline
-    for part in key.split("."):
-        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
-        if field is None:
-            return False
-        model = _submodel(field.annotation)
-        if model is None:
-            return True
-    return True
+    models (the distill section: of any method's); below a free mapping (model.kwargs) any key is the factory's."""
+    part, _, rest = key.partition(".")
+    if part.isdigit():  # an item of a list of sections (distill.params.peers.0)
+        part, _, rest = rest.partition(".")
+    field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+    if field is None:
+        return False
+    members = _union_members(field.annotation) or [_submodel(field.annotation)]
+    if not rest or members == [None]:
+        return True
+    return any(_in_schema(rest, member) for member in members)
 
 
 def _bad_model_configs(tmp_path):
