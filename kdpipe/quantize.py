@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 
 
+class QuantizationFailed(RuntimeError):
+    """onnxruntime's tools could not build the INT8 model; the message names the step and the cause."""
+
+
 class _Batches:
     """onnxruntime's CalibrationDataReader protocol over a list of input batches."""
 
@@ -47,15 +51,33 @@ def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.n
         with tempfile.TemporaryDirectory() as tmp:
             # Shape inference and graph folding first, so that every tensor has the type info quantization needs.
             prepared = Path(tmp) / "prepared.onnx"
-            quant_pre_process(str(fp32_path), str(prepared))
-            if mode == "dynamic":
-                quantize_dynamic(str(prepared), str(int8_path), weight_type=QuantType.QInt8)
-                return
-            if not calibration:
-                raise ValueError("static quantization needs calibration batches")
-            input_name = session(fp32_path).get_inputs()[0].name
-            quantize_static(str(prepared), str(int8_path), _Batches(input_name, calibration),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            try:
+                quant_pre_process(str(fp32_path), str(prepared))
+            except Exception as exc:
+                # Symbolic shape inference asserts on some exporters' graphs (a Range node from torch 2.11);
+                # ONNX's own shape inference is enough for the quantizer's type info.
+                try:
+                    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+                except Exception as retry_exc:
+                    raise QuantizationFailed(f"pre-processing failed, with and without symbolic shape inference: "
+                                             f"{_describe(exc)}; {_describe(retry_exc)}") from retry_exc
+            try:
+                if mode == "dynamic":
+                    quantize_dynamic(str(prepared), str(int8_path), weight_type=QuantType.QInt8)
+                    return
+                if not calibration:
+                    raise ValueError("static quantization needs calibration batches")
+                input_name = session(fp32_path).get_inputs()[0].name
+                quantize_static(str(prepared), str(int8_path), _Batches(input_name, calibration),
+                                quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            except Exception as exc:
+                raise QuantizationFailed(f"{mode} quantization failed: {_describe(exc)}") from exc
     finally:
         root.setLevel(level)
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's type and the first line of its message (onnxruntime's AssertionErrors have none)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
