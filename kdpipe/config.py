@@ -7,6 +7,8 @@ path, so the CLI can print `file: key: what was expected` and exit 2.
 from __future__ import annotations
 
 import difflib
+import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -16,12 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdpipe.errors import InputError
+from kdpipe.onnx_runtime import MIN_TIMED_RUNS
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+Seed = Annotated[int, Field(ge=0, lt=1 << 32)]  # numpy's and Optuna's samplers take seeds below 2**32
 
 
 class Strict(BaseModel):
@@ -50,8 +54,8 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     arch: str | None = Field(None, description="zoo architecture: mlp, cnn, resnet")
     entrypoint: str | None = Field(None, description="'package.module:factory' returning an nn.Module (runs user code)")
-    width: PositiveInt = 32
-    depth: PositiveInt = 2
+    width: Annotated[int, Field(gt=0, le=16384)] = 32  # bounded: a width of 10^6 asks for terabytes
+    depth: Annotated[int, Field(gt=0, le=1024)] = 2
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the factory")
 
     @model_validator(mode="after")
@@ -175,24 +179,35 @@ class Gates(Strict):
     size_mb_max: PositiveFloat | None = Field(None, description="size of the delivered ONNX file in MB (10^6 bytes)")
 
 
+MAX_THREADS = 1024
+
+
 class ValidateConfig(Strict):
-    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 64], min_length=1)
-    providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    require_provider: bool = Field(False, description="fail the gate when a requested provider is not the one in use")
+    batch_sizes: list[Annotated[int, Field(gt=0, le=1 << 20)]] = Field(default_factory=lambda: [1, 64], min_length=1)
+    providers: Literal["auto"] | list[str] = Field(
+        "auto", description="auto: CUDAExecutionProvider (with IO binding) when this onnxruntime has it, else "
+                            "CPUExecutionProvider; or a list in order of preference")
+    require_provider: bool = Field(False, description="every listed provider must be in use: `kdpipe check` rejects one "
+                                                      "this onnxruntime lacks, and the gate fails one that cannot start")
     warmup: NonNegativeInt = 10
-    runs: Annotated[int, Field(ge=50)] = 100
-    threads: NonNegativeInt = Field(0, description="onnxruntime intra-op threads; 0: onnxruntime's default")
-    inter_op_threads: NonNegativeInt = Field(0, description="onnxruntime inter-op threads; 0: onnxruntime's default")
+    runs: Annotated[int, Field(ge=MIN_TIMED_RUNS, le=1_000_000)] = Field(
+        100, description="most timed calls per (model, batch size)")
+    budget_s: PositiveFloat = Field(2.0, description=f"seconds of warm-up and timed calls per (model, batch size); "
+                                                     f"at least {MIN_TIMED_RUNS} timed calls are made whatever it says")
+    threads: Annotated[int, Field(ge=0, le=MAX_THREADS)] = Field(
+        0, description="onnxruntime intra-op threads; 0: onnxruntime's default")
+    inter_op_threads: Annotated[int, Field(ge=0, le=MAX_THREADS)] = Field(
+        0, description="onnxruntime inter-op threads; 0: onnxruntime's default")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     gates: Gates = Field(default_factory=Gates)
 
     @field_validator("providers")
     @classmethod
-    def _known_providers(cls, providers: list[str]) -> list[str]:
+    def _known_providers(cls, providers: str | list[str]) -> str | list[str]:
         from kdpipe.onnx_runtime import known_providers
 
         known = known_providers()
-        for name in providers:
+        for name in [] if providers == "auto" else providers:
             if known is not None and name not in known:
                 raise ValueError(f"unknown execution provider '{name}'{_suggest(name, known)}")
         return providers
@@ -239,7 +254,7 @@ class SearchConfig(Strict):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] | None = Field(
         None, description="default: median; none when the objective is multi-objective (Optuna cannot prune those)")
-    seed: NonNegativeInt | None = Field(None, description="sampler seed; default: the pipeline's seed")
+    seed: Seed | None = Field(None, description="sampler seed; default: the pipeline's seed")
     objective: list[Objective] = Field(
         default_factory=lambda: ["val_accuracy"],
         description="val_accuracy, or [val_accuracy, latency_p50] for a Pareto search over accuracy and ONNX latency")
@@ -274,7 +289,7 @@ class SearchConfig(Strict):
 
 class Pipeline(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
     student: StudentConfig
@@ -292,11 +307,76 @@ class Pipeline(Strict):
 # --- loading ------------------------------------------------------------------------------
 
 
+MAX_FILE_BYTES = 1 << 20  # a pipeline file is a page of settings; anything larger is not one
+MAX_DEPTH = 64  # nesting levels, counting what aliases pull in
+MAX_NODES = 100_000  # values after expanding aliases (a "billion laughs" file expands to 10^9)
+SHOWN_CHARS = 80  # an echoed value is cut to this length, so an error stays one readable line
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents nested deeper than MAX_DEPTH or holding more than MAX_NODES
+    values once aliases are expanded. Sizes are counted as nodes are composed, before anything is built,
+    so a file cannot make kdpipe recurse or allocate beyond those bounds."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._nesting = 0
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth), aliases expanded
+        self._values = 0
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        alias = self.check_event(yaml.AliasEvent)
+        self._nesting += 1
+        if self._nesting > MAX_DEPTH:
+            raise _too_large(mark, f"nesting deeper than {MAX_DEPTH} levels")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._nesting -= 1
+        if id(node) not in self._measured:
+            if alias:
+                raise _too_large(mark, "an alias inside the value it names (a recursive structure)")
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+                node.value if isinstance(node, yaml.SequenceNode) else [])
+            sizes = [self._measured[id(child)] for child in children]
+            self._measured[id(node)] = (1 + sum(v for v, _ in sizes), 1 + max((d for _, d in sizes), default=0))
+        values, depth = self._measured[id(node)]
+        self._values += values if alias else 1
+        if depth > MAX_DEPTH:
+            raise _too_large(mark, f"nesting deeper than {MAX_DEPTH} levels once aliases are expanded")
+        if values > MAX_NODES or self._values > MAX_NODES:
+            raise _too_large(mark, f"more than {MAX_NODES} values once aliases are expanded")
+        return node
+
+
+def _too_large(mark, problem: str) -> InputError:
+    return InputError("", f"line {mark.line + 1}, column {mark.column + 1}: {problem}; a pipeline file cannot hold that")
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError("", f"pipeline file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise InputError("", f"expected a YAML pipeline file of at most {MAX_FILE_BYTES} bytes, this one has {size}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError("", f"cannot read the pipeline file: {exc.strerror or exc}") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise InputError("", f"expected YAML text, got a binary file (a NUL byte at offset {nul})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError("", f"expected UTF-8 text, got byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+    try:
+        raw = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -312,9 +392,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise InputError("--set", f"expected key.path=value, got '{item}'")
+            raise InputError("--set", f"expected key.path=value, got {_shown(item)}")
         try:
-            value = yaml.safe_load(text)
+            value = _parse_yaml(text)
         except yaml.YAMLError:
             value = text
         node = raw
@@ -324,7 +404,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise InputError(key, f"--set cannot descend into '{part}', which holds {child!r}")
+                raise InputError(key, f"--set cannot descend into '{part}', which holds {_shown(child)}")
             node = child
         node[parts[-1]] = value
     return raw
@@ -365,6 +445,9 @@ def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
         params = method.Params.model_validate(pipeline.distill.params)
     except ValidationError as exc:
         raise _input_error(exc, method.Params, ("distill", "params")) from None
+    _check_numbers(pipeline.model_dump(by_alias=True, exclude={"distill": {"params"}}), ())
+    _check_numbers(params.model_dump(), ("distill", "params"))
+    _check_providers(pipeline.validation)
     pipeline.distill.params = params.model_dump(mode="json")
     method.check_pipeline(pipeline)
     if pipeline.search is not None:
@@ -374,7 +457,56 @@ def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
     return pipeline
 
 
+INT64 = 1 << 63
+
+
+def _check_numbers(value: Any, loc: tuple) -> None:
+    """Reject NaN and infinities (no setting means anything with them) and integers beyond 64 bits (torch, numpy
+    and onnxruntime overflow on them at run time) wherever the schema let them through, keys and lists included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(".".join(map(str, loc)), f"expected a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        raise InputError(".".join(map(str, loc)), f"expected an integer that fits in 64 bits, got {_shown(value)}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_numbers(k, loc)
+            _check_numbers(v, (*loc, k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_numbers(v, (*loc, i))
+
+
+def _check_providers(cfg: ValidateConfig) -> None:
+    """A listed provider this onnxruntime lacks: with require_provider the run could only fail, so it is bad input;
+    otherwise `kdpipe check` and the run warn (provider_warnings) and validate falls back."""
+    from kdpipe.onnx_runtime import missing_providers
+
+    missing = missing_providers(cfg.providers)
+    if missing and cfg.require_provider:
+        raise InputError("validate.providers", f"{missing[0]} is not available in this onnxruntime and require_provider "
+                                               "is true; use providers: auto, or install onnxruntime-gpu on a CUDA machine")
+
+
+def provider_warnings(pipeline: Pipeline) -> list[str]:
+    """One warning line per listed provider this onnxruntime lacks (validate will run without it)."""
+    from kdpipe.onnx_runtime import missing_providers
+
+    return [f"warning: validate.providers: {p} is not available in this onnxruntime; validate will fall back "
+            "(providers: auto picks what is available without a warning)" for p in missing_providers(pipeline.validation.providers)]
+
+
 # --- error messages -----------------------------------------------------------------------
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 3, 8, 8
+_SHORT_REPR.maxstring = _SHORT_REPR.maxlong = _SHORT_REPR.maxother = SHOWN_CHARS
+
+
+def _shown(value: Any) -> str:
+    """repr(value) cut to SHOWN_CHARS; reprlib bounds the work too, whatever the size of `value`."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 def _suggest(word: str, candidates) -> str:
@@ -410,7 +542,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def _describe(err: dict, model: type[BaseModel], loc: tuple) -> str:
     kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
-    got = f", got {value!r}"
+    got = f", got {_shown(value)}"
     if kind == "extra_forbidden":
         valid = _fields_at(model, loc[:-1])
         hint = _suggest(str(loc[-1]), valid)
