@@ -139,7 +139,7 @@ def run(ctx) -> None:
             "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
             "calibration_samples": sum(len(b) for b in calibration) if calibration else 0}
         try:
-            quantize(path, int8_path, cfg.quantize, calibration)
+            pre_process = quantize(path, int8_path, cfg.quantize, calibration)
         except QuantizationFailed as exc:
             if cfg.deliver == "int8":
                 raise  # the user asked for INT8: the run fails (exit 3), one line naming the cause
@@ -149,5 +149,5 @@ def run(ctx) -> None:
             ctx.tracker.set_tags({"kdpipe.int8": "failed", "kdpipe.int8_error": str(exc)[:500]})
             ctx.progress.info(f"  warning: INT8 build failed, delivering FP32: {exc}")
             return
-        ctx.report["quantization"]["built"] = True
+        ctx.report["quantization"].update({"built": True, "pre_process": pre_process})
         ctx.artifacts["int8_onnx_path"] = int8_path
