@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,16 +13,27 @@ from typing import Any
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds it replaces `path` at once.
 
-    The name carries the process id, so workers writing the same cache entry do not collide;
-    a writer killed mid-way leaves the previous file whole.
+    The temporary file is created by mkstemp (O_CREAT | O_EXCL, a random name), so a name planted in a shared
+    cache directory, a symlink included, is never opened or followed; workers writing the same entry do not
+    collide, and a writer killed mid-way leaves the previous file whole. os.replace swaps the directory entry
+    itself: a symlink at `path` is replaced, not written through.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; cache entries are read by the user's other tools
         yield tmp
         os.replace(tmp, path)
     finally:

@@ -179,12 +179,17 @@ def search(
 def check(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], set_: SetOption = None,
           debug: DebugOption = False) -> None:
     """Validate a pipeline file and the inputs it names, without running anything."""
+    from kdpipe.pipeline import provider_warnings
     from kdpipe.runner import prepare
 
     try:
         prepared = prepare(pipeline, set_ or [])
     except InputError as exc:
         _fail(exc, str(pipeline), debug)
+    except Exception as exc:  # an input no check foresaw: still one line, never a traceback
+        _fail(StageFailed("check", exc), str(pipeline), debug)
+    for line in provider_warnings(prepared.pipeline):
+        typer.echo(f"{pipeline}: {line}", err=True)
     sizes = prepared.data.sizes()
     typer.echo(f"{pipeline}: ok ({prepared.pipeline.distill.method}; train {sizes['train']}, val {sizes['val']}, "
                f"test {sizes['test']}, {prepared.data.num_classes} classes)")

@@ -9,6 +9,7 @@ Every error is an `InputError` whose key is the dotted YAML path, so the CLI can
 from __future__ import annotations
 
 import difflib
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -17,12 +18,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdpipe.errors import InputError
+from kdpipe.onnx_runtime import MIN_TIMED_RUNS
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+Seed = Annotated[int, Field(ge=0, lt=1 << 32)]  # numpy's and Optuna's samplers take seeds below 2**32
 
 
 class Strict(BaseModel):
@@ -186,8 +189,9 @@ class ModelConfig(Strict):
                                                    "prefixes accepted)")
     reset_head: bool = Field(False, description="replace the classifier when the weights' class count differs "
                                                 "from the data's")
-    width: PositiveInt = Field(32, description="mlp, cnn, resnet only")
-    depth: PositiveInt = Field(2, description="mlp, cnn, resnet only")
+    # bounded: a width of 10^6 asks for terabytes
+    width: Annotated[int, Field(gt=0, le=16384)] = Field(32, description="mlp, cnn, resnet only")
+    depth: Annotated[int, Field(gt=0, le=1024)] = Field(2, description="mlp, cnn, resnet only")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the factory")
 
     @model_validator(mode="after")
@@ -317,24 +321,35 @@ class Gates(Strict):
     size_mb_max: PositiveFloat | None = Field(None, description="size of the delivered ONNX file in MB (10^6 bytes)")
 
 
+MAX_THREADS = 1024
+
+
 class ValidateConfig(Strict):
-    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 64], min_length=1)
-    providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    require_provider: bool = Field(False, description="fail the gate when a requested provider is not the one in use")
+    batch_sizes: list[Annotated[int, Field(gt=0, le=1 << 20)]] = Field(default_factory=lambda: [1, 64], min_length=1)
+    providers: Literal["auto"] | list[str] = Field(
+        "auto", description="auto: CUDAExecutionProvider (with IO binding) when this onnxruntime has it, else "
+                            "CPUExecutionProvider; or a list in order of preference")
+    require_provider: bool = Field(False, description="every listed provider must be in use: `kdpipe check` rejects one "
+                                                      "this onnxruntime lacks, and the gate fails one that cannot start")
     warmup: NonNegativeInt = 10
-    runs: Annotated[int, Field(ge=50)] = 100
-    threads: NonNegativeInt = Field(0, description="onnxruntime intra-op threads; 0: onnxruntime's default")
-    inter_op_threads: NonNegativeInt = Field(0, description="onnxruntime inter-op threads; 0: onnxruntime's default")
+    runs: Annotated[int, Field(ge=MIN_TIMED_RUNS, le=1_000_000)] = Field(
+        100, description="most timed calls per (model, batch size)")
+    budget_s: PositiveFloat = Field(2.0, description=f"seconds of warm-up and timed calls per (model, batch size); "
+                                                     f"at least {MIN_TIMED_RUNS} timed calls are made whatever it says")
+    threads: Annotated[int, Field(ge=0, le=MAX_THREADS)] = Field(
+        0, description="onnxruntime intra-op threads; 0: onnxruntime's default")
+    inter_op_threads: Annotated[int, Field(ge=0, le=MAX_THREADS)] = Field(
+        0, description="onnxruntime inter-op threads; 0: onnxruntime's default")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     gates: Gates = Field(default_factory=Gates)
 
     @field_validator("providers")
     @classmethod
-    def _known_providers(cls, providers: list[str]) -> list[str]:
+    def _known_providers(cls, providers: str | list[str]) -> str | list[str]:
         from kdpipe.onnx_runtime import known_providers
 
         known = known_providers()
-        for name in providers:
+        for name in [] if providers == "auto" else providers:
             if known is not None and name not in known:
                 raise ValueError(f"unknown execution provider '{name}'{_suggest(name, known)}")
         return providers
@@ -381,7 +396,7 @@ class SearchConfig(Strict):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] | None = Field(
         None, description="default: median; none when the objective is multi-objective (Optuna cannot prune those)")
-    seed: NonNegativeInt | None = Field(None, description="sampler seed; default: the pipeline's seed")
+    seed: Seed | None = Field(None, description="sampler seed; default: the pipeline's seed")
     objective: list[Objective] = Field(
         default_factory=lambda: ["val_accuracy"],
         description="val_accuracy, or [val_accuracy, latency_p50] for a Pareto search over accuracy and ONNX latency")
@@ -415,6 +430,18 @@ class SearchConfig(Strict):
 
 
 # --- error messages -----------------------------------------------------------------------
+
+
+SHOWN_CHARS = 80  # an echoed value is cut to this length, so an error stays one readable line
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 3, 8, 8
+_SHORT_REPR.maxstring = _SHORT_REPR.maxlong = _SHORT_REPR.maxother = SHOWN_CHARS
+
+
+def _shown(value: Any) -> str:
+    """repr(value) cut to SHOWN_CHARS; reprlib bounds the work too, whatever the size of `value`."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 def _suggest(word: str, candidates) -> str:
@@ -491,7 +518,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def _describe(err: dict, model: type[BaseModel], loc: tuple) -> str:
     kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
-    got = f", got {value!r}"
+    got = f", got {_shown(value)}"
     if kind == "extra_forbidden":
         valid = _fields_at(model, loc[:-1])
         hint = _suggest(str(loc[-1]), valid)

@@ -31,8 +31,25 @@ def known_providers() -> list[str] | None:
         return None
 
 
-def available_providers(requested: list[str]) -> tuple[list[str], list[str]]:
+def resolve_providers(providers: str | list[str]) -> list[str]:
+    """The providers a pipeline asks for: `auto` is CUDA (with IO binding) when this onnxruntime has it, else CPU."""
+    if providers != "auto":
+        return list(providers)
+    return [CUDA, CPU] if CUDA in import_ort().get_available_providers() else [CPU]
+
+
+def missing_providers(providers: str | list[str]) -> list[str]:
+    """The listed providers this onnxruntime lacks (none for `auto`, or without onnxruntime, which run reports)."""
+    try:
+        have = set(import_ort().get_available_providers())
+    except RuntimeError:
+        return []
+    return [p for p in resolve_providers(providers) if p not in have]
+
+
+def available_providers(requested: str | list[str]) -> tuple[list[str], list[str]]:
     """(the requested providers this onnxruntime has, in order; those it lacks)."""
+    requested = resolve_providers(requested)
     have = set(import_ort().get_available_providers())
     kept = [p for p in requested if p in have]
     dropped = [p for p in requested if p not in have]
@@ -120,20 +137,29 @@ def latency_stats(seconds: np.ndarray, batch_size: int) -> dict[str, float]:
             "throughput": float(batch_size / seconds.mean()), "runs": len(seconds)}
 
 
-def time_calls(call, warmup: int, runs: int) -> np.ndarray:
-    for _ in range(warmup):
+MIN_TIMED_RUNS = 5  # percentiles from fewer calls say nothing; made even when the budget is spent
+
+
+def time_calls(call, warmup: int, runs: int, budget_s: float = float("inf")) -> np.ndarray:
+    """Per-call seconds of up to `runs` timed calls after up to `warmup` untimed ones, all within `budget_s`
+    (at least one warm-up and MIN_TIMED_RUNS timed calls are made whatever the budget)."""
+    deadline = time.perf_counter() + budget_s
+    for i in range(warmup):
+        if i and time.perf_counter() >= deadline:
+            break
         call()
-    times = np.empty(runs)
-    for i in range(runs):
+    times = []
+    while len(times) < runs and (len(times) < MIN_TIMED_RUNS or time.perf_counter() < deadline):
         start = time.perf_counter()
         call()
-        times[i] = time.perf_counter() - start
-    return times
+        times.append(time.perf_counter() - start)
+    return np.array(times)
 
 
-def measure_latency(sess, x: np.ndarray, batch_size: int, warmup: int, runs: int) -> dict[str, float]:
-    """Latency of one batch of real samples. On CUDA the input and output stay on the device (IO binding),
-    so what is timed is the model, not a host copy per call."""
+def measure_latency(sess, x: np.ndarray, batch_size: int, warmup: int, runs: int,
+                    budget_s: float = float("inf")) -> dict[str, float]:
+    """Latency of one batch of real samples, within `budget_s` seconds (see time_calls). On CUDA the input and
+    output stay on the device (IO binding), so what is timed is the model, not a host copy per call."""
     batch = tile_batch(x, batch_size)
     name = sess.get_inputs()[0].name
     if sess.get_providers()[0] == CUDA:
@@ -143,7 +169,7 @@ def measure_latency(sess, x: np.ndarray, batch_size: int, warmup: int, runs: int
         for out in sess.get_outputs():
             binding.bind_output(out.name, "cuda", 0)
         binding.synchronize_inputs()
-        stats = latency_stats(time_calls(lambda: sess.run_with_iobinding(binding), warmup, runs), batch_size)
+        stats = latency_stats(time_calls(lambda: sess.run_with_iobinding(binding), warmup, runs, budget_s), batch_size)
         return {**stats, "io_binding": True}
-    return {**latency_stats(time_calls(lambda: sess.run(None, {name: batch}), warmup, runs), batch_size),
+    return {**latency_stats(time_calls(lambda: sess.run(None, {name: batch}), warmup, runs, budget_s), batch_size),
             "io_binding": False}

@@ -9,14 +9,15 @@ and one validation pass checks a whole file.
 from __future__ import annotations
 
 import os
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
-from kdpipe.config import (DataConfig, DistillBase, ExportConfig, NonNegativeInt, RegisterConfig, SearchConfig,
-                           StudentConfig, TeacherConfig, ValidateConfig, Strict, _input_error)
+from kdpipe.config import (DataConfig, DistillBase, ExportConfig, RegisterConfig, SearchConfig, Seed, Strict,
+                           StudentConfig, TeacherConfig, ValidateConfig, _input_error, _shown)
 from kdpipe.errors import InputError
 from kdpipe.methods import get_method, registry
 from kdpipe.search.space import resolve_space
@@ -46,7 +47,7 @@ def distill_section(values: dict[str, Any]):
 
 class Pipeline(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
     student: StudentConfig
@@ -79,11 +80,75 @@ class Pipeline(Strict):
         return data
 
 
+MAX_FILE_BYTES = 1 << 20  # a pipeline file is a page of settings; anything larger is not one
+MAX_DEPTH = 64  # nesting levels, counting what aliases pull in
+MAX_NODES = 100_000  # values after expanding aliases (a "billion laughs" file expands to 10^9)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents nested deeper than MAX_DEPTH or holding more than MAX_NODES
+    values once aliases are expanded. Sizes are counted as nodes are composed, before anything is built,
+    so a file cannot make kdpipe recurse or allocate beyond those bounds."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._nesting = 0
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth), aliases expanded
+        self._values = 0
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        alias = self.check_event(yaml.AliasEvent)
+        self._nesting += 1
+        if self._nesting > MAX_DEPTH:
+            raise _too_large(mark, f"nesting deeper than {MAX_DEPTH} levels")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._nesting -= 1
+        if id(node) not in self._measured:
+            if alias:
+                raise _too_large(mark, "an alias inside the value it names (a recursive structure)")
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+                node.value if isinstance(node, yaml.SequenceNode) else [])
+            sizes = [self._measured[id(child)] for child in children]
+            self._measured[id(node)] = (1 + sum(v for v, _ in sizes), 1 + max((d for _, d in sizes), default=0))
+        values, depth = self._measured[id(node)]
+        self._values += values if alias else 1
+        if depth > MAX_DEPTH:
+            raise _too_large(mark, f"nesting deeper than {MAX_DEPTH} levels once aliases are expanded")
+        if values > MAX_NODES or self._values > MAX_NODES:
+            raise _too_large(mark, f"more than {MAX_NODES} values once aliases are expanded")
+        return node
+
+
+def _too_large(mark, problem: str) -> InputError:
+    return InputError("", f"line {mark.line + 1}, column {mark.column + 1}: {problem}; a pipeline file cannot hold that")
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError("", f"pipeline file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise InputError("", f"expected a YAML pipeline file of at most {MAX_FILE_BYTES} bytes, this one has {size}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError("", f"cannot read the pipeline file: {exc.strerror or exc}") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise InputError("", f"expected YAML text, got a binary file (a NUL byte at offset {nul})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError("", f"expected UTF-8 text, got byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+    try:
+        raw = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -100,9 +165,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], base_dir: Path | 
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise InputError("--set", f"expected key.path=value, got '{item}'")
+            raise InputError("--set", f"expected key.path=value, got {_shown(item)}")
         try:
-            value = yaml.safe_load(text)
+            value = _parse_yaml(text)
         except yaml.YAMLError:
             value = text
         node = raw
@@ -112,7 +177,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], base_dir: Path | 
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise InputError(key, f"--set cannot descend into '{part}', which holds {child!r}")
+                raise InputError(key, f"--set cannot descend into '{part}', which holds {_shown(child)}")
             node = child
         if base_dir is not None:
             value = resolve_paths(value, tuple(parts), base_dir, "the working directory (--set)")
@@ -132,10 +197,50 @@ def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
         pipeline = Pipeline.model_validate(raw)
     except ValidationError as exc:
         raise _input_error(exc, Pipeline, ()) from None
+    _check_numbers(pipeline.model_dump(by_alias=True), ())
+    _check_providers(pipeline.validation)
     get_method(pipeline.distill.method).check_pipeline(pipeline)
     if pipeline.search is not None:
         resolve_space(pipeline)  # raises InputError naming the search.space key
     return pipeline
+
+
+INT64 = 1 << 63
+
+
+def _check_numbers(value: Any, loc: tuple) -> None:
+    """Reject NaN and infinities (no setting means anything with them) and integers beyond 64 bits (torch, numpy
+    and onnxruntime overflow on them at run time) wherever the schema let them through, keys and lists included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(".".join(map(str, loc)), f"expected a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        raise InputError(".".join(map(str, loc)), f"expected an integer that fits in 64 bits, got {_shown(value)}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_numbers(k, loc)
+            _check_numbers(v, (*loc, k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_numbers(v, (*loc, i))
+
+
+def _check_providers(cfg: ValidateConfig) -> None:
+    """A listed provider this onnxruntime lacks: with require_provider the run could only fail, so it is bad input;
+    otherwise `kdpipe check` and the run warn (provider_warnings) and validate falls back."""
+    from kdpipe.onnx_runtime import missing_providers
+
+    missing = missing_providers(cfg.providers)
+    if missing and cfg.require_provider:
+        raise InputError("validate.providers", f"{missing[0]} is not available in this onnxruntime and require_provider "
+                                               "is true; use providers: auto, or install onnxruntime-gpu on a CUDA machine")
+
+
+def provider_warnings(pipeline: Pipeline) -> list[str]:
+    """One warning line per listed provider this onnxruntime lacks (validate will run without it)."""
+    from kdpipe.onnx_runtime import missing_providers
+
+    return [f"warning: validate.providers: {p} is not available in this onnxruntime; validate will fall back "
+            "(providers: auto picks what is available without a warning)" for p in missing_providers(pipeline.validation.providers)]
 
 
 # --- paths ----------------------------------------------------------------------------------

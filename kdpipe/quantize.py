@@ -14,6 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from kdpipe.atomic import atomic_write
+
+
+class QuantizationFailed(RuntimeError):
+    """onnxruntime's tools could not build the INT8 model; the message names the step and the cause."""
+
 
 class _Batches:
     """onnxruntime's CalibrationDataReader protocol over a list of input batches."""
@@ -25,15 +31,10 @@ class _Batches:
         return next(self._feeds, None)
 
 
-def calibration_batches(x_train: np.ndarray, batch_size: int, count: int, seed: int) -> list[np.ndarray]:
-    """`count` batches drawn without replacement from the training split (a fixed draw per seed)."""
-    order = np.random.default_rng(seed).permutation(len(x_train))[: batch_size * count]
-    return [np.ascontiguousarray(x_train[order[i:i + batch_size]], dtype=np.float32)
-            for i in range(0, len(order), batch_size)]
+def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.ndarray] | None = None) -> str:
+    """Write the INT8 version of `fp32_path`; `mode` is dynamic or static (static needs `calibration`).
 
-
-def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.ndarray] | None = None) -> None:
-    """Write the INT8 version of `fp32_path`; `mode` is dynamic or static (static needs `calibration`)."""
+    Returns how the model was pre-processed; raises QuantizationFailed when no INT8 model could be built."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -47,15 +48,37 @@ def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.n
         with tempfile.TemporaryDirectory() as tmp:
             # Shape inference and graph folding first, so that every tensor has the type info quantization needs.
             prepared = Path(tmp) / "prepared.onnx"
-            quant_pre_process(str(fp32_path), str(prepared))
-            if mode == "dynamic":
-                quantize_dynamic(str(prepared), str(int8_path), weight_type=QuantType.QInt8)
-                return
-            if not calibration:
-                raise ValueError("static quantization needs calibration batches")
-            input_name = session(fp32_path).get_inputs()[0].name
-            quantize_static(str(prepared), str(int8_path), _Batches(input_name, calibration),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            pre_process = "symbolic shape inference"
+            try:
+                quant_pre_process(str(fp32_path), str(prepared))
+            except Exception as exc:
+                # Symbolic shape inference asserts on some exporters' graphs (a Range node from torch 2.11);
+                # ONNX's own shape inference is enough for the quantizer's type info.
+                try:
+                    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+                except Exception as retry_exc:
+                    raise QuantizationFailed(f"pre-processing failed, with and without symbolic shape inference: "
+                                             f"{_describe(exc)}; {_describe(retry_exc)}") from retry_exc
+                pre_process = f"ONNX shape inference only (symbolic shape inference failed: {_describe(exc)})"
+            try:
+                with atomic_write(int8_path) as out:  # a failed build leaves no INT8 file that looks complete
+                    if mode == "dynamic":
+                        quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
+                    else:
+                        if not calibration:
+                            raise ValueError("static quantization needs calibration batches")
+                        input_name = session(fp32_path).get_inputs()[0].name
+                        quantize_static(str(prepared), str(out), _Batches(input_name, calibration),
+                                        quant_format=QuantFormat.QDQ, per_channel=True,
+                                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            except Exception as exc:
+                raise QuantizationFailed(f"{mode} quantization failed: {_describe(exc)}") from exc
+            return pre_process
     finally:
         root.setLevel(level)
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's type and the first line of its message (onnxruntime's AssertionErrors have none)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__

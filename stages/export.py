@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from kdpipe import __version__
-from kdpipe.atomic import atomic_write
+from kdpipe.cache_store import lookup, store
 from kdpipe.onnx_runtime import session, tile_batch
-from kdpipe.quantize import calibration_batches, quantize
+from kdpipe.quantize import QuantizationFailed, quantize
 from kdpipe.fingerprint import fingerprint
 
 ODD_BATCH = 7  # an odd size that is neither 1 nor a power of two, to catch shape-specialized graphs
@@ -86,9 +86,8 @@ def export_teacher(ctx, example: torch.Tensor) -> Path:
     teacher = ctx.teacher.to("cpu")
     cached = ctx.cache_dir / "teacher-onnx" / f"{fingerprint(teacher, 'onnx', cfg.opset, cfg.dynamic_batch, __version__, repr(teacher))}.onnx"
     path = ctx.run_dir / "teacher.onnx"
-    if not cached.is_file():
-        with atomic_write(cached) as tmp:
-            export_onnx(teacher, example, tmp, cfg.opset, cfg.dynamic_batch)
+    if not lookup(cached, lambda line: ctx.progress.info(f"  {line}")):
+        store(cached, lambda tmp: export_onnx(teacher, example, tmp, cfg.opset, cfg.dynamic_batch))
     shutil.copyfile(cached, path)
     return path
 
@@ -133,10 +132,21 @@ def run(ctx) -> None:
         int8_path = ctx.run_dir / "student.int8.onnx"
         calibration = None
         if cfg.quantize == "static":
-            calibration = calibration_batches(ctx.data.x_train.cpu().numpy(), ctx.pipeline.data.batch_size,
-                                              cfg.calibration_batches, ctx.pipeline.seed)
-        quantize(path, int8_path, cfg.quantize, calibration)
-        ctx.artifacts["int8_onnx_path"] = int8_path
+            calibration = ctx.data.calibration_inputs(cfg.calibration_batches, ctx.pipeline.data.batch_size,
+                                                      ctx.pipeline.seed)
         ctx.report["quantization"] = {
             "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
             "calibration_samples": sum(len(b) for b in calibration) if calibration else 0}
+        try:
+            pre_process = quantize(path, int8_path, cfg.quantize, calibration)
+        except QuantizationFailed as exc:
+            if cfg.deliver == "int8":
+                raise  # the user asked for INT8: the run fails (exit 3), one line naming the cause
+            # INT8 is optional under `best`: the FP32 model ships and the report says why.
+            ctx.report["quantization"].update({"path": None, "built": False, "error": str(exc), "delivered": "fp32",
+                                               "reason": f"INT8 build failed: {exc}"})
+            ctx.tracker.set_tags({"kdpipe.int8": "failed", "kdpipe.int8_error": str(exc)[:500]})
+            ctx.progress.info(f"  warning: INT8 build failed, delivering FP32: {exc}")
+            return
+        ctx.report["quantization"].update({"built": True, "pre_process": pre_process})
+        ctx.artifacts["int8_onnx_path"] = int8_path

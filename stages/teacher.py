@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kdpipe import __version__, distributed
-from kdpipe.atomic import save_torch
+from kdpipe.cache_store import lookup, store
 from kdpipe.fingerprint import fingerprint
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
@@ -38,14 +38,16 @@ def run(ctx) -> None:
     else:
         key = cache_key(ctx)
         cached = ctx.cache_dir / "teachers" / f"{key}.pt"
-        if distributed.broadcast_object(cached.is_file()):  # every rank takes rank 0's decision
+        # Rank 0 verifies the entry (a corrupt one is removed and retrained); every rank takes its decision.
+        if distributed.broadcast_object(ctx.is_main and lookup(cached, lambda line: ctx.progress.info(f"  {line}"))):
             teacher.load_state_dict(torch.load(cached, map_location=ctx.device, weights_only=True))
             source = f"cache {cached}"
             ctx.progress.info(f"  teacher loaded from cache {cached}")
         else:
             train(ctx, teacher)
             if ctx.is_main:
-                save_torch(teacher.state_dict(), cached)
+                state = teacher.state_dict()
+                store(cached, lambda tmp: torch.save(state, tmp))
             source = "trained"
     teacher.eval()
     for p in teacher.parameters():

@@ -7,10 +7,17 @@ ratios are honest. The gates apply to the delivered model (`export.deliver`).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import platform
+
 import numpy as np
 
+from kdpipe import __version__
+from kdpipe.cache_store import load_json, sha256_file, store_json
 from kdpipe.errors import InputError
-from kdpipe.onnx_runtime import available_providers, configured_session, fixed_batch_size, measure_latency, predict
+from kdpipe.onnx_runtime import (available_providers, configured_session, fixed_batch_size, import_ort,
+                                 measure_latency, predict, resolve_providers)
 
 MB = 1e6
 
@@ -33,10 +40,31 @@ def measure_model(path, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
     return {
         "path": str(path),
         "accuracy": float((predict(sess, x_test).argmax(1) == y_test).mean()),
-        "latency_ms": {b: measure_latency(sess, x_test, b, cfg.warmup, cfg.runs) for b in cfg.batch_sizes},
+        "latency_ms": {b: measure_latency(sess, x_test, b, cfg.warmup, cfg.runs, cfg.budget_s) for b in cfg.batch_sizes},
         "size_bytes": path.stat().st_size,
         "providers_used": sess.get_providers(),
     }
+
+
+def measure_teacher(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
+    """measure_model for the frozen teacher, cached by content: its ONNX bytes, the test data and every setting
+    that changes what is measured, on this machine. Reruns and campaign workers pay for it once."""
+    path = ctx.artifacts["teacher_onnx_path"]
+    content = {"onnx_sha256": sha256_file(path), "data": ctx.data.fingerprint, "batch_sizes": cfg.batch_sizes,
+               "providers": resolve_providers(cfg.providers), "threads": cfg.threads,
+               "inter_op_threads": cfg.inter_op_threads, "graph_optimization": cfg.graph_optimization,
+               "warmup": cfg.warmup, "runs": cfg.runs, "budget_s": cfg.budget_s, "host": platform.node(),
+               "onnxruntime": import_ort().__version__, "kdpipe": __version__}
+    key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+    entry = ctx.cache_dir / "teacher-validate" / f"{key}.json"
+    cached = load_json(entry, lambda line: ctx.progress.info(f"  {line}"))
+    if cached is not None:
+        ctx.progress.info(f"  teacher accuracy and latency from cache {entry}")
+        return {**cached, "path": str(path), "latency_ms": {int(b): v for b, v in cached["latency_ms"].items()},
+                "cached": True}
+    measured = measure_model(path, cfg, x_test, y_test)
+    store_json(entry, {k: v for k, v in as_report(measured).items() if k != "path"})
+    return {**measured, "cached": False}
 
 
 def gates_for(model: dict, teacher: dict | None, cfg) -> list[tuple[str, float | None, float, bool]]:
@@ -62,7 +90,7 @@ def gates_for(model: dict, teacher: dict | None, cfg) -> list[tuple[str, float |
         size = model["size_bytes"] / MB
         out.append(("size_mb_max", size, gates.size_mb_max, size <= gates.size_mb_max))
     if cfg.require_provider:
-        fallback = [p for p in cfg.providers if p not in model["providers_used"]]
+        fallback = [p for p in resolve_providers(cfg.providers) if p not in model["providers_used"]]
         out.append(("require_provider", len(fallback), 0, not fallback))
     return out
 
@@ -90,18 +118,19 @@ def as_report(model: dict) -> dict:
 
 def run(ctx) -> None:
     cfg = ctx.pipeline.validation
-    _, dropped = available_providers(cfg.providers)
+    requested = resolve_providers(cfg.providers)
+    _, dropped = available_providers(requested)
     x_test = ctx.data.x_test.cpu().numpy()
     y_test = ctx.data.y_test.cpu().numpy()
 
     fp32 = measure_model(ctx.artifacts["onnx_path"], cfg, x_test, y_test)
-    fallback = [p for p in cfg.providers if p not in fp32["providers_used"]]
+    fallback = [p for p in requested if p not in fp32["providers_used"]]
     for p in fallback:
         why = "not available in this onnxruntime" if p in dropped else "could not be initialized"
         ctx.progress.info(f"  warning: {p} was requested but is {why}; running on {', '.join(fp32['providers_used'])}")
     teacher = None
     if "teacher_onnx_path" in ctx.artifacts:
-        teacher = measure_model(ctx.artifacts["teacher_onnx_path"], cfg, x_test, y_test)
+        teacher = measure_teacher(ctx, cfg, x_test, y_test)
         ctx.report["teacher"]["onnx"].update(as_report(teacher))
 
     delivered, measured = "fp32", fp32
@@ -130,11 +159,12 @@ def run(ctx) -> None:
         ctx.report["speedup_vs_teacher"] = {str(b): teacher["latency_ms"][b]["p50"] / measured["latency_ms"][b]["p50"]
                                             for b in cfg.batch_sizes}
     ctx.report["validate"] = {
-        "providers_requested": cfg.providers, "providers_used": measured["providers_used"],
+        "providers_requested": cfg.providers, "providers_resolved": requested, "providers_used": measured["providers_used"],
         "providers_dropped": dropped, "provider_fallback": fallback,
         "io_binding": any(v["io_binding"] for v in measured["latency_ms"].values()),
         "session": {"threads": cfg.threads, "inter_op_threads": cfg.inter_op_threads,
-                    "graph_optimization": cfg.graph_optimization, "warmup": cfg.warmup, "runs": cfg.runs},
+                    "graph_optimization": cfg.graph_optimization, "warmup": cfg.warmup, "runs": cfg.runs,
+                    "budget_s": cfg.budget_s},
     }
     ctx.tracker.log_metrics({"student/test_accuracy": measured["accuracy"],
                              **{f"latency_ms/p50_bs{b}": v["p50"] for b, v in measured["latency_ms"].items()},

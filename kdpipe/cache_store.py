@@ -1,0 +1,75 @@
+"""Verified cache entries: files in the shared cache directory that carry their SHA-256, checked on every load.
+
+A cache entry that a disk fault, a killed copy or a hand edit corrupted would otherwise fail every later run
+until someone deletes it. Each entry `X` is written atomically (kdpipe.atomic) with its digest in `X.sha256`,
+written first, so a reader never finds a fresh entry without its digest. `lookup` returns False for an entry
+that is absent, and also, after one warning line, for one whose bytes do not match: that entry is removed and
+the caller rebuilds it with `store`.
+
+    if not lookup(path, warn):
+        store(path, lambda tmp: torch.save(state, tmp))
+    state = torch.load(path)
+
+Two workers rebuilding the same entry at once may leave one's digest beside the other's bytes; the next
+reader then rebuilds once more, so the race costs time, never a wrong result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kdpipe.atomic import atomic_write
+
+Warn = Callable[[str], None]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def lookup(path: Path, warn: Warn) -> bool:
+    """True when `path` exists and matches its recorded SHA-256. A mismatched entry, or one without a digest,
+    is removed with a warning and False returned, so the caller rebuilds it."""
+    if not path.is_file():
+        return False
+    try:
+        recorded = _digest_path(path).read_text().strip()
+    except OSError:
+        recorded = None
+    if recorded == sha256_file(path):
+        return True
+    why = "no recorded sha256" if recorded is None else "sha256 does not match"
+    warn(f"warning: cache entry {path} is corrupt ({why}); removed, rebuilding it")
+    path.unlink(missing_ok=True)
+    return False
+
+
+def store(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary file; it becomes `path`, with its SHA-256 recorded beside it."""
+    with atomic_write(path) as tmp:
+        write(tmp)
+        with atomic_write(_digest_path(path)) as digest_tmp:
+            digest_tmp.write_text(sha256_file(tmp) + "\n")
+
+
+def load_json(path: Path, warn: Warn) -> Any | None:
+    """A verified JSON entry's value, or None when it is absent or was corrupt (then removed)."""
+    if not lookup(path, warn):
+        return None
+    return json.loads(path.read_text())
+
+
+def store_json(path: Path, value: Any) -> None:
+    store(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))
