@@ -7,11 +7,7 @@ onnxruntime settings; with `export.quantize`, an INT8 student is built as well.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,38 +16,12 @@ from torch import nn
 
 from kdpipe import __version__
 from kdpipe.cache_store import lookup, store
+from kdpipe.onnx_export import export_onnx
 from kdpipe.onnx_runtime import session, tile_batch
 from kdpipe.quantize import QuantizationFailed, quantize
 from kdpipe.fingerprint import fingerprint
 
 ODD_BATCH = 7  # an odd size that is neither 1 nor a power of two, to catch shape-specialized graphs
-
-
-class OnnxInterface(nn.Module):
-    """Fixes the graph's input name to `input` and its output to `logits`, whatever the model's forward names."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input):  # noqa: A002 - the ONNX input's name
-        return self.model(input)
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
-    model = OnnxInterface(model).eval().cpu()
-    dynamic = {"input": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-    # The exporter prints progress and deprecation chatter; kdpipe reports the outcome itself.
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example.cpu(),), str(path), input_names=["input"], output_names=["logits"],
-                              opset_version=opset, dynamic_shapes=dynamic, dynamo=True, external_data=False)
-    finally:
-        exporter_log.setLevel(level)
 
 
 def parity(model: nn.Module, onnx_path: Path, x_val: torch.Tensor, batch_sizes: list[int]) -> dict[int, dict[str, float]]:

@@ -172,7 +172,7 @@ def test_latency_is_measured_within_the_budget(digits, tmp_path):
 
     from kdpipe.models.zoo import CNN
     from kdpipe.onnx_runtime import MIN_TIMED_RUNS, measure_latency, session
-    from kdpipe.stages.export import export_onnx
+    from kdpipe.onnx_export import export_onnx
 
     path = tmp_path / "cnn.onnx"
     export_onnx(CNN((1, 8, 8), 10, width=8, depth=2), torch.zeros(2, 1, 8, 8), path, 18, True)

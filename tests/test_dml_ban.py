@@ -15,7 +15,7 @@ from kdpipe.losses import cwtm_weights, dkpp_targets, dml_loss
 from kdpipe.methods import get_method
 from kdpipe.methods.ban import GenerationEnsemble
 from kdpipe.models.zoo import CNN, MLP
-from kdpipe.stages.export import export_onnx
+from kdpipe.onnx_export import export_onnx
 from kdpipe.inference import accuracy
 from kdpipe.train import Trainer
 

@@ -285,7 +285,7 @@ def test_every_model_and_data_error_key_is_a_schema_path(tmp_path):
 
 def test_uint8_adapter_predicts_what_the_float_path_does_through_onnxruntime(tmp_path):
     from kdpipe.onnx_runtime import session
-    from kdpipe.stages.export import export_onnx
+    from kdpipe.onnx_export import export_onnx
 
     torch.manual_seed(0)
     model = build("resnet8", shape=(3, 16, 16)).eval()

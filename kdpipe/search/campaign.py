@@ -165,9 +165,8 @@ class Campaign:
         return on_epoch
 
     def _latency_p50(self, student: nn.Module, number: int) -> float:
-        from kdpipe.onnx_runtime import available_providers, session
-        from kdpipe.stages.export import export_onnx
-        from kdpipe.stages.validate import measure_latency
+        from kdpipe.onnx_export import export_onnx
+        from kdpipe.onnx_runtime import available_providers, measure_latency, session
 
         cfg = self.pipeline.validation
         path = self.work_dir / f"trial-{number}.onnx"
@@ -176,7 +175,7 @@ class Campaign:
             export_onnx(copy.deepcopy(student).cpu(), x_val[:2], path, self.pipeline.export.opset, True)
             providers, _ = available_providers(cfg.providers)
             sess = session(path, providers, cfg.threads)
-            return measure_latency(sess, x_val.numpy(), min(cfg.batch_sizes), cfg.warmup, cfg.runs)["p50"]
+            return measure_latency(sess, x_val.numpy(), min(cfg.batch_sizes), cfg.warmup, cfg.runs, cfg.budget_s)["p50"]
         finally:
             path.unlink(missing_ok=True)
 

@@ -1,0 +1,39 @@
+"""torch → ONNX: one self-contained file with a dynamic batch dimension, input `input` and output `logits`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class OnnxInterface(nn.Module):
+    """Fixes the graph's input name to `input` and its output to `logits`, whatever the model's forward names."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input):  # noqa: A002 - the ONNX input's name
+        return self.model(input)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
+    model = OnnxInterface(model).eval().cpu()
+    dynamic = {"input": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    # The exporter prints progress and deprecation chatter; kdpipe reports the outcome itself.
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example.cpu(),), str(path), input_names=["input"], output_names=["logits"],
+                              opset_version=opset, dynamic_shapes=dynamic, dynamo=True, external_data=False)
+    finally:
+        exporter_log.setLevel(level)
