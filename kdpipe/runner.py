@@ -225,17 +225,18 @@ def check_trainable(pipeline: Pipeline, data: Splits) -> None:
     """Inputs that would make a run train nothing, found before any work (InputError, exit 2)."""
     if pipeline.distill.epochs == 0:
         raise InputError("distill.epochs", "expected ≥ 1: with 0 epochs the student is never trained")
-    if pipeline.teacher is not None and pipeline.teacher.checkpoint is None and pipeline.teacher.train.epochs == 0:
-        raise InputError("teacher.train.epochs", "expected ≥ 1 when the teacher is trained (teacher.checkpoint: null): "
-                                                 "with 0 epochs the teacher is never trained")
+    teacher = pipeline.teacher
+    given = teacher is not None and (teacher.checkpoint is not None or teacher.model.weights is not None
+                                     or (teacher.model.arch or "").startswith("hf:"))
+    if teacher is not None and not given and teacher.train.epochs == 0:
+        raise InputError("teacher.train.epochs", "expected ≥ 1 when the teacher is trained (no checkpoint or weights "
+                                                 "given): with 0 epochs the teacher is never trained")
     # The trainer skips batches with fewer than 2 samples per process (BatchNorm cannot train on one sample).
     ranks = distributed.from_environment().world_size
     if pipeline.data.batch_size < 2 * ranks and len(data.y_train) >= 2 * ranks:
         raise InputError("data.batch_size", f"expected ≥ {2 * ranks}: a batch of {pipeline.data.batch_size} gives fewer "
                                             f"than 2 samples to each of {ranks} process(es), and the trainer skips such "
                                             "batches (BatchNorm cannot train on one sample), so no step would be made")
-    if len(torch.unique(data.y_train)) < 2:
-        raise InputError("data", "the training split holds one class; a classifier needs at least 2")
 
 
 def new_run_id() -> str:

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev,vision
-.venv/bin/python -m pytest -q "$@"
+# Two worker processes (pytest-xdist): the tests are independent, each in its own directory and MLflow store.
+.venv/bin/python -m pytest -q -n "${KDPIPE_TEST_WORKERS:-2}" "$@"

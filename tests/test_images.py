@@ -275,7 +275,7 @@ def test_relative_data_path_resolves_against_the_pipeline_folder(workdir, image_
     folder.mkdir()
     path = image_pipeline(folder / "p.yaml", path="../pets")
     monkeypatch.chdir(folder.parent.parent)  # anywhere but the pipeline's folder
-    assert load_pipeline(path).data.path == folder / "../pets"
+    assert load_pipeline(path).data.path == (folder / "../pets").resolve()
     assert cli("check", path).exit_code == 0
     missing = image_pipeline(folder / "q.yaml", path="pets")
     assert_input_error(cli("check", missing), missing, "data.path", "data file not found: pets",
