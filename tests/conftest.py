@@ -47,6 +47,24 @@ def workdir(tmp_path, monkeypatch, teacher_cache) -> Path:
     return tmp_path
 
 
+def write_pipeline(path: Path, base: Path = PIPELINES / "digits.yaml", **changes) -> Path:
+    """`base` (pipelines/digits.yaml) with dotted-key changes applied (None deletes the key), written to `path`."""
+    import yaml
+
+    raw = yaml.safe_load(base.read_text())
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def cli(*args: str):
     """Run the CLI in-process; returns typer's Result (exit_code, stdout, stderr)."""
     from kdpipe.cli import app

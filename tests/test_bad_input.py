@@ -5,26 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import PIPELINES, cli, run_process
+from conftest import PIPELINES, cli, run_process, write_pipeline
 from kdpipe.models.zoo import CNN
-
-
-def write_pipeline(path, **changes):
-    """pipelines/digits.yaml with dotted-key changes applied (None deletes the key)."""
-    raw = yaml.safe_load((PIPELINES / "digits.yaml").read_text())
-    for dotted, value in changes.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def assert_input_error(result, file, key, *expected):

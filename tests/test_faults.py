@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets
+from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets, write_pipeline
 
 DIGITS = PIPELINES / "digits.yaml"
 TEACHER_CACHE_SETTINGS = ["teacher.train.epochs=8"]  # the session's cached teacher (conftest FAST)
@@ -51,18 +50,7 @@ class Fault:
         if self.text is not None:
             path.write_bytes(self.text if isinstance(self.text, bytes) else self.text.encode())
             return path
-        raw = yaml.safe_load(DIGITS.read_text())
-        for dotted, value in self.edits.items():
-            node = raw
-            *parents, last = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            if value is None:
-                node.pop(last, None)
-            else:
-                node[last] = value
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        return path
+        return write_pipeline(path, DIGITS, **self.edits)
 
 
 CHECK_FAULTS = [

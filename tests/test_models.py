@@ -7,11 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import FAST, PIPELINES, cli, read_report, sets
+from conftest import FAST, PIPELINES, cli, read_report, sets, write_pipeline
 from kdpipe.config import DataConfig, ModelConfig, _submodel, _union_members
 from kdpipe.pipeline import Pipeline
 from kdpipe.errors import InputError
@@ -43,18 +42,6 @@ def save_hf_vit(path, classes: int = 10):
     config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=32, num_labels=classes)
     transformers.ViTForImageClassification(config).save_pretrained(path)
-    return path
-
-
-def write_pipeline(path, **changes):
-    raw = yaml.safe_load((PIPELINES / "digits.yaml").read_text())
-    for dotted, value in changes.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
