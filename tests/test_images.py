@@ -296,6 +296,9 @@ def test_image_folder_pipeline_with_augmentation_runs_end_to_end(workdir, image_
     report = read_report(result.stdout)
     assert report["status"] == "passed"
     assert report["data"]["train"] == count_files(image_copy / "train")
+    splits = report["data"]["provenance"]["splits"]  # where each split came from, and its size (issue 16.6)
+    assert splits["train"]["size"] == report["data"]["train"] and "train" in splits["train"]["from"]
+    assert splits["val"]["size"] == report["data"]["val"] and "val" in splits["val"]["from"]
 
 
 def test_hf_images_stream_like_they_sit_in_memory(tmp_path):
