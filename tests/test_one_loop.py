@@ -267,16 +267,21 @@ def test_mlflow_system_metrics_are_on_unless_switched_off(workdir):
     mlflow.yaml turns them off."""
     from conftest import LENIENT, cli, read_report
 
-    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"
+    # MLflow samples in a thread: sample every 0.1 s, log each sample, and train long enough (30 epochs, a few
+    # seconds) that samples exist whatever the machine's speed.
+    sampling = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
+    os.environ.update(sampling)
     try:
         runs = {}
         for switch in (True, False):
             (workdir / "mlflow.yaml").write_text(f"system_metrics: {str(switch).lower()}\n")
-            result = cli("run", PIPELINES / "digits.yaml", "--until", "distill", *sets(*FAST, *LENIENT))
+            result = cli("run", PIPELINES / "digits.yaml", "--until", "distill",
+                         *sets(*FAST, *LENIENT, "distill.epochs=30"))
             assert result.exit_code == 0, result.output
             runs[switch] = read_report(result.stdout)["mlflow"]["run_id"]
     finally:
-        del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
+        for key in sampling:
+            del os.environ[key]
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     on = client.get_run(runs[True]).data.metrics
     off = client.get_run(runs[False]).data.metrics
