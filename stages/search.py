@@ -44,7 +44,8 @@ def run(ctx) -> None:
                        heartbeat_seconds=search.heartbeat_seconds)
     if ctx.report.get("resumed"):
         orphans = fail_orphans(study, None if search.storage is None else campaign.owner)
-        closed = campaign.runs.close_running("its worker was killed; the run was resumed")
+        reason = "its worker was killed; the run was resumed"
+        closed = campaign.runs.close_running(reason) + campaign.runs.record_killed(study, orphans, reason)
         if orphans or closed:
             ctx.progress.info(f"  failed trial(s) {orphans} left running by the interrupted process; "
                               f"closed {len(closed)} MLflow trial run(s)")

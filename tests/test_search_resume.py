@@ -20,9 +20,10 @@ from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets
 
 SEARCH = PIPELINES / "digits-search.yaml"
 TRIALS = 4
-# kd over its declared ranges, trials long enough (a few seconds) to be killed in the middle of one, never pruned.
+# kd over its declared ranges, never pruned; 40 epochs make a trial about 2 s on digits (5 took 0.3 s, shorter than
+# the poll-and-kill below), so the kill lands inside one.
 CAMPAIGN = [*FAST, *LENIENT, "search.space=auto", f"search.trials={TRIALS}", "search.pruner=none",
-            "distill.epochs=5", "export.quantize=none", "export.deliver=fp32", "validate.batch_sizes=[1]"]
+            "distill.epochs=40", "export.quantize=none", "export.deliver=fp32", "validate.batch_sizes=[1]"]
 
 
 def wait_for_running_trial(runs: Path, process: subprocess.Popen, finished: int) -> Path:
@@ -51,7 +52,6 @@ def test_killed_search_resumes_without_repeating_trials_and_fails_the_orphan(wor
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir)
     try:
         run_dir = wait_for_running_trial(workdir / "runs", process, finished=1)
-        time.sleep(0.5)  # well inside the running trial's first epochs
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.kill()
@@ -79,3 +79,34 @@ def test_killed_search_resumes_without_repeating_trials_and_fails_the_orphan(wor
     killed = [r for r in nested if r.data.tags.get("optuna.trial") == str(orphan.number)]
     assert len(killed) == 1 and killed[0].info.status == "KILLED"
     assert killed[0].data.tags["kdpipe.trial_state"] == "killed"
+
+
+def test_a_trial_killed_before_its_mlflow_run_existed_gets_a_killed_run(workdir):
+    """A worker killed between Optuna starting a trial and MLflow creating its run leaves a RUNNING trial with no
+    run: the resume fails the trial and records it as a KILLED nested run, so every trial keeps its run."""
+    from kdpipe.search import TrialRuns, fail_orphans
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{workdir / 'search.db'}")
+    done = study.ask()
+    done.suggest_float("kd.temperature", 1.0, 8.0)
+    orphan = study.ask()
+    orphan.suggest_float("kd.temperature", 1.0, 8.0)
+    with mlflow.start_run() as parent:
+        runs = TrialRuns(mlflow, parent.info.run_id)
+        run_id = runs.start("trial-0", done.params, {"optuna.trial": "0"})
+        runs.end(run_id, "complete")
+        study.tell(done, 0.9)
+
+        assert fail_orphans(study, None) == [orphan.number]
+        assert runs.close_running("resumed") == []
+        assert runs.record_killed(study, [orphan.number], "resumed") == [orphan.number]
+        assert runs.record_killed(study, [orphan.number], "resumed") == []  # once only
+
+    nested = mlflow.MlflowClient().search_runs([parent.info.experiment_id],
+                                               f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {r.data.tags["optuna.trial"]: r for r in nested}
+    assert sorted(by_trial) == ["0", "1"]
+    killed = by_trial["1"]
+    assert killed.info.status == "KILLED" and killed.data.tags["kdpipe.error"] == "resumed"
+    assert float(killed.data.params["kd.temperature"]) == orphan.params["kd.temperature"]
+    assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL

@@ -76,6 +76,18 @@ class TrialRuns:
         self.client.log_batch(run_id, tags=tags)
         self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"))
 
+    def record_killed(self, study, numbers: list[int], reason: str) -> list[int]:
+        """Give each killed trial that has no MLflow run yet (its worker died before creating one) a KILLED run,
+        so every trial of the study keeps its nested run; returns the trial numbers recorded."""
+        logged = {run.data.tags.get("optuna.trial") for run in self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}'", max_results=50000)}
+        missing = [n for n in numbers if str(n) not in logged]
+        for number in missing:
+            run_id = self.start(f"trial-{number}", study.trials[number].params,
+                                {"optuna.study": study.study_name, "optuna.trial": str(number)})
+            self.end(run_id, "killed", reason)
+        return missing
+
     def close_running(self, reason: str) -> list[str]:
         """End the trial runs still RUNNING under the campaign's run (their worker died); returns their run ids."""
         running = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
