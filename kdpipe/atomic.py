@@ -20,8 +20,10 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
+def atomic_write(path: Path, private: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds it replaces `path` at once.
+
+    `private`: readable by the owner only (0600), for files that hold credentials.
 
     The temporary file is created by mkstemp (O_CREAT | O_EXCL, a random name), so a name planted in a shared
     cache directory, a symlink included, is never opened or followed; workers writing the same entry do not
@@ -33,7 +35,8 @@ def atomic_write(path: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; cache entries are read by the user's other tools
+        if not private:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; cache entries are read by the user's other tools
         yield tmp
         os.replace(tmp, path)
     finally:
@@ -45,6 +48,6 @@ def save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    with atomic_write(path) as tmp:
+def write_json(path: Path, obj: Any, private: bool = False) -> None:
+    with atomic_write(path, private) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")

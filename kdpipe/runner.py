@@ -367,7 +367,7 @@ def _run_stages(prepared: Prepared, pipeline_file: Path, runs_dir: Path, cache_d
                         **ledger, "mlflow_run_id": ctx.report["mlflow"]["run_id"], "cache_dir": str(ctx.cache_dir),
                         "report": ctx.report, "gates": [asdict(g) for g in ctx.gates],
                         "artifacts": {k: v for k, v in map(_ledger_artifact, ctx.artifacts.items()) if v is not None},
-                    })
+                    }, private=True)  # it holds the search storage URL with its password
 
             if resume is None:  # a resumed run's ledger is already on disk; a read-only one must still end truthfully
                 save_ledger()

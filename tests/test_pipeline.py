@@ -49,6 +49,7 @@ def test_default_pipeline_end_to_end(workdir):
     for name in ("pipeline.yaml", "student.onnx", "student.pt", "teacher.pt", "ledger.json"):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "ledger.json").read_text())["finished"][-1] == "register"
+    assert (run_dir / "ledger.json").stat().st_mode & 0o777 == 0o600  # it may hold a storage password
 
     # The ONNX file on disk reproduces the reported accuracy with a dynamic batch dimension.
     sess = ort.InferenceSession(str(run_dir / "student.onnx"), providers=["CPUExecutionProvider"])

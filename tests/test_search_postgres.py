@@ -11,7 +11,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from servers import free_port
 from test_search import assert_workers_shared_study, start_workers
 
 HOW_TO = "PostgreSQL is not installed: `apt-get install -y postgresql` (CI's .ci/run does), then rerun these tests"
@@ -33,12 +33,6 @@ def _bin_dir() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def postgres_url():
     bin_dir = _bin_dir()
@@ -48,7 +42,7 @@ def postgres_url():
     base = Path(tempfile.mkdtemp(prefix="kdpipe-pg-"))
     if as_postgres:
         shutil.chown(base, "postgres")
-    data, port = base / "data", _free_port()
+    data, port = base / "data", free_port()
     run = lambda *args: subprocess.run([*as_postgres, *map(str, args)], check=True, capture_output=True, text=True)  # noqa: E731
     run(bin_dir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
     run(bin_dir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "60",
@@ -122,6 +116,7 @@ def test_killed_worker_resumes_on_its_real_storage_and_its_password_is_recorded_
     (run_dir,) = (workdir / "runs" / "digits-search").iterdir()
     assert "postgres:****@" in (run_dir / "pipeline.yaml").read_text()
     assert password in (run_dir / "ledger.json").read_text()  # where the resumed run finds its storage
+    assert (run_dir / "ledger.json").stat().st_mode & 0o777 == 0o600  # so no other user reads it
 
     resumed = subprocess.run([sys.executable, "-m", "kdpipe", "run", "--resume", str(run_dir)], cwd=workdir,
                              capture_output=True, text=True)

@@ -5,28 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets
+from servers import MlflowServer, free_port
 
 DIGITS = PIPELINES / "digits.yaml"
 CHEAP = ["export.quantize=none", "export.deliver=fp32", "validate.batch_sizes=[1]"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def the_run_dir(workdir: Path) -> Path:
@@ -77,42 +70,6 @@ def test_connect_timeout_must_be_a_positive_number(workdir):
                                    "expected a number of seconds > 0, got 0")
 
 
-class MlflowServer:
-    """`mlflow server` on a fixed loopback port with a sqlite store that outlives it: stop() is an outage
-    (SIGKILL of its process group), start() brings the same store back on the same port."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.root / "server.log", "a")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
@@ -120,7 +77,7 @@ def mlflow_server(tmp_path_factory):
     try:
         yield server
     finally:
-        server.stop()
+        server.kill()
 
 
 @pytest.mark.slow
@@ -132,7 +89,7 @@ def test_server_killed_mid_run_then_back_resume_registers_with_the_full_history(
     for line in proc.stderr:
         seen.append(line)
         if "student epoch 2/" in line:
-            mlflow_server.stop()
+            mlflow_server.kill()
             break
     start = time.monotonic()
     rest, = proc.communicate(timeout=120)[1:]
