@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +41,36 @@ def teacher_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("teacher-cache")
 
 
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty sqlite MLflow store with MLflow's schema migrations applied (seconds per store): copied per test."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, teacher_cache) -> Path:
-    """A fresh working directory with its own sqlite MLflow store and the session's teacher cache."""
+def workdir(tmp_path, monkeypatch, teacher_cache, mlflow_store_template) -> Path:
+    """A fresh working directory with its own sqlite MLflow store (a copy of the migrated template) and the
+    session's teacher cache."""
+    shutil.copyfile(mlflow_store_template, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
     return tmp_path
+
+
+def tracked_nothing(workdir: Path) -> bool:
+    """Whether nothing was tracked in `workdir`'s MLflow store: none there, or as the template left it (no
+    experiment but MLflow's Default, no run)."""
+    if not (workdir / "mlflow.db").exists():
+        return True
+    with contextlib.closing(sqlite3.connect(f"file:{workdir / 'mlflow.db'}?mode=ro", uri=True)) as conn:
+        experiments = conn.execute("SELECT name FROM experiments").fetchall()
+        runs = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    return experiments == [("Default",)] and runs == 0
 
 
 def write_pipeline(path: Path, base: Path = PIPELINES / "digits.yaml", **changes) -> Path:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PIPELINES, cli, run_process, write_pipeline
+from conftest import PIPELINES, cli, run_process, tracked_nothing, write_pipeline
 from kdpipe.models.zoo import CNN
 
 
@@ -160,7 +160,7 @@ def test_bad_run_exits_2_without_traceback_or_run_dir(workdir):
     assert proc.stderr.strip().splitlines() == [f"{path}: distill.epochs: expected a value ≥ 0, got -3"]
     assert proc.stdout == ""
     assert not (workdir / "runs").exists()
-    assert not (workdir / "mlflow.db").exists()
+    assert tracked_nothing(workdir)
 
 
 def test_missing_onnxruntime_names_the_extra(workdir):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets, write_pipeline
+from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets, tracked_nothing, write_pipeline
 
 DIGITS = PIPELINES / "digits.yaml"
 TEACHER_CACHE_SETTINGS = ["teacher.train.epochs=8"]  # the session's cached teacher (conftest FAST)
@@ -147,7 +147,7 @@ def assert_outcome(fault: Fault, path: Path, proc: subprocess.CompletedProcess, 
     if fault.exit_code == 2:
         assert len(lines) == 1 and proc.stdout == "", proc.stderr[-3000:]
     if fault.leaves == "nothing":
-        assert not (workdir / "runs").exists() and not (workdir / "mlflow.db").exists()
+        assert not (workdir / "runs").exists() and tracked_nothing(workdir)
     else:
         report = read_report(proc.stdout if fault.exit_code != 3 else _report_path_of_failed_run(workdir))
         assert report["status"] == fault.leaves, report.get("error")

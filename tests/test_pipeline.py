@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FAST, LENIENT, PIPELINES, cli, read_report, run_process, sets
+from conftest import FAST, LENIENT, PIPELINES, cli, read_report, run_process, sets, tracked_nothing
 
 DIGITS = PIPELINES / "digits.yaml"
 
@@ -50,6 +50,7 @@ def test_default_pipeline_end_to_end(workdir):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "ledger.json").read_text())["finished"][-1] == "register"
     assert (run_dir / "ledger.json").stat().st_mode & 0o777 == 0o600  # it may hold a storage password
+    assert not tracked_nothing(workdir)  # the check the refused runs use can see a run
 
     # The ONNX file on disk reproduces the reported accuracy with a dynamic batch dimension.
     sess = ort.InferenceSession(str(run_dir / "student.onnx"), providers=["CPUExecutionProvider"])
