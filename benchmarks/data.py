@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/data.py [--images 2000] [--epochs 3] [--workers 2] [--device cpu]
 
+(the baseline needs torchvision: the `vision` extra)
+
 The data: scikit-learn digits upscaled to 64×64 RGB JPEG files in class folders (written once to a
 temporary folder). Every path delivers the same training batches: resized (shorter side) and
 center-cropped to 32×32, scaled to [0, 1], random crop with 4 pixels of padding and a horizontal flip
