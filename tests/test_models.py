@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import FAST, PIPELINES, cli, read_report, sets, write_pipeline
+from conftest import FAST, cli, read_report, sets, write_pipeline
 from kdpipe.config import DataConfig, ModelConfig, _submodel, _union_members
 from kdpipe.pipeline import Pipeline
 from kdpipe.errors import InputError
