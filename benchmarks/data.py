@@ -2,23 +2,28 @@
 
     .venv/bin/python benchmarks/data.py [--images 2000] [--epochs 3] [--workers 2] [--device cpu]
 
+(the baseline needs torchvision: the `vision` extra)
+
 The data: scikit-learn digits upscaled to 64×64 RGB JPEG files in class folders (written once to a
 temporary folder). Every path delivers the same training batches: resized (shorter side) and
 center-cropped to 32×32, scaled to [0, 1], random crop with 4 pixels of padding and a horizontal flip
 per sample, normalized; batch 128, `--workers` decoding processes.
 
-  baseline     torchvision-style ImageFolder + DataLoader: PIL decode, resize and crop, to a float tensor,
-               crop, flip and normalize per sample in the workers, every epoch (persistent workers, pinned
-               on CUDA). torchvision itself needs the registry's torch build, which this project's CPU
-               machines do not hold, so the baseline is the same steps written with PIL and torch.
+  baseline     torchvision's ImageFolder + DataLoader, transforms.v2 per sample in the workers, every
+               epoch: Resize (shorter side), CenterCrop, RandomCrop(padding), RandomHorizontalFlip,
+               PILToTensor, ToDtype(float32, scale), Normalize (persistent workers, pinned on CUDA).
   kdpipe memory   load_data (decode once into uint8 by the same number of workers), then train_batches:
                an index into the uint8 tensor, conversion and kornia augmentation batched on the device.
   kdpipe stream   storage: stream: DataLoader workers decode every epoch, kornia augments on the device.
 
 Images per second are over the whole run (load included, `--epochs` epochs); the steady-state epoch
-is reported too; all of it with and without the augmentation. Memory: the stored training data in memory, kdpipe's uint8 vs a float32 npz of the same
-images read by kdpipe, and how much each fresh process's resident memory grew by loading (held data, after
-collection; val and test are float in both).
+is reported too; all of it with and without the augmentation. `transforms_max_abs_diff`: the largest
+difference between the baseline's and kdpipe's unaugmented inputs for the same files (the eval
+transforms are the same when it is ~1e-7). `profile_ms_per_batch`: where an in-memory augmented
+batch's time goes in this process (gather and convert, augmentation, normalization). Memory: the
+stored training data in memory, kdpipe's uint8 vs a float32 npz of the same images read by kdpipe, and
+how much each fresh process's resident memory grew by loading (held data, after collection; val and
+test are float in both).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 SIZE, PAD, BATCH = 32, 4, 128
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
@@ -53,40 +58,18 @@ def write_images(root: Path, count: int) -> Path:
     return root
 
 
-class Baseline(Dataset):
-    """What torchvision's ImageFolder with Resize, CenterCrop, ToTensor, RandomCrop(padding), RandomHorizontalFlip
-    and Normalize does per sample, in the worker."""
+def baseline_transform(augment: bool):
+    from torchvision.transforms import v2
 
-    def __init__(self, root: Path, augment: bool):
-        self.augment = augment
-        classes = sorted(p.name for p in root.iterdir())
-        self.samples = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).iterdir())]
-        self.mean, self.std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            scale = SIZE / min(image.size)
-            image = image.resize((max(SIZE, round(image.width * scale)), max(SIZE, round(image.height * scale))),
-                                 Image.Resampling.BILINEAR)
-            left, top = (image.width - SIZE) // 2, (image.height - SIZE) // 2
-            image = image.crop((left, top, left + SIZE, top + SIZE))
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()).float() / 255
-        if self.augment:
-            x = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))
-            dy, dx = np.random.randint(0, 2 * PAD + 1, size=2)
-            x = x[:, dy:dy + SIZE, dx:dx + SIZE]
-            if np.random.rand() < 0.5:
-                x = x.flip(-1)
-        return (x - self.mean) / self.std, label
+    crop_and_flip = [v2.RandomCrop(SIZE, padding=PAD), v2.RandomHorizontalFlip()] if augment else []
+    return v2.Compose([v2.Resize(SIZE), v2.CenterCrop(SIZE), *crop_and_flip, v2.PILToTensor(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
 def run_baseline(root: Path, epochs: int, workers: int, device: torch.device, augment: bool) -> list[float]:
-    loader = DataLoader(Baseline(root, augment), batch_size=BATCH, shuffle=True, num_workers=workers,
+    from torchvision.datasets import ImageFolder
+
+    loader = DataLoader(ImageFolder(str(root), transform=baseline_transform(augment)), batch_size=BATCH, shuffle=True, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     stamps = [time.perf_counter()]
     for _ in range(epochs):
@@ -125,6 +108,53 @@ def rates(stamps: list[float], images: int) -> dict[str, float]:
     steady = min(b - a for a, b in zip(stamps[1:], stamps[2:])) if epochs > 1 else stamps[1] - stamps[0]
     return {"images_per_s": round(images * epochs / (stamps[-1] - stamps[0]), 1),
             "steady_epoch_images_per_s": round(images / steady, 1), "seconds": round(stamps[-1] - stamps[0], 2)}
+
+
+def transforms_max_abs_diff(root: Path, count: int = 64) -> float:
+    """Largest difference between the baseline's unaugmented inputs and kdpipe's decoding and conversion of the
+    same files: how far the two eval transforms are from each other."""
+    from torchvision.datasets import ImageFolder
+
+    from kdpipe.data.images import Decoder
+    from kdpipe.data.splits import InputConversion
+
+    folder = ImageFolder(str(root), transform=baseline_transform(False))
+    decode, convert = Decoder(3, (SIZE, SIZE)), InputConversion(255.0, tuple(MEAN), tuple(STD))
+    worst = 0.0
+    for i in range(min(count, len(folder))):
+        ours = convert(torch.from_numpy(decode(folder.samples[i][0], str(i))[None].copy()))[0]
+        worst = max(worst, float((folder[i][0] - ours).abs().max()))
+    return worst
+
+
+def profile_batches(root: Path, workers: int, device: torch.device) -> dict[str, float]:
+    """ms per batch of one in-memory augmented epoch, step by step, as train_batches takes them."""
+    from kdpipe.config import DataConfig
+    from kdpipe.data import load_data
+
+    cfg = DataConfig(source="imagefolder", path=root, image_size=SIZE, channels=3, normalize={"mean": MEAN, "std": STD},
+                     augment=[{"random_crop": {"padding": PAD}}, "hflip"], storage="memory", workers=workers,
+                     val_fraction=0.01, test_fraction=0.01, batch_size=BATCH)
+    splits = load_data(cfg, seed=0, device=device).to(device)
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(splits.y_train), generator=generator).to(device)
+    spent = {"gather_and_convert": 0.0, "augment": 0.0, "normalize": 0.0}
+    batches = 0
+    for start in range(0, len(order), BATCH):
+        stamps = [time.perf_counter()]
+        x = splits.conversion.unit(splits.x_train[order[start:start + BATCH]])
+        sync(device)
+        stamps.append(time.perf_counter())
+        x = splits.augmentation(x, generator)
+        sync(device)
+        stamps.append(time.perf_counter())
+        splits.conversion.normalize(x)
+        sync(device)
+        stamps.append(time.perf_counter())
+        for name, a, b in zip(spent, stamps, stamps[1:]):
+            spent[name] += b - a
+        batches += 1
+    return {name: round(seconds / batches * 1e3, 2) for name, seconds in spent.items()}
 
 
 LOAD_AND_MEASURE = """
@@ -178,6 +208,9 @@ def main() -> None:
                 variant[name] = max(found, key=lambda r: r["images_per_s"])
             for name in ("kdpipe_memory", "kdpipe_stream"):
                 variant[f"{name}_vs_baseline"] = round(variant[name]["images_per_s"] / variant["baseline"]["images_per_s"], 2)
+
+        results["transforms_max_abs_diff"] = transforms_max_abs_diff(root)
+        results["profile_ms_per_batch"] = profile_batches(root, args.workers, device)
 
         from kdpipe.config import DataConfig
         from kdpipe.data import load_data

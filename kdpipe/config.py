@@ -287,8 +287,9 @@ class DistillBase(Strict):
 class ExportConfig(Strict):
     opset: Annotated[int, Field(ge=13, le=23)] = 18
     input: Literal["float", "uint8"] = Field(
-        "float", description="float: the graph takes the data's float samples; uint8 (not built yet: refused): "
-                             "decoded images N×C×H×W, the graph doing the scaling and normalization")
+        "float", description="float: the graph takes the data's float samples, scaled and normalized by the caller; "
+                             "uint8 (8-bit image data only): decoded images N×C×H×W, 0-255, the graph doing the "
+                             "scaling and normalization")
     dynamic_batch: bool = True
     atol: PositiveFloat = Field(1.0e-4, description="parity limit (max abs logit difference); validate.gates.parity_atol wins")
     quantize: Literal["none", "dynamic", "static"] = Field(
@@ -303,8 +304,6 @@ class ExportConfig(Strict):
     def _check(self) -> ExportConfig:
         if self.deliver != "fp32" and self.quantize == "none":
             raise ValueError(f"deliver '{self.deliver}' needs an INT8 model: set quantize to dynamic or static")
-        if self.input == "uint8":  # said, not silently ignored, until the export stage builds it
-            raise ValueError("input: uint8 graphs are not built yet (the export stage takes float inputs); use float")
         return self
 
 

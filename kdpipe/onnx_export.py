@@ -23,7 +23,9 @@ class OnnxInterface(nn.Module):
         return self.model(input)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool,
+                metadata: dict[str, str] | None = None) -> None:
+    """Export `model` to `path`; `metadata` goes into the file's metadata_props (e.g. the input contract)."""
     model = OnnxInterface(model).eval().cpu()
     dynamic = {"input": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
     # The exporter prints progress and deprecation chatter; kdpipe reports the outcome itself.
@@ -37,3 +39,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
                               opset_version=opset, dynamic_shapes=dynamic, dynamo=True, external_data=False)
     finally:
         exporter_log.setLevel(level)
+    if metadata:
+        import onnx
+
+        graph = onnx.load(str(path))
+        onnx.helper.set_model_props(graph, {**{p.key: p.value for p in graph.metadata_props}, **metadata})
+        onnx.save(graph, str(path))
+
+
+def takes_uint8(path: Path) -> bool:
+    """Whether the ONNX model at `path` takes uint8 images (`export.input: uint8`) rather than float inputs."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8

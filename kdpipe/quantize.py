@@ -67,7 +67,12 @@ def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.n
                     else:
                         if not calibration:
                             raise ValueError("static quantization needs calibration batches")
-                        input_name = session(fp32_path).get_inputs()[0].name
+                        graph_input = session(fp32_path).get_inputs()[0]
+                        input_name = graph_input.name
+                        dtype = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}.get(graph_input.type)
+                        if dtype is not None and any(b.dtype != dtype for b in calibration):
+                            raise ValueError(f"calibration batches of {calibration[0].dtype} for an input of "
+                                             f"{graph_input.type}")
                         quantize_static(str(prepared), str(out), _Batches(input_name, calibration),
                                         quant_format=QuantFormat.QDQ, per_channel=True,
                                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)

@@ -103,6 +103,8 @@ def version_tags(report: dict, gates: list, pipeline_name: str, resolved_file: P
         TAG + "precision": report["onnx"].get("precision", "fp32"),
         TAG + "run_dir": report["run_dir"],
     }
+    if report["onnx"].get("input"):  # the input contract: what a caller of this version feeds it
+        tags[TAG + "input"] = report["onnx"]["input"]
     tags.update({f"{TAG}gate.{g.name}": json.dumps(g.as_dict()) for g in gates})
     tags.update({metric_tag(k): repr(float(v)) for k, v in metrics_of(report).items()})
     return tags

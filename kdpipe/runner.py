@@ -32,6 +32,7 @@ from kdpipe.errors import GateFailed, InputError, RunInterrupted, StageFailed
 from kdpipe.locks import Busy, file_lock
 from kdpipe.methods import get_method
 from kdpipe.models import build_model, load_checkpoint
+from kdpipe.models.adapter import check_uint8_input
 from kdpipe.progress import Progress
 from kdpipe.search.storage import check_storage_location
 from kdpipe.teacher_cache import TeacherOutputCache
@@ -208,6 +209,8 @@ def prepare(pipeline_file: Path, overrides: list[str], check_models: bool = True
     resolve_precision(pipeline.distill.precision, device)
     data = load_data(pipeline.data, pipeline.seed, device)
     check_trainable(pipeline, data)
+    if pipeline.export.input == "uint8":
+        check_uint8_input(data)
     teacher = None
     if pipeline.teacher is not None:
         teacher = build_model(pipeline.teacher.model, "teacher.model", data.input_shape, data.num_classes)

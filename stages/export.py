@@ -16,6 +16,7 @@ from torch import nn
 
 from kdpipe import __version__
 from kdpipe.cache_store import lookup, store
+from kdpipe.models.adapter import for_export, graph_inputs, input_contract
 from kdpipe.onnx_export import export_onnx
 from kdpipe.onnx_runtime import session, tile_batch
 from kdpipe.quantize import QuantizationFailed, quantize
@@ -50,21 +51,25 @@ def parity_batch_sizes(ctx) -> list[int]:
     return sorted({1, 2, ODD_BATCH, max(ctx.pipeline.validation.batch_sizes), len(ctx.data.x_val)})
 
 
-def export_teacher(ctx, example: torch.Tensor) -> Path:
+def export_teacher(ctx, example: torch.Tensor, graph_input: str) -> Path:
     """teacher.onnx in the run directory, from the cache when this exact teacher was exported before."""
     cfg = ctx.pipeline.export
-    teacher = ctx.teacher.to("cpu")
-    cached = ctx.cache_dir / "teacher-onnx" / f"{fingerprint(teacher, 'onnx', cfg.opset, cfg.dynamic_batch, __version__, repr(teacher))}.onnx"
+    teacher = for_export(ctx.teacher.to("cpu"), ctx.data, graph_input)
+    contract = input_contract(ctx.data, graph_input)  # a uint8 graph holds the normalization: part of the key
+    key = fingerprint(teacher, 'onnx', cfg.opset, cfg.dynamic_batch, __version__, repr(teacher), sorted(contract.items()))
+    cached = ctx.cache_dir / "teacher-onnx" / f"{key}.onnx"
     path = ctx.run_dir / "teacher.onnx"
     if not lookup(cached, lambda line: ctx.progress.info(f"  {line}")):
-        store(cached, lambda tmp: export_onnx(teacher, example, tmp, cfg.opset, cfg.dynamic_batch))
+        store(cached, lambda tmp: export_onnx(teacher, example, tmp, cfg.opset, cfg.dynamic_batch, contract))
     shutil.copyfile(cached, path)
     return path
 
 
 def run(ctx) -> None:
     cfg = ctx.pipeline.export
-    x_val = ctx.data.x_val.cpu()
+    # `kdpipe validate MODEL.onnx`: the teacher takes what the given model takes (float: check_classifier)
+    graph_input = cfg.input if "given_onnx" not in ctx.artifacts else "float"
+    x_val = graph_inputs(ctx.data.x_val.cpu(), ctx.data, graph_input)  # uint8 images for `input: uint8`
     # Two samples: a batch of one would let the exporter specialize the batch dimension to 1.
     example = torch.from_numpy(tile_batch(x_val.numpy(), 2))
     batch_sizes = parity_batch_sizes(ctx) if cfg.dynamic_batch else [len(example)]
@@ -72,14 +77,17 @@ def run(ctx) -> None:
     if given is None:
         path = ctx.run_dir / "student.onnx"
         student = ctx.student.to("cpu")
-        export_onnx(student, example, path, cfg.opset, cfg.dynamic_batch)
-        diffs = parity(student, path, x_val, batch_sizes)
+        exported = for_export(student, ctx.data, graph_input)
+        contract = input_contract(ctx.data, graph_input)
+        export_onnx(exported, example, path, cfg.opset, cfg.dynamic_batch, contract)
+        diffs = parity(exported, path, x_val, batch_sizes)
         ctx.student = student.to(ctx.device)
         worst_abs = max(d["max_abs_diff"] for d in diffs.values())
         atol = ctx.pipeline.validation.gates.parity_atol or cfg.atol
         ctx.add_gate("parity_atol", worst_abs, atol, worst_abs <= atol)
         ctx.report["onnx"] = {"path": str(path), "opset": cfg.opset, "size_bytes": path.stat().st_size,
-                              "dynamic_batch": cfg.dynamic_batch, "parity_max_abs_diff": worst_abs,
+                              "dynamic_batch": cfg.dynamic_batch, "input": contract["kdpipe.input"],
+                              "parity_max_abs_diff": worst_abs,
                               "parity_max_rel_diff": max(d["max_rel_diff"] for d in diffs.values()),
                               "parity_by_batch_size": {str(b): d for b, d in diffs.items()}}
     else:
@@ -90,8 +98,8 @@ def run(ctx) -> None:
     ctx.artifacts["onnx_path"] = path
 
     if ctx.teacher is not None:
-        teacher_path = export_teacher(ctx, example)
-        teacher_diffs = parity(ctx.teacher, teacher_path, x_val, batch_sizes)
+        teacher_path = export_teacher(ctx, example, graph_input)
+        teacher_diffs = parity(for_export(ctx.teacher, ctx.data, graph_input), teacher_path, x_val, batch_sizes)
         ctx.teacher.to(ctx.device)
         ctx.artifacts["teacher_onnx_path"] = teacher_path
         ctx.report["teacher"]["onnx"] = {
@@ -104,6 +112,8 @@ def run(ctx) -> None:
         if cfg.quantize == "static":
             calibration = ctx.data.calibration_inputs(cfg.calibration_batches, ctx.pipeline.data.batch_size,
                                                       ctx.pipeline.seed)
+            # Calibrated on what the graph takes: the quantizer leaves a uint8 input and its Cast as they are.
+            calibration = [graph_inputs(torch.from_numpy(b), ctx.data, graph_input).numpy() for b in calibration]
         ctx.report["quantization"] = {
             "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
             "calibration_samples": sum(len(b) for b in calibration) if calibration else 0}

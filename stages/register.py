@@ -3,6 +3,8 @@ only when the registry policy in mlflow.yaml says it beats the current champion 
 
 from __future__ import annotations
 
+from kdpipe.models.adapter import graph_inputs
+from kdpipe.onnx_export import takes_uint8
 from kdpipe.registry import alias_holder, promote, version_tags
 
 
@@ -21,7 +23,9 @@ def run(ctx) -> None:
         mlflow_report["model_uri"] = earlier.source
         ctx.progress.info(f"  version {version} was registered by this run before it was interrupted; reusing it")
     else:
-        example = ctx.data.x_val[:1].cpu().numpy()
+        # The signature's input dtype is the graph's: uint8 images for `export.input: uint8`, else float32.
+        graph_input = "uint8" if takes_uint8(ctx.artifacts["onnx_path"]) else "float"
+        example = graph_inputs(ctx.data.x_val[:1].cpu(), ctx.data, graph_input).numpy()
         info = ctx.tracker.log_onnx_model(ctx.artifacts["onnx_path"], "student", example,
                                           ctx.report["validate"]["providers_used"])
         mlflow_report["model_uri"] = info.model_uri

@@ -16,10 +16,19 @@ import numpy as np
 from kdpipe import __version__
 from kdpipe.cache_store import load_json, sha256_file, store_json
 from kdpipe.errors import InputError
+from kdpipe.models.adapter import graph_inputs
+from kdpipe.onnx_export import takes_uint8
 from kdpipe.onnx_runtime import (available_providers, configured_session, fixed_batch_size, import_ort,
                                  measure_latency, predict, resolve_providers)
 
 MB = 1e6
+
+
+def inputs_for(path, data) -> np.ndarray:
+    """The test split as the model at `path` takes it: the 8-bit images for a uint8 graph (`export.input: uint8`),
+    else model-ready floats, so accuracy and latency are measured on what a caller of that graph feeds it. The
+    run's other graphs (teacher, INT8) are built with the same input."""
+    return graph_inputs(data.x_test.cpu(), data, "uint8" if takes_uint8(path) else "float").numpy()
 
 
 def latency_limits(limit, batch_sizes: list[int]) -> dict[int, float]:
@@ -120,7 +129,7 @@ def run(ctx) -> None:
     cfg = ctx.pipeline.validation
     requested = resolve_providers(cfg.providers)
     _, dropped = available_providers(requested)
-    x_test = ctx.data.x_test.cpu().numpy()
+    x_test = inputs_for(ctx.artifacts["onnx_path"], ctx.data)
     y_test = ctx.data.y_test.cpu().numpy()
 
     fp32 = measure_model(ctx.artifacts["onnx_path"], cfg, x_test, y_test)

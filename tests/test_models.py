@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import FAST, PIPELINES, cli, read_report, sets, write_pipeline
+from conftest import FAST, cli, read_report, sets, write_pipeline
 from kdpipe.config import DataConfig, ModelConfig, _submodel, _union_members
 from kdpipe.pipeline import Pipeline
 from kdpipe.errors import InputError
@@ -312,8 +312,3 @@ def test_a_resolved_pipeline_with_every_key_spelled_out_builds_fixed_architectur
     """A run directory's pipeline.yaml (read again by --resume) holds width and depth at their defaults."""
     spelled_out = ModelConfig(arch="resnet8").model_dump(mode="json")
     assert build(**spelled_out, shape=(3, 8, 8)).fc.out_features == 10
-
-
-def test_a_uint8_input_graph_is_refused_until_export_builds_it(workdir):
-    result = cli("check", PIPELINES / "digits.yaml", "--set", "export.input=uint8")
-    assert result.exit_code == 2 and "export: input: uint8 graphs are not built yet" in result.stderr, result.output

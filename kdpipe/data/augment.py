@@ -26,6 +26,23 @@ def _module(step: AugmentStep, size: tuple[int, int]) -> nn.Module:
     return K.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue, p=p.p)
 
 
+class _Steps(nn.Sequential):
+    """The kornia steps in order. On the CPU they run on one thread: a batch of small images is too little work
+    to share, and while the cores are busy (DataLoader workers decoding, other jobs) each of kornia's parallel
+    regions waits for a core (crop + flip of 128×3×32×32 on a loaded 2-core machine: 3-9 ms a batch on one
+    thread, 30-80 ms on two)."""
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            return super().forward(x)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return super().forward(x)
+        finally:
+            torch.set_num_threads(threads)
+
+
 class Augmentation:
     """The configured steps in order; each call draws its random parameters from a seed taken from `generator`,
     so a run's augmented batches repeat with its seed."""
@@ -38,7 +55,7 @@ class Augmentation:
             if step.name == "color_jitter" and channels != 3 and (step.params.saturation or step.params.hue):
                 raise InputError(f"data.augment.{i}.color_jitter", f"saturation and hue need 3 channels, the images have {channels}")
         self.steps = [step.name for step in steps]
-        self.module = nn.Sequential(*(_module(step, (height, width)) for step in steps))
+        self.module = _Steps(*(_module(step, (height, width)) for step in steps))
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))

@@ -1,27 +1,95 @@
-"""`export.input: uint8`: an ONNX graph that takes decoded images and does the scaling and normalization itself."""
+"""`export.input: uint8`: an ONNX graph that takes decoded images and does the scaling and normalization itself.
+
+The graph's input is uint8 N×C×H×W, the layout of the float graph and of kdpipe's stored images, so the two
+contracts differ only in dtype and in who scales and normalizes. The adapter repeats the training data's
+conversion operation for operation (divide by 255, subtract the mean, divide by the std), so the uint8 graph
+predicts what the float graph predicts on the same images.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from kdpipe.errors import InputError
+
+PIXEL_LEVELS = 255.0
+
 
 class InputAdapter(nn.Module):
-    """uint8 images N×C×H×W in, the model's logits out: model((images * scale - mean) / std).
+    """uint8 images N×C×H×W in, the model's logits out: model((images / divisor - mean) / std).
 
     `mean`/`std`: one value, or one per channel, of the normalization the model was trained with, in the scaled
-    units; `scale` maps pixel values to those units (1/255: [0, 1]).
+    units; `divisor` maps pixel values to those units (255: [0, 1]).
     """
 
     def __init__(self, model: nn.Module, mean: float | Sequence[float] = 0.0, std: float | Sequence[float] = 1.0,
-                 scale: float = 1 / 255):
+                 divisor: float = PIXEL_LEVELS):
         super().__init__()
         self.model = model
-        self.scale = scale
+        self.divisor = divisor
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
 
     def forward(self, images):
-        return self.model((images.to(torch.float32) * self.scale - self.mean) / self.std)
+        return self.model((images.to(torch.float32) / self.divisor - self.mean) / self.std)
+
+
+def check_uint8_input(data) -> None:
+    """InputError (exit 2) unless `data` (kdpipe.data.Splits) holds 8-bit images a uint8 graph can take."""
+    shape = data.input_shape
+    if data.conversion.divisor != PIXEL_LEVELS or len(shape) != 3:
+        stored = "uint8" if data.conversion.divisor == PIXEL_LEVELS else "float"
+        raise InputError("export.input", f"uint8 needs 8-bit images (uint8 C×H×W samples), the data holds {stored} "
+                                         f"samples of shape {shape} ({data.provenance.get('source', 'data')}); "
+                                         f"use input: float")
+
+
+def for_export(model: nn.Module, data, graph_input: str) -> nn.Module:
+    """The module to export for `export.input`: the model itself (float) or wrapped in an InputAdapter (uint8)."""
+    if graph_input != "uint8":
+        return model
+    mean, std = data.normalization or (0.0, 1.0)
+    return InputAdapter(model, mean, std, data.conversion.divisor).eval()
+
+
+def graph_inputs(x: torch.Tensor, data, graph_input: str) -> torch.Tensor:
+    """Model-ready float inputs of `data` (x_val, x_test, calibration batches) as the graph takes them: unchanged
+    for a float graph; for a uint8 graph, the 8-bit images they were converted from.
+
+    The conversion is undone exactly: float32 rounding moves a pixel by far less than half a level, which the
+    rounding removes (checked, so a conversion this does not mirror fails loudly rather than shifting pixels)."""
+    if graph_input != "uint8":
+        return x
+    conversion = data.conversion
+    pixels = x.detach().cpu().to(torch.float64)
+    if conversion.mean is not None:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        pixels = pixels * torch.tensor(conversion.std, dtype=torch.float64).view(shape) \
+            + torch.tensor(conversion.mean, dtype=torch.float64).view(shape)
+    pixels = pixels * conversion.divisor
+    levels = pixels.round()
+    off = float((pixels - levels).abs().max())
+    if off > 0.01 or levels.min() < 0 or levels.max() > PIXEL_LEVELS:
+        raise RuntimeError(f"inputs do not map back to 8-bit images (a pixel is {off:.3g} of a level off)")
+    return levels.to(torch.uint8)
+
+
+def input_contract(data, graph_input: str) -> dict[str, str]:
+    """What the graph's `input` is, for the ONNX file's metadata_props (every value a string; mean and std as JSON)."""
+    mean, std = data.normalization or (None, None)
+    shape = "×".join(["N", *map(str, data.input_shape)])
+    layout = "N×C×H×W" if len(data.input_shape) == 3 else "N×features"
+    normalized = f"mean {mean}, std {std}" if mean is not None else None
+    if graph_input == "uint8":
+        says = (f"uint8 {shape} ({layout}): decoded 8-bit images, 0-255; the graph divides by 255"
+                + (f", then normalizes with {normalized}" if normalized else ""))
+    else:
+        scaled = "images divided by 255" if data.conversion.divisor == PIXEL_LEVELS else "the data's samples"
+        says = f"float32 {shape} ({layout}): {scaled}" + (f", normalized with {normalized}" if normalized else "") \
+            + ", by the caller"
+    return {"kdpipe.input": says, "kdpipe.input_dtype": "uint8" if graph_input == "uint8" else "float32",
+            "kdpipe.input_shape": shape, "kdpipe.normalize_mean": json.dumps(mean), "kdpipe.normalize_std": json.dumps(std)}

@@ -3,8 +3,9 @@
 Written from the architectures' descriptions: He et al. 2016 (CIFAR ResNets; the ×4 variants widen every
 stage fourfold), Zagoruyko & Komodakis 2016 (WRN-d-k, pre-activation blocks), Simonyan & Zisserman 2015 with
 batch norm and one linear classifier (VGG-8 / VGG-13), Sandler et al. 2018 (MobileNetV2 at width 0.5, expansion 6,
-CIFAR strides) and Ma et al. 2018 (ShuffleNetV2 1×). Widths, depths and strides are those of the benchmark, so the
-parameter counts equal the published ones for 3×32×32 inputs and 100 classes (tests/test_zoo.py holds the numbers).
+CIFAR strides) and Ma et al. 2018 (ShuffleNetV2 1×). Widths, depths, strides, biases and shortcuts are those of
+the benchmark's definitions (RepDistiller's models/), so the parameter counts equal theirs (tests/test_zoo.py holds
+the numbers for 3×32×32 inputs and 100 classes, and checks the CIFAR ResNets against He et al.'s table).
 
 Every model takes any C×H×W input (global average pooling before the classifier), names its classifier `fc`,
 and declares `default_taps` (the end of each resolution stage, shallow → deep) and `embedding_tap`.
