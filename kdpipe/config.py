@@ -269,6 +269,13 @@ class DistillBase(Strict):
                             "are augmented or the method opts out; off: the teacher runs on every batch")
     teacher_cache_memory_mb: NonNegativeFloat = Field(
         2048.0, description="teacher outputs held in memory; larger ones are memory-mapped from the disk cache")
+    teacher_views: PositiveInt = Field(
+        8, description="augmented data with teacher_cache auto, for methods reading only the teacher's softmax (kd): "
+                       "augmented views recorded per training image, scored once by the teacher and replayed "
+                       "(one per image each epoch)")
+    teacher_topk: PositiveInt = Field(
+        10, description="teacher views: classes whose probability is kept per view (clipped to the class count); "
+                        "the rest of the mass is spread evenly over the other classes")
 
     @field_validator("device")
     @classmethod
