@@ -153,6 +153,17 @@ def test_feature_methods_and_unaugmented_data_do_not_use_views(images_npz):
     assert t.teacher_modes[-1]["mode"] == "cached" and t.views is None
 
 
+def test_fitnets_hints_run_online_and_its_kd_stage_replays_views(images_npz):
+    data = load(images_npz, CROP_FLIP)
+    teacher, student = models(data)
+    t = trainer(data)
+    fitnets = get_method("fitnets")
+    fitnets(fitnets.Params(stages=2, hint_epochs=1), student=student, teacher=teacher, num_classes=CLASSES,
+            input_shape=data.input_shape).fit(t)
+    assert [m["mode"] for m in t.teacher_modes] == ["online", "views"]
+    assert t.views is not None and len(t.epoch_log) == 2  # one hint epoch, one KD epoch
+
+
 def test_views_are_kept_on_disk_and_memory_mapped_beyond_the_memory_budget(images_npz, tmp_path):
     data = load(images_npz, CROP_FLIP)
     teacher, _ = models(data)
