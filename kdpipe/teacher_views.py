@@ -53,6 +53,10 @@ class TeacherViews:
     rest_logprob: torch.Tensor  # rows, fp16: the log-probability of each of the other C − k classes
     device: torch.device  # where targets go (the stored tensors may be memory-mapped on the CPU)
 
+    @property
+    def topk(self) -> int:
+        return self.top_logprob.shape[1]
+
     def log_probabilities(self, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """log p̂ (N × C, float32) of views `view` of training images `index`: the targets' log-probabilities."""
         rows = (index * self.views + view).to(self.top_logprob.device)

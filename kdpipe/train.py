@@ -205,8 +205,7 @@ class Trainer:
                                    topk=self.teacher_topk, seed=self.seed, autocast=self.autocast_dtype,
                                    channels_last=self.channels_last)
         self._record_mode("views", "augmented inputs: the teacher's soft labels on recorded views, replayed",
-                          views=self.views.views, topk=min(self.teacher_topk, self.data.num_classes),
-                          seconds=time.perf_counter() - start)
+                          views=self.views.views, topk=self.views.topk, seconds=time.perf_counter() - start)
         views = self.views
         # log p̂ stands in for the logits: a loss reading softmax(z / T) gets the stored distribution at T.
         return lambda batch: Outputs(views.log_probabilities(batch.index, batch.view))

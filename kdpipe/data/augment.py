@@ -45,9 +45,6 @@ class AugmentParams:
     per_sample: list[dict[str, torch.Tensor]]
     shared: list[dict[str, torch.Tensor]]
 
-    def __len__(self) -> int:
-        return next((len(v) for step in self.per_sample for v in step.values()), 0)
-
     def rows(self, index: torch.Tensor) -> AugmentParams:
         return AugmentParams([{k: v[index.to(v.device)] for k, v in step.items()} for step in self.per_sample],
                              self.shared)
