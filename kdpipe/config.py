@@ -265,10 +265,18 @@ class DistillBase(Strict):
                             "bf16 is unsupported, with a gradient scaler), fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the trained model (pays a compile time up front)")
     teacher_cache: Literal["auto", "off"] = Field(
-        "auto", description="auto: the teacher's outputs are computed once and reused every epoch unless the inputs "
-                            "are augmented or the method opts out; off: the teacher runs on every batch")
+        "auto", description="auto: the teacher's outputs are computed once and reused every epoch unless the method "
+                            "opts out; with augmented inputs, teacher views for methods reading only the teacher's "
+                            "softmax (kd), the teacher online for the others; off: the teacher runs on every batch")
     teacher_cache_memory_mb: NonNegativeFloat = Field(
         2048.0, description="teacher outputs held in memory; larger ones are memory-mapped from the disk cache")
+    teacher_views: PositiveInt = Field(
+        8, description="augmented data with teacher_cache auto, for methods reading only the teacher's softmax (kd): "
+                       "augmented views recorded per training image, scored once by the teacher and replayed "
+                       "(one per image each epoch)")
+    teacher_topk: PositiveInt = Field(
+        10, description="teacher views: classes whose probability is kept per view (clipped to the class count); "
+                        "the rest of the mass is spread evenly over the other classes")
 
     @field_validator("device")
     @classmethod

@@ -86,7 +86,8 @@ class RunContext:
         per-epoch checkpoints in the run directory so that `--resume` continues the stage's training."""
         cfg = self.pipeline.distill
         return {"teacher_cache": self.teacher_cache, "precision": cfg.precision, "compile_model": cfg.compile,
-                "teacher_online": cfg.teacher_cache == "off", "checkpoint_dir": self.run_dir / "checkpoints" / stage}
+                "teacher_online": cfg.teacher_cache == "off", "checkpoint_dir": self.run_dir / "checkpoints" / stage,
+                "teacher_views": cfg.teacher_views, "teacher_topk": cfg.teacher_topk}
 
     def add_gate(self, name: str, value: float | None, limit: float, passed: bool) -> None:
         self.gates.append(Gate(name, value, limit, passed))

@@ -15,6 +15,7 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +70,8 @@ class TeacherOutputCache:
         self._scratch: tempfile.TemporaryDirectory | None = None
         self.forward_passes = 0  # full teacher passes over a training split: tests and benchmarks count them
         self.spilled = 0  # entries kept on disk because they exceeded the memory budget
+        self.views: dict[str, Any] = {}  # teacher views by content key (kdpipe.teacher_views keeps them here)
+        self.view_passes = 0  # teacher passes over recorded augmented views: tests and benchmarks count them
 
     def key(self, teacher: nn.Module, data_fingerprint: str, taps: list[str], autocast: torch.dtype | None) -> str:
         return fingerprint(teacher, data_fingerprint, sorted(taps), str(autocast))

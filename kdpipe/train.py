@@ -32,6 +32,7 @@ from kdpipe.errors import InputError
 from kdpipe.inference import predict
 from kdpipe.taps import Outputs
 from kdpipe.teacher_cache import TeacherOutputCache, teacher_pass
+from kdpipe.teacher_views import TeacherViews, teacher_views
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Batch:
     index: torch.Tensor  # positions in the training split, for cached teacher outputs
     x: torch.Tensor
     y: torch.Tensor
+    view: torch.Tensor | None = None  # with teacher views: which recorded view of each image `x` is
 
 
 # An update's loss: (batch, state shared by the updates of one step) -> (loss, named parts to report).
@@ -126,14 +128,15 @@ class Trainer:
 
     precision: auto | fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler). compile_model: torch.compile
     the trained modules. checkpoint_dir: save each phase after every epoch and resume from it. teacher_online:
-    run the teacher on every batch instead of caching its outputs (forced when the data is augmented, since
-    augmented inputs differ every epoch).
+    run the teacher on every batch instead of caching its outputs (`distill.teacher_cache: off`).
+    teacher_views, teacher_topk: with augmented data, the recorded views per image and the classes kept per
+    view's soft label (kdpipe.teacher_views), for methods that read the teacher only through its softmax.
     """
 
     def __init__(self, data, *, epochs: int, batch_size: int, optimizer, seed: int,
                  on_epoch: EpochCallback | None = None, teacher_cache: TeacherOutputCache | None = None,
                  precision: str = "auto", compile_model: bool = False, checkpoint_dir: Path | None = None,
-                 teacher_online: bool = False):
+                 teacher_online: bool = False, teacher_views: int = 8, teacher_topk: int = 10):
         self.data = data
         self.epochs = epochs
         self.batch_size = batch_size
@@ -146,7 +149,10 @@ class Trainer:
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         self.compile_model = compile_model
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.teacher_online = teacher_online or data.augmented
+        self.teacher_online = teacher_online
+        self.teacher_views, self.teacher_topk = teacher_views, teacher_topk
+        self.views: TeacherViews | None = None  # once a teacher reads views, every batch replays them
+        self.teacher_modes: list[dict[str, Any]] = []  # how each teacher() call serves the teacher, and why
         self.dist = distributed.current()
         self.channels_last = self.device.type == "cuda" and len(data.input_shape) == 3
         if self.device.type == "cuda":
@@ -165,22 +171,51 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def batches(self, generator: torch.Generator) -> Iterator[Batch]:
-        for index, x, y in self.data.train_batches(self.batch_size, generator, rank=self.dist.rank,
-                                                   world_size=self.dist.world_size):
+        ranks = {"rank": self.dist.rank, "world_size": self.dist.world_size}
+        if self.views is not None:
+            source = self.data.view_batches(self.batch_size, generator, self.views.params, self.views.views, **ranks)
+        else:
+            source = ((index, None, x, y) for index, x, y in self.data.train_batches(self.batch_size, generator, **ranks))
+        for index, view, x, y in source:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield Batch(index, x, y)
+            yield Batch(index, x, y, view)
 
-    def teacher(self, teacher: nn.Module, taps: list[str], cacheable: bool = True) -> TeacherFn:
+    def teacher(self, teacher: nn.Module, taps: list[str], cacheable: bool = True,
+                soft_labels: bool = False) -> TeacherFn:
         """The frozen teacher's outputs for a batch: looked up in the cache (one pass over the training split per
-        content key), or computed online when the method opts out (`cacheable=False`), the pipeline turns the
-        cache off, or the inputs are augmented (the teacher then sees exactly the student's batch)."""
+        content key); with augmented inputs, read from teacher views when the method reads only the teacher's
+        softmax (`soft_labels`, no taps); else computed online, on exactly the student's batch. Online also when
+        the method opts out (`cacheable=False`) or the pipeline turns the cache off."""
         self._prepare(teacher)
-        if cacheable and not self.teacher_online:
+        if not cacheable:
+            return self._online(teacher, taps, "the method's teacher changes while it trains")
+        if self.teacher_online:
+            return self._online(teacher, taps, "distill.teacher_cache is off")
+        if not self.data.augmented:
             cached = self.teacher_cache.get(teacher, self.data, taps, autocast=self.autocast_dtype,
                                             channels_last=self.channels_last)
+            self._record_mode("cached", "un-augmented inputs: one teacher pass over the training split")
             return lambda batch: cached.select(batch.index)
+        if not soft_labels or taps:
+            return self._online(teacher, taps, "augmented inputs, and the method reads teacher features or raw "
+                                               "logits, which teacher views do not keep")
+        start = time.perf_counter()
+        self.views = teacher_views(self.teacher_cache, teacher, self.data, views=self.teacher_views,
+                                   topk=self.teacher_topk, seed=self.seed, autocast=self.autocast_dtype,
+                                   channels_last=self.channels_last)
+        self._record_mode("views", "augmented inputs: the teacher's soft labels on recorded views, replayed",
+                          views=self.views.views, topk=self.views.topk, seconds=time.perf_counter() - start)
+        views = self.views
+        # log p̂ stands in for the logits: a loss reading softmax(z / T) gets the stored distribution at T.
+        return lambda batch: Outputs(views.log_probabilities(batch.index, batch.view))
+
+    def _online(self, teacher: nn.Module, taps: list[str], reason: str) -> TeacherFn:
+        self._record_mode("online", reason)
         return lambda batch: teacher_pass(teacher, batch.x, taps, self.autocast_dtype)
+
+    def _record_mode(self, mode: str, reason: str, **details: Any) -> None:
+        self.teacher_modes.append({"mode": mode, "reason": reason, **details})
 
     def _prepare(self, module: nn.Module) -> None:
         if self.channels_last:

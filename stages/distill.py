@@ -29,6 +29,9 @@ def run(ctx) -> None:
         torch.manual_seed(ctx.pipeline.seed + 1)
         student = method.fit(trainer)
         ctx.report["distill"] = {"timing": trainer.timing_summary(), "optimizer_steps": trainer.optimizer_steps}
+        if trainer.teacher_modes:  # views | cached | online, with the reason, per teacher the method reads
+            ctx.report["distill"]["teacher_mode"] = "+".join(dict.fromkeys(m["mode"] for m in trainer.teacher_modes))
+            ctx.report["distill"]["teacher"] = trainer.teacher_modes
     student.eval()
     ctx.student = student
     checkpoint = {"student": student.state_dict()}

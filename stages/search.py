@@ -65,6 +65,7 @@ def run(ctx) -> None:
 
     summary = summarize(study, storage, search.objective)
     summary["teacher_forward_passes"] = cache.forward_passes
+    summary["teacher_view_passes"] = cache.view_passes  # teacher views (augmented data): one pass per campaign
     ctx.report["search"] = summary
     _log_campaign(ctx, study, summary)
     best = best_trial(study, search.objective)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kdpipe.data.augment import Augmentation
+from kdpipe.data.augment import Augmentation, AugmentParams
 from kdpipe.data.storage import StreamedImages
 
 
@@ -114,20 +114,43 @@ class Splits:
         (BatchNorm cannot train on one) is skipped. Inputs are model-ready floats on the labels' device,
         augmented per sample when the pipeline says so (with parameters drawn from `generator` as well).
         """
+        indices = self._epoch_indices(batch_size, generator, rank, world_size)
+        for index, stored in zip(indices, self._stored(indices)):
+            x = self.conversion.unit(stored)
+            if self.augmentation is not None:
+                x = self.augmentation(x, generator)
+            yield index, self.conversion.normalize(x), self.y_train[index]
+
+    def view_batches(self, batch_size: int, generator: torch.Generator, params: AugmentParams, views: int, *,
+                     rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor]]:
+        """(index, view, inputs, labels) as train_batches, each image's input being one of its `views` recorded
+        augmented views (chosen per epoch from `generator`), re-made from `params` (row: image · views + view)."""
+        indices = self._epoch_indices(batch_size, generator, rank, world_size)
+        chosen = torch.randint(views, (len(self.y_train),), generator=generator).to(self.y_train.device)
+        for index, stored in zip(indices, self._stored(indices)):
+            view = chosen[index]
+            x = self.augmentation.replay(self.conversion.unit(stored), params.rows(index * views + view))
+            yield index, view, self.conversion.normalize(x), self.y_train[index]
+
+    def view_inputs(self, params: AugmentParams, views: int, batch_size: int) -> Iterator[tuple[torch.Tensor,
+                                                                                                torch.Tensor]]:
+        """(rows, inputs) over every recorded view in row order (image · views + view): the teacher's view pass."""
+        rows = list(torch.arange(len(self.y_train) * views, device=self.y_train.device).split(batch_size))
+        for row, stored in zip(rows, self._stored([r // views for r in rows])):
+            yield row, self.conversion.normalize(self.augmentation.replay(self.conversion.unit(stored), params.rows(row)))
+
+    def _epoch_indices(self, batch_size: int, generator: torch.Generator, rank: int, world_size: int) -> list[torch.Tensor]:
+        """This rank's share of each batch of a fresh permutation drawn from `generator` (see train_batches)."""
         n = len(self.y_train)
-        device = self.y_train.device
-        order = torch.randperm(n, generator=generator).to(device)
+        order = torch.randperm(n, generator=generator).to(self.y_train.device)
         indices = []
         for start in range(0, n, batch_size):
             index = order[start:start + batch_size]
             if len(index) < 2 * world_size and n >= 2 * world_size:
                 continue
             indices.append(index[rank::world_size])
-        for index, stored in zip(indices, self._stored(indices)):
-            x = self.conversion.unit(stored)
-            if self.augmentation is not None:
-                x = self.augmentation(x, generator)
-            yield index, self.conversion.normalize(x), self.y_train[index]
+        return indices
 
     def train_inputs(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(index, inputs) over the training split in order, never augmented: for frozen-teacher passes."""

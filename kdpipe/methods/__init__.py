@@ -66,6 +66,9 @@ class Method:
     needs_teacher: ClassVar[bool] = True
     # False for a method whose teacher changes during training (its outputs must then be computed every step).
     cache_teacher: ClassVar[bool] = True
+    # True for a method whose loss reads the teacher only through softmax(logits / T) (a shift-invariant use): with
+    # augmented data it then learns from teacher views (kdpipe.teacher_views), which keep log-probabilities.
+    teacher_soft_labels: ClassVar[bool] = False
     # False for a method whose exported module is not `student` or is created while training (DML peers,
     # Born-Again generations): a trained student cannot be loaded into a fresh instance.
     fit_returns_student: ClassVar[bool] = True
@@ -104,7 +107,8 @@ class Method:
 
     def student_update(self, trainer: Trainer, label: str) -> Update:
         """The student (and the method's extra modules) trained on `loss` against the frozen teacher's outputs."""
-        teacher = trainer.teacher(self.teacher, self.teacher_taps(), self.cache_teacher) if self.teacher else None
+        teacher = (trainer.teacher(self.teacher, self.teacher_taps(), self.cache_teacher, self.teacher_soft_labels)
+                   if self.teacher else None)
         student_taps = self.student_taps()
 
         def loss(batch: Batch, shared: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -16,6 +16,7 @@ class KDParams(Params):
 class HintonKD(Method):
     summary = "Hinton KD: (1 − alpha)·CE + alpha·kd_loss (T²·KL(p_t^T ‖ p_s^T)); alpha multiplies the KD term"
     Params = KDParams
+    teacher_soft_labels = True  # kd_loss reads the teacher through softmax(z / T) alone
 
     def loss(self, batch, student, teacher):
         ce = F.cross_entropy(student.logits, batch.y)
