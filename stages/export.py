@@ -19,6 +19,8 @@ from kdpipe.cache_store import lookup, store
 from kdpipe.onnx_export import export_onnx
 from kdpipe.onnx_runtime import session, tile_batch
 from kdpipe.quantize import QuantizationFailed, quantize
+from kdpipe.inference import accuracy
+from kdpipe.qat import export_qdq, fine_tune, prediction_parity, record_quantization
 from kdpipe.fingerprint import fingerprint
 
 ODD_BATCH = 7  # an odd size that is neither 1 nor a power of two, to catch shape-specialized graphs
@@ -73,6 +75,7 @@ def run(ctx) -> None:
         path = ctx.run_dir / "student.onnx"
         student = ctx.student.to("cpu")
         export_onnx(student, example, path, cfg.opset, cfg.dynamic_batch)
+        record_quantization(path, "none")
         diffs = parity(student, path, x_val, batch_sizes)
         ctx.student = student.to(ctx.device)
         worst_abs = max(d["max_abs_diff"] for d in diffs.values())
@@ -100,15 +103,18 @@ def run(ctx) -> None:
 
     if cfg.quantize != "none" and given is None:
         int8_path = ctx.run_dir / "student.int8.onnx"
+        ptq_mode = "static" if cfg.quantize == "qat" else cfg.quantize  # qat is compared with static PTQ
         calibration = None
-        if cfg.quantize == "static":
+        if ptq_mode == "static":
             calibration = ctx.data.calibration_inputs(cfg.calibration_batches, ctx.pipeline.data.batch_size,
                                                       ctx.pipeline.seed)
         ctx.report["quantization"] = {
             "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
             "calibration_samples": sum(len(b) for b in calibration) if calibration else 0}
+        if cfg.quantize == "qat":
+            export_qat(ctx, calibration, example)
         try:
-            pre_process = quantize(path, int8_path, cfg.quantize, calibration)
+            pre_process = quantize(path, int8_path, ptq_mode, calibration)
         except QuantizationFailed as exc:
             if cfg.deliver == "int8":
                 raise  # the user asked for INT8: the run fails (exit 3), one line naming the cause
@@ -118,5 +124,25 @@ def run(ctx) -> None:
             ctx.tracker.set_tags({"kdpipe.int8": "failed", "kdpipe.int8_error": str(exc)[:500]})
             ctx.progress.info(f"  warning: INT8 build failed, delivering FP32: {exc}")
             return
-        ctx.report["quantization"].update({"built": True, "pre_process": pre_process})
+        record_quantization(int8_path, ptq_mode)
+        ctx.report["quantization"].update({"built": True, "pre_process": pre_process, "parity": {
+            "int8": prediction_parity(ctx.student, int8_path, x_val, "fp32 PyTorch student")}})
+        ctx.student.to(ctx.device)
         ctx.artifacts["int8_onnx_path"] = int8_path
+
+
+def export_qat(ctx, calibration: list[np.ndarray], example: torch.Tensor) -> None:
+    """The student fine-tuned fake-quantized against the teacher (kdpipe.qat), exported as QDQ ONNX and compared
+    with its own fake-quantized PyTorch model on the validation split."""
+    cfg = ctx.pipeline.export
+    path = ctx.run_dir / "student.qat.onnx"
+    fake_quantized, trainer = fine_tune(ctx.pipeline, ctx.student, ctx.teacher, ctx.data, calibration,
+                                        ctx.trainer_options("qat"), ctx.log_epoch)
+    export_qdq(fake_quantized, example, path, cfg.opset, cfg.dynamic_batch)
+    record_quantization(path, "qat")
+    x_test, y_test = ctx.data.x_test, ctx.data.y_test
+    ctx.report["quantization"]["qat"] = {
+        "path": str(path), "epochs": cfg.qat_epochs, "timing": trainer.timing_summary(),
+        "accuracy_torch": accuracy(fake_quantized, x_test.to(ctx.device), y_test.to(ctx.device)),
+        "parity": prediction_parity(fake_quantized, path, ctx.data.x_val, "fake-quantized PyTorch student")}
+    ctx.artifacts["qat_onnx_path"] = path
