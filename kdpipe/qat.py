@@ -106,6 +106,10 @@ def qat_method(pipeline, fake_quantized: nn.Module, teacher: nn.Module | None, n
 def check_quantizable(pipeline, student: nn.Module, teacher: nn.Module | None, num_classes: int,
                       input_shape: tuple[int, ...]) -> None:
     """Before a run starts: the student traces and the method's loss can fine-tune it (else InputError)."""
+    from kdpipe import distributed
+
+    if distributed.from_environment().enabled:
+        raise InputError(KEY, "qat fine-tunes in the export stage, which runs on rank 0 alone; run it without torchrun")
     example = torch.zeros((2, *input_shape))
     qat_method(pipeline, fake_quantize(student, example), teacher, num_classes, input_shape)
 
