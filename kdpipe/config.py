@@ -300,18 +300,24 @@ class ExportConfig(Strict):
                              "scaling and normalization")
     dynamic_batch: bool = True
     atol: PositiveFloat = Field(1.0e-4, description="parity limit (max abs logit difference); validate.gates.parity_atol wins")
-    quantize: Literal["none", "dynamic", "static"] = Field(
-        "none", description="also build an INT8 model with onnxruntime's quantization (static: calibrated on the training split)")
+    quantize: Literal["none", "dynamic", "static", "qat"] = Field(
+        "none", description="also build an INT8 model with onnxruntime's quantization (static: calibrated on the training "
+                            "split); qat: static as well, and a student fine-tuned fake-quantized against the teacher")
+    qat_epochs: PositiveInt = Field(3, description="qat: epochs of fake-quantized fine-tuning with the method's loss")
+    qat_lr: PositiveFloat | None = Field(None, description="qat: learning rate of the fine-tuning; null: a tenth of "
+                                                           "distill.optimizer.lr (it starts from the trained student)")
     calibration_batches: PositiveInt = Field(8, description="static quantization: training batches (data.batch_size) to calibrate on")
     deliver: Literal["fp32", "int8", "best"] = Field(
-        "fp32", description="the model validated against the gates and registered; best: INT8 only when it passes every "
-                            "gate, is faster than FP32 at every batch size and loses at most int8_max_accuracy_drop")
+        "fp32", description="the model validated against the gates and registered (int8 with quantize qat: the QAT "
+                            "model); best: an INT8 model (with qat: the more accurate of static and QAT) only when it "
+                            "passes every gate, is faster than FP32 at every batch size and loses at most "
+                            "int8_max_accuracy_drop")
     int8_max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
 
     @model_validator(mode="after")
     def _check(self) -> ExportConfig:
         if self.deliver != "fp32" and self.quantize == "none":
-            raise ValueError(f"deliver '{self.deliver}' needs an INT8 model: set quantize to dynamic or static")
+            raise ValueError(f"deliver '{self.deliver}' needs an INT8 model: set quantize to dynamic, static or qat")
         return self
 
 

@@ -40,11 +40,19 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
     finally:
         exporter_log.setLevel(level)
     if metadata:
-        import onnx
+        add_metadata(path, metadata)
 
-        graph = onnx.load(str(path))
-        onnx.helper.set_model_props(graph, {**{p.key: p.value for p in graph.metadata_props}, **metadata})
-        onnx.save(graph, str(path))
+
+def add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Set `metadata` in the ONNX file's metadata_props (keeping its other entries), rewriting it atomically."""
+    import onnx
+
+    from kdpipe.atomic import atomic_write
+
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {**{p.key: p.value for p in graph.metadata_props}, **metadata})
+    with atomic_write(path) as tmp:
+        onnx.save(graph, str(tmp))
 
 
 def takes_uint8(path: Path) -> bool:

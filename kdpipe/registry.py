@@ -101,6 +101,7 @@ def version_tags(report: dict, gates: list, pipeline_name: str, resolved_file: P
         TAG + "git_commit": git_commit(pipeline_file.resolve().parent),
         TAG + "method": report["method"]["name"],
         TAG + "precision": report["onnx"].get("precision", "fp32"),
+        TAG + "quantization": report["onnx"].get("quantization", "none"),
         TAG + "run_dir": report["run_dir"],
     }
     if report["onnx"].get("input"):  # the input contract: what a caller of this version feeds it

@@ -222,6 +222,10 @@ def prepare(pipeline_file: Path, overrides: list[str], check_models: bool = True
     # Tap paths and shapes the method compares are checked here, with a dry pass, before any run starts.
     if check_models:
         get_method(pipeline.distill.method).check_models(pipeline, student=student, teacher=teacher, input_shape=data.input_shape)
+        if pipeline.export.quantize == "qat":
+            from kdpipe.qat import check_quantizable
+
+            check_quantizable(pipeline, student, teacher, data.num_classes, data.input_shape)
     return Prepared(pipeline, data, teacher, student, device)
 
 

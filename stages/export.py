@@ -17,9 +17,11 @@ from torch import nn
 from kdpipe import __version__
 from kdpipe.cache_store import lookup, store
 from kdpipe.models.adapter import for_export, graph_inputs, input_contract
-from kdpipe.onnx_export import export_onnx
+from kdpipe.onnx_export import add_metadata, export_onnx
 from kdpipe.onnx_runtime import session, tile_batch
 from kdpipe.quantize import QuantizationFailed, quantize
+from kdpipe.inference import accuracy
+from kdpipe.qat import QUANTIZATION_KEY, export_qdq, fine_tune, prediction_parity
 from kdpipe.fingerprint import fingerprint
 
 ODD_BATCH = 7  # an odd size that is neither 1 nor a power of two, to catch shape-specialized graphs
@@ -79,7 +81,7 @@ def run(ctx) -> None:
         student = ctx.student.to("cpu")
         exported = for_export(student, ctx.data, graph_input)
         contract = input_contract(ctx.data, graph_input)
-        export_onnx(exported, example, path, cfg.opset, cfg.dynamic_batch, contract)
+        export_onnx(exported, example, path, cfg.opset, cfg.dynamic_batch, {**contract, QUANTIZATION_KEY: "none"})
         diffs = parity(exported, path, x_val, batch_sizes)
         ctx.student = student.to(ctx.device)
         worst_abs = max(d["max_abs_diff"] for d in diffs.values())
@@ -108,25 +110,51 @@ def run(ctx) -> None:
 
     if cfg.quantize != "none" and given is None:
         int8_path = ctx.run_dir / "student.int8.onnx"
-        calibration = None
-        if cfg.quantize == "static":
+        ptq_mode = "static" if cfg.quantize == "qat" else cfg.quantize  # qat is compared with static PTQ
+        calibration = graph_calibration = None
+        if ptq_mode == "static":
             calibration = ctx.data.calibration_inputs(cfg.calibration_batches, ctx.pipeline.data.batch_size,
                                                       ctx.pipeline.seed)
             # Calibrated on what the graph takes: the quantizer leaves a uint8 input and its Cast as they are.
-            calibration = [graph_inputs(torch.from_numpy(b), ctx.data, graph_input).numpy() for b in calibration]
+            graph_calibration = [graph_inputs(torch.from_numpy(b), ctx.data, graph_input).numpy() for b in calibration]
         ctx.report["quantization"] = {
             "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
             "calibration_samples": sum(len(b) for b in calibration) if calibration else 0}
+        if cfg.quantize == "qat":
+            export_qat(ctx, calibration, example, x_val, graph_input, contract)
         try:
-            pre_process = quantize(path, int8_path, cfg.quantize, calibration)
+            pre_process = quantize(path, int8_path, ptq_mode, graph_calibration)
         except QuantizationFailed as exc:
-            if cfg.deliver == "int8":
-                raise  # the user asked for INT8: the run fails (exit 3), one line naming the cause
+            if cfg.deliver == "int8" and cfg.quantize != "qat":
+                raise  # the user asked for this INT8 model: the run fails (exit 3), one line naming the cause
             # INT8 is optional under `best`: the FP32 model ships and the report says why.
             ctx.report["quantization"].update({"path": None, "built": False, "error": str(exc), "delivered": "fp32",
                                                "reason": f"INT8 build failed: {exc}"})
             ctx.tracker.set_tags({"kdpipe.int8": "failed", "kdpipe.int8_error": str(exc)[:500]})
             ctx.progress.info(f"  warning: INT8 build failed, delivering FP32: {exc}")
             return
-        ctx.report["quantization"].update({"built": True, "pre_process": pre_process})
+        add_metadata(int8_path, {QUANTIZATION_KEY: ptq_mode})
+        ctx.report["quantization"].update({"built": True, "pre_process": pre_process, "parity": {
+            "int8": prediction_parity(exported, int8_path, x_val, "fp32 PyTorch student")}})
+        ctx.student.to(ctx.device)
         ctx.artifacts["int8_onnx_path"] = int8_path
+
+
+def export_qat(ctx, calibration: list[np.ndarray], example: torch.Tensor, x_val: torch.Tensor, graph_input: str,
+               contract: dict[str, str]) -> None:
+    """The student fine-tuned fake-quantized against the teacher (kdpipe.qat), exported as QDQ ONNX and compared
+    with its own fake-quantized PyTorch model on the validation split (`x_val`: as the graph takes it)."""
+    cfg = ctx.pipeline.export
+    path = ctx.run_dir / "student.qat.onnx"
+    fake_quantized, trainer = fine_tune(ctx.pipeline, ctx.student, ctx.teacher, ctx.data, calibration,
+                                        ctx.trainer_options("qat"), ctx.log_epoch)
+    export_qdq(fake_quantized, example, path, cfg.opset, cfg.dynamic_batch,
+               wrap=lambda model: for_export(model, ctx.data, graph_input))
+    add_metadata(path, {**contract, QUANTIZATION_KEY: "qat"})
+    x_test, y_test = ctx.data.x_test, ctx.data.y_test
+    ctx.report["quantization"]["qat"] = {
+        "path": str(path), "epochs": cfg.qat_epochs, "timing": trainer.timing_summary(),
+        "accuracy_torch": accuracy(fake_quantized, x_test.to(ctx.device), y_test.to(ctx.device)),
+        "parity": prediction_parity(for_export(fake_quantized, ctx.data, graph_input), path, x_val,
+                                    "fake-quantized PyTorch student")}
+    ctx.artifacts["qat_onnx_path"] = path

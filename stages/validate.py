@@ -104,21 +104,59 @@ def gates_for(model: dict, teacher: dict | None, cfg) -> list[tuple[str, float |
     return out
 
 
-def choose_delivery(deliver: str, fp32: dict, int8: dict | None, int8_gates, max_drop: float) -> tuple[str, str]:
-    """('fp32' | 'int8', why). `best` takes INT8 only when it passes every gate, loses at most `max_drop`
-    accuracy and is faster than FP32 at every batch size."""
+LABELS = {"int8": "INT8", "qat": "QAT INT8"}  # how the reasons name each INT8 candidate
+
+
+def choose_delivery(deliver: str, fp32: dict, int8: dict | None, int8_gates, max_drop: float,
+                    qat: dict | None = None, qat_gates=()) -> tuple[str, str]:
+    """('fp32' | 'int8' | 'qat', why). `int8` is the post-training model, `qat` the quantization-aware one (when
+    built); `deliver: int8` means the QAT model when there is one. `best` takes an INT8 model only when it passes
+    every gate, loses at most `max_drop` accuracy and is faster than FP32 at every batch size; of two such, the more
+    accurate (the faster at the smallest batch size on a tie)."""
     if deliver != "best":
+        if deliver == "int8" and qat is not None:
+            return "qat", "export.deliver is int8 and export.quantize is qat"
         return deliver, f"export.deliver is {deliver}"
-    drop = fp32["accuracy"] - int8["accuracy"]
-    slower = [b for b in fp32["latency_ms"] if int8["latency_ms"][b]["p50"] >= fp32["latency_ms"][b]["p50"]]
-    failed = [name for name, _, _, passed in int8_gates if not passed]
-    if failed:
-        return "fp32", f"INT8 fails gate {', '.join(failed)}"
-    if drop > max_drop:
-        return "fp32", f"INT8 loses {drop:.4f} accuracy, more than int8_max_accuracy_drop {max_drop}"
-    if slower:
-        return "fp32", f"INT8 is not faster than FP32 at batch size {', '.join(map(str, slower))} (p50)"
-    return "int8", "INT8 passes every gate, is faster at every batch size and within the accuracy limit"
+    candidates = {name: (model, gates) for name, model, gates in (("int8", int8, int8_gates), ("qat", qat, qat_gates))
+                  if model is not None}
+    refusals, qualified = [], []
+    for name, (model, gates) in candidates.items():
+        label = LABELS[name]
+        drop = fp32["accuracy"] - model["accuracy"]
+        slower = [b for b in fp32["latency_ms"] if model["latency_ms"][b]["p50"] >= fp32["latency_ms"][b]["p50"]]
+        failed = [gate for gate, _, _, passed in gates if not passed]
+        if failed:
+            refusals.append(f"{label} fails gate {', '.join(failed)}")
+        elif drop > max_drop:
+            refusals.append(f"{label} loses {drop:.4f} accuracy, more than int8_max_accuracy_drop {max_drop}")
+        elif slower:
+            refusals.append(f"{label} is not faster than FP32 at batch size {', '.join(map(str, slower))} (p50)")
+        else:
+            qualified.append(name)
+    if not qualified:
+        return "fp32", "; ".join(refusals)
+    smallest = min(fp32["latency_ms"])
+    best = max(qualified, key=lambda n: (candidates[n][0]["accuracy"], -candidates[n][0]["latency_ms"][smallest]["p50"]))
+    others = [f"preferred to {LABELS[n]}" for n in qualified if n != best] + refusals
+    return best, (f"{LABELS[best]} passes every gate, is faster at every batch size and within the accuracy limit"
+                  + "".join(f"; {o}" for o in others))
+
+
+def quantization_of(delivered: str, mode: str) -> str:
+    """The delivered model's quantization (none, dynamic, static, qat), as its registry tag and ONNX metadata say."""
+    if delivered == "fp32":
+        return "none"
+    return "static" if delivered == "int8" and mode == "qat" else mode
+
+
+def side_by_side(quantization: dict, fp32: dict, int8: dict | None, qat: dict) -> dict:
+    """FP32, PTQ static and QAT INT8 in one table: accuracy, size, p50 per batch size, and each INT8 model's
+    prediction parity against its own PyTorch model (static: the FP32 student; QAT: its fake-quantized model)."""
+    parity = quantization.get("parity", {})
+    rows = {"fp32": (fp32, None), "static": (int8, parity.get("int8")), "qat": (qat, quantization["qat"]["parity"])}
+    return {name: {"accuracy": model["accuracy"], "size_bytes": model["size_bytes"],
+                   "p50_ms": {str(b): v["p50"] for b, v in model["latency_ms"].items()}, "parity": model_parity}
+            for name, (model, model_parity) in rows.items() if model is not None}
 
 
 def as_report(model: dict) -> dict:
@@ -143,26 +181,37 @@ def run(ctx) -> None:
         ctx.report["teacher"]["onnx"].update(as_report(teacher))
 
     delivered, measured = "fp32", fp32
-    if "int8_onnx_path" in ctx.artifacts:
-        int8 = measure_model(ctx.artifacts["int8_onnx_path"], cfg, x_test, y_test)
-        int8_gates = gates_for(int8, teacher, cfg)
-        delivered, reason = choose_delivery(ctx.pipeline.export.deliver, fp32, int8, int8_gates,
-                                            ctx.pipeline.export.int8_max_accuracy_drop)
-        measured = int8 if delivered == "int8" else fp32
-        ctx.report["quantization"].update({
-            "fp32": as_report(fp32), "int8": as_report(int8),
-            "accuracy_drop": fp32["accuracy"] - int8["accuracy"],
-            "size_ratio": int8["size_bytes"] / fp32["size_bytes"],
-            "speedup_by_batch_size": {str(b): fp32["latency_ms"][b]["p50"] / int8["latency_ms"][b]["p50"]
-                                      for b in cfg.batch_sizes},
-            "delivered": delivered, "reason": reason,
-        })
+    qat = None
+    if "qat_onnx_path" in ctx.artifacts:
+        qat = measure_model(ctx.artifacts["qat_onnx_path"], cfg, x_test, y_test)
+        ctx.report["quantization"]["qat"].update(as_report(qat))
+    if "int8_onnx_path" in ctx.artifacts or qat is not None:
+        int8 = measure_model(ctx.artifacts["int8_onnx_path"], cfg, x_test, y_test) \
+            if "int8_onnx_path" in ctx.artifacts else None
+        delivered, reason = choose_delivery(ctx.pipeline.export.deliver, fp32, int8,
+                                            gates_for(int8, teacher, cfg) if int8 else (),
+                                            ctx.pipeline.export.int8_max_accuracy_drop,
+                                            qat, gates_for(qat, teacher, cfg) if qat else ())
+        measured = {"fp32": fp32, "int8": int8, "qat": qat}[delivered]
+        if int8 is not None:
+            ctx.report["quantization"].update({
+                "int8": as_report(int8),
+                "accuracy_drop": fp32["accuracy"] - int8["accuracy"],
+                "size_ratio": int8["size_bytes"] / fp32["size_bytes"],
+                "speedup_by_batch_size": {str(b): fp32["latency_ms"][b]["p50"] / int8["latency_ms"][b]["p50"]
+                                          for b in cfg.batch_sizes}})
+        ctx.report["quantization"].update({"fp32": as_report(fp32), "delivered": delivered, "reason": reason})
+        if qat is not None:
+            ctx.report["quantization"]["compared"] = side_by_side(ctx.report["quantization"], fp32, int8, qat)
         ctx.progress.info(f"  delivering {delivered.upper()}: {reason}")
-        if delivered == "int8":
-            ctx.artifacts["onnx_path"] = ctx.artifacts["int8_onnx_path"]
+        ctx.artifacts["onnx_path"] = {"fp32": ctx.artifacts["onnx_path"], "int8": ctx.artifacts.get("int8_onnx_path"),
+                                      "qat": ctx.artifacts.get("qat_onnx_path")}[delivered]
 
     ctx.report.setdefault("student", {})["accuracy"] = measured["accuracy"]
-    ctx.report["onnx"].update({"path": measured["path"], "size_bytes": measured["size_bytes"], "precision": delivered})
+    ctx.report["onnx"].update({"path": measured["path"], "size_bytes": measured["size_bytes"],
+                               "precision": "fp32" if delivered == "fp32" else "int8",
+                               "quantization": quantization_of(delivered, ctx.pipeline.export.quantize)})
+    ctx.tracker.set_tags({"kdpipe.quantization": ctx.report["onnx"]["quantization"]})
     ctx.report["latency_ms"] = {str(b): v for b, v in measured["latency_ms"].items()}
     if teacher is not None:
         ctx.report["speedup_vs_teacher"] = {str(b): teacher["latency_ms"][b]["p50"] / measured["latency_ms"][b]["p50"]

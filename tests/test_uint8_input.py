@@ -43,17 +43,18 @@ def test_uint8_graph_predicts_what_the_float_graph_does_end_to_end(workdir, imag
     shutil.copytree(image_data["splits"], workdir / "pets")
     path = image_pipeline(workdir / "p.yaml", path="pets", channels=3, normalize={"mean": MEAN, "std": STD})
     result = cli("run", path, *sets(*FAST, "teacher.train.epochs=3", "distill.epochs=3", "export.input=uint8",
-                                    "export.quantize=static", "export.deliver=fp32", "validate.gates.accuracy_min=0.0",
+                                    "export.quantize=qat", "export.qat_epochs=1", "export.deliver=fp32", "validate.gates.accuracy_min=0.0",
                                     "validate.gates.max_accuracy_drop_vs_teacher=1.0",
                                     "validate.gates.latency_p50_ms_max=1000"))
     assert result.exit_code == 0, result.output
     report = read_report(result.stdout)
     run_dir = Path(report["run_dir"])
     student_onnx, teacher_onnx = run_dir / "student.onnx", run_dir / "teacher.onnx"
-    int8_onnx = Path(report["quantization"]["int8"]["path"])
+    int8_onnx, qat_onnx = Path(report["quantization"]["int8"]["path"]), Path(report["quantization"]["qat"]["path"])
 
-    # Every graph of the run takes uint8 N×C×H×W, INT8 included (static quantization keeps the input and its Cast).
-    for graph in (student_onnx, teacher_onnx, int8_onnx):
+    # Every graph of the run takes uint8 N×C×H×W, INT8 included (static quantization keeps the input and its Cast;
+    # the QAT graph is exported with the same adapter in front of it).
+    for graph in (student_onnx, teacher_onnx, int8_onnx, qat_onnx):
         inp = session(graph).get_inputs()[0]
         assert (inp.type, inp.shape[1:]) == ("tensor(uint8)", [3, 16, 16]), graph
     assert report["quantization"]["built"] and report["quantization"]["calibration_samples"] > 0
@@ -61,7 +62,10 @@ def test_uint8_graph_predicts_what_the_float_graph_does_end_to_end(workdir, imag
     assert props["kdpipe.input_dtype"] == "uint8" and props["kdpipe.input_shape"] == "N×3×16×16"
     assert json.loads(props["kdpipe.normalize_mean"]) == MEAN and json.loads(props["kdpipe.normalize_std"]) == STD
     assert report["onnx"]["input"] == props["kdpipe.input"] and report["onnx"]["input"].startswith("uint8 N×3×16×16")
-    assert {p.key: p.value for p in onnx.load(str(int8_onnx)).metadata_props}["kdpipe.input"] == props["kdpipe.input"]
+    for graph, quantization in ((student_onnx, "none"), (int8_onnx, "static"), (qat_onnx, "qat")):
+        graph_props = {p.key: p.value for p in onnx.load(str(graph)).metadata_props}
+        assert graph_props["kdpipe.input"] == props["kdpipe.input"] and graph_props["kdpipe.quantization"] == quantization
+    assert report["quantization"]["qat"]["parity"]["agreement"] >= 0.99
 
     # The same student exported the float way: both graphs in onnxruntime, on the test split.
     data = load_data(DataConfig(source="imagefolder", path=workdir / "pets", channels=3,

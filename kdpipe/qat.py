@@ -1,0 +1,186 @@
+"""Quantization-aware distillation: the distilled student, fake-quantized, fine-tuned against the teacher, as QDQ ONNX.
+
+Fake quantization comes from torch's own `torch.ao.quantization` in FX graph mode: `prepare_qat_fx` traces the
+student, fuses conv-BN(-ReLU) and inserts FakeQuantize modules (INT8 per-channel symmetric weights, 8-bit affine
+activations, moving-average min/max observers), which are calibrated on training batches before the fine-tuning.
+The fine-tuning is one more phase of the one training loop, on the method's own loss against the frozen teacher,
+in fp32 (autocast off: the fake-quantize kernels take float32). `convert_fx` then folds BN into the convolutions
+and fixes the INT8 weights, and torch's TorchScript ONNX exporter writes each quantize/dequantize as a
+QuantizeLinear/DequantizeLinear pair, the QDQ format onnxruntime fuses into INT8 kernels. (torch.export, behind
+the dynamo exporter, cannot trace FakeQuantize: its forward branches on buffer values.)
+
+The student must be traceable by torch.fx (no Python control flow on tensor values or shapes); `check_quantizable`
+says so before a run starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdpipe.atomic import atomic_write
+from kdpipe.errors import InputError
+
+KEY = "export.quantize"
+QUANTIZATION_KEY = "kdpipe.quantization"  # ONNX metadata_props: none | dynamic | static | qat
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.ao and the TorchScript exporter warn (deprecations, advice) on every call; kdpipe reports outcomes."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        exporter_log.setLevel(level)
+
+
+def qconfig_mapping():
+    """INT8 per-channel symmetric weights, per-tensor affine uint8 activations, moving-average min/max observers.
+
+    Weights use [-128, 127], ONNX's int8 range: the exporter refuses the narrower [-127, 127]."""
+    from torch.ao.quantization import FakeQuantize, QConfig, QConfigMapping
+    from torch.ao.quantization.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+
+    activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                                        dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
+                                    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+
+
+def fake_quantize(student: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A fake-quantized copy of `student` on the CPU, in training mode, observers not yet calibrated.
+    Raises InputError naming export.quantize when torch.fx cannot trace the student."""
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    model = copy.deepcopy(student).cpu().train()
+    try:
+        with _quiet():
+            return prepare_qat_fx(model, qconfig_mapping(), (example.cpu(),))
+    except Exception as exc:  # noqa: BLE001 - the tracer raises many types (TraceError, TypeError, NotImplementedError)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise InputError(KEY, f"qat needs a student torch.fx can trace, and {type(student).__name__} cannot be "
+                              f"traced ({type(exc).__name__}: {first}); use static") from None
+
+
+def qat_method(pipeline, fake_quantized: nn.Module, teacher: nn.Module | None, num_classes: int,
+               input_shape: tuple[int, ...]):
+    """The pipeline's method around the fake-quantized student; InputError when its loss cannot fine-tune it."""
+    from kdpipe.methods import get_method
+
+    cls = get_method(pipeline.distill.method)
+    why = None
+    method = None
+    if not cls.fit_returns_student:
+        why = "it builds the exported model while training (peers, generations)"
+    else:
+        try:
+            method = cls(pipeline.distill.params, student=fake_quantized, teacher=teacher, num_classes=num_classes,
+                         input_shape=input_shape, taps=pipeline.distill.taps)
+        except InputError:
+            why = "its loss taps student features by module path, which the traced, fused graph does not keep"
+        else:
+            if method.student_taps():
+                why = "its loss taps student features by module path, which the traced, fused graph does not keep"
+            elif method.extra_modules() is not None:
+                why = "its loss depends on modules it trains beside the student"
+    if why is not None:
+        raise InputError(KEY, f"qat fine-tunes the student with method '{cls.name}''s loss, but {why}; "
+                              "use static, or a method whose loss reads logits (kd, none)")
+    return method
+
+
+def check_quantizable(pipeline, student: nn.Module, teacher: nn.Module | None, num_classes: int,
+                      input_shape: tuple[int, ...]) -> None:
+    """Before a run starts: the student traces and the method's loss can fine-tune it (else InputError)."""
+    from kdpipe import distributed
+
+    if distributed.from_environment().enabled:
+        raise InputError(KEY, "qat fine-tunes in the export stage, which runs on rank 0 alone; run it without torchrun")
+    example = torch.zeros((2, *input_shape))
+    qat_method(pipeline, fake_quantize(student, example), teacher, num_classes, input_shape)
+
+
+@torch.no_grad()
+def calibrate(fake_quantized: nn.Module, batches: list[np.ndarray], device: torch.device) -> None:
+    """Set the observers' ranges from training batches (fake quantization off meanwhile), in eval mode so that
+    BatchNorm statistics stay those of the distilled student."""
+    from torch.ao.quantization import disable_fake_quant, enable_fake_quant, enable_observer
+
+    fake_quantized.eval()
+    fake_quantized.apply(disable_fake_quant)
+    fake_quantized.apply(enable_observer)
+    for batch in batches:
+        fake_quantized(torch.from_numpy(batch).to(device))
+    fake_quantized.apply(enable_fake_quant)
+
+
+def freeze(fake_quantized: nn.Module) -> nn.Module:
+    """Eval mode with the observers off: the model that the QDQ export reproduces."""
+    from torch.ao.quantization import disable_observer
+
+    fake_quantized.eval()
+    fake_quantized.apply(disable_observer)
+    return fake_quantized
+
+
+def export_qdq(fake_quantized: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool,
+               wrap: Callable[[nn.Module], nn.Module] = lambda model: model) -> None:
+    """The fine-tuned model as QDQ ONNX (input `input`, output `logits`, like the FP32 export), written atomically;
+    `wrap` puts the converted model in what the graph exports (an InputAdapter for `export.input: uint8`)."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with _quiet(), atomic_write(path) as tmp:
+        converted = wrap(convert_fx(freeze(copy.deepcopy(fake_quantized).cpu())))
+        torch.onnx.export(converted, (example.cpu(),), str(tmp), input_names=["input"], output_names=["logits"],
+                          opset_version=opset, dynamic_axes=dynamic, dynamo=False)
+
+
+def prediction_parity(model: nn.Module, onnx_path: Path, x: torch.Tensor, against: str) -> dict:
+    """How closely an INT8 ONNX model follows a PyTorch model on `x`: the share of samples with the same predicted
+    class, and the largest absolute logit difference."""
+    from kdpipe.inference import predict
+    from kdpipe.onnx_runtime import predict as ort_predict, session
+
+    expected = predict(model.cpu(), x.cpu()).logits.numpy()
+    got = ort_predict(session(onnx_path), x.cpu().numpy())
+    return {"against": against, "agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
+            "max_abs_diff": float(np.abs(got - expected).max()), "samples": len(x)}
+
+
+def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, calibration: list[np.ndarray],
+              trainer_options: dict, on_epoch) -> tuple[nn.Module, object]:
+    """Fake-quantize `student`, calibrate it on `calibration`, and train it for export.qat_epochs with the method's
+    loss against the teacher, as a phase of the one training loop (checkpointed per epoch through
+    `trainer_options`, so a killed run resumes it). Returns the frozen fake-quantized model and the trainer."""
+    from kdpipe.train import Phase, Trainer
+
+    device = data.y_train.device
+    fake_quantized = fake_quantize(student, torch.from_numpy(calibration[0][:2])).to(device)
+    method = qat_method(pipeline, fake_quantized, teacher, data.num_classes, data.input_shape)
+    calibrate(fake_quantized, calibration, device)
+    cfg = pipeline.export
+    optimizer = pipeline.distill.optimizer
+    optimizer = optimizer.model_copy(update={"lr": cfg.qat_lr or optimizer.lr / 10})
+    # fp32: torch's fake-quantize kernels take float32 tensors; torch.compile would trace the observers away.
+    options = {**trainer_options, "precision": "fp32", "compile_model": False}
+    trainer = Trainer(data, epochs=cfg.qat_epochs, batch_size=pipeline.data.batch_size, optimizer=optimizer,
+                      seed=pipeline.seed, on_epoch=on_epoch, **options)
+    trainer.run([Phase("qat", [method.student_update(trainer, "qat")], cfg.qat_epochs,
+                       evaluate={"qat": fake_quantized})])
+    return freeze(fake_quantized), trainer

@@ -1,0 +1,211 @@
+"""Quantization-aware distillation (`export.quantize: qat`): QDQ ONNX that onnxruntime runs and that follows the
+fake-quantized PyTorch model, resume after SIGKILL inside the QAT phase, delivery among FP32/static/QAT, and the
+settings QAT cannot work with (exit 2, one line naming export.quantize)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import FAST, LENIENT, PIPELINES, cli, read_report, run_process, sets, write_pipeline
+
+QAT = ["export.quantize=qat", "export.qat_epochs=2", "export.deliver=int8"]  # deliver int8: the QAT model ships
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory, teacher_cache):
+    """One FAST default-pipeline run with quantize qat (in-process), shared by the tests that only read it."""
+    workdir = tmp_path_factory.mktemp("qat")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+        patch.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
+        result = cli("run", PIPELINES / "digits.yaml", *sets(*FAST, *LENIENT, *QAT))
+    assert result.exit_code == 0, result.output
+    return workdir, result, read_report(result.stdout)
+
+
+def rebuild_fake_quantized(run_dir, data):
+    """The run's fine-tuned fake-quantized student, rebuilt from student.pt and the QAT phase's checkpoint."""
+    from kdpipe.config import ModelConfig
+    from kdpipe.models import build_model
+    from kdpipe.qat import fake_quantize, freeze
+
+    student = build_model(ModelConfig(arch="cnn", width=8, depth=2), "student.model", data.input_shape, data.num_classes)
+    student.load_state_dict(torch.load(run_dir / "student.pt", weights_only=True)["student"])
+    fake_quantized = fake_quantize(student, data.x_val[:2])
+    saved = torch.load(run_dir / "checkpoints" / "qat" / "0-qat.pt", weights_only=True)
+    assert saved["finished"] and saved["epoch"] == 2
+    fake_quantized.load_state_dict(saved["modules"][0])
+    return freeze(fake_quantized)
+
+
+def test_qat_onnx_is_qdq_runs_in_onnxruntime_and_follows_the_fake_quantized_model(qat_run, digits):
+    """Acceptance 1: QuantizeLinear/DequantizeLinear nodes, onnxruntime runs them, and the predictions agree with
+    the fake-quantized PyTorch model on ≥ 99% of the validation samples."""
+    _, result, report = qat_run
+    run_dir = Path(report["run_dir"])
+    path = run_dir / "student.qat.onnx"
+    model = onnx.load(str(path))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= 3, ops
+    # Weights are stored as INT8 tensors (constants), dequantized per output channel in the graph.
+    constants = [*model.graph.initializer, *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute)]
+    int8_weights = [t for t in constants if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    assert len(int8_weights) == 3, [(t.name, t.data_type, list(t.dims)) for t in constants]  # 2 convs and fc
+    assert {p.key: p.value for p in model.metadata_props}["kdpipe.quantization"] == "qat"
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x_val = digits.x_val.numpy()
+    onnx_logits = sess.run(None, {"input": x_val})[0]
+    assert onnx_logits.shape == (len(x_val), 10) and np.isfinite(onnx_logits).all()
+
+    fake_quantized = rebuild_fake_quantized(run_dir, digits)
+    with torch.no_grad():
+        torch_logits = fake_quantized(digits.x_val).numpy()
+    agreement = (onnx_logits.argmax(1) == torch_logits.argmax(1)).mean()
+    assert agreement >= 0.99, agreement
+    assert report["quantization"]["qat"]["parity"]["agreement"] == pytest.approx(agreement)
+    assert report["quantization"]["qat"]["parity"]["against"] == "fake-quantized PyTorch student"
+
+
+def test_fp32_static_and_qat_are_compared_side_by_side_and_the_qat_model_is_registered(qat_run):
+    workdir, result, report = qat_run
+    quant = report["quantization"]
+    assert quant["mode"] == "qat" and quant["delivered"] == "qat", quant["reason"]
+    compared = quant["compared"]
+    assert set(compared) == {"fp32", "static", "qat"}
+    for name, row in compared.items():
+        assert 0.5 < row["accuracy"] <= 1 and row["size_bytes"] > 0 and set(row["p50_ms"]) == {"1", "64"}, name
+    assert compared["fp32"]["parity"] is None
+    assert compared["static"]["parity"]["against"] == "fp32 PyTorch student"
+    assert compared["static"]["parity"]["agreement"] >= 0.9
+    assert compared["qat"]["size_bytes"] < compared["fp32"]["size_bytes"]
+    assert report["onnx"] == {**report["onnx"], "path": quant["qat"]["path"], "precision": "int8", "quantization": "qat"}
+    assert report["student"]["accuracy"] == compared["qat"]["accuracy"]
+    assert "qat epoch 2/2" in result.stderr
+
+    import mlflow
+
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    version = client.get_model_version("digits-student", report["mlflow"]["model_version"])
+    assert version.tags["kdpipe.quantization"] == "qat" and version.tags["kdpipe.precision"] == "int8"
+    assert client.get_run(report["mlflow"]["run_id"]).data.tags["kdpipe.quantization"] == "qat"
+    mlflow.set_tracking_uri(store)
+    registered = mlflow.onnx.load_model(f"models:/digits-student/{version.version}")
+    assert {p.key: p.value for p in registered.metadata_props}["kdpipe.quantization"] == "qat"
+    assert "QuantizeLinear" in {node.op_type for node in registered.graph.node}
+
+
+def test_best_delivery_chooses_among_fp32_static_and_qat():
+    from kdpipe.stages.validate import choose_delivery
+
+    def model(accuracy, p50_bs1, p50_bs64):
+        return {"accuracy": accuracy, "latency_ms": {1: {"p50": p50_bs1}, 64: {"p50": p50_bs64}}}
+
+    fp32 = model(0.97, 0.02, 0.10)
+    passing, failing = [("accuracy_min", 0.97, 0.9, True)], [("accuracy_min", 0.85, 0.9, False)]
+    lossy_static, good_qat = model(0.95, 0.01, 0.05), model(0.968, 0.01, 0.05)
+    chosen, why = choose_delivery("best", fp32, lossy_static, passing, 0.01, good_qat, passing)
+    assert chosen == "qat" and "INT8 loses 0.0200 accuracy" in why, why
+    # Both qualify: the more accurate wins, then the faster at the smallest batch size.
+    assert choose_delivery("best", fp32, model(0.969, 0.01, 0.05), passing, 0.01, good_qat, passing)[0] == "int8"
+    assert choose_delivery("best", fp32, good_qat, passing, 0.01, model(0.968, 0.009, 0.05), passing)[0] == "qat"
+    assert choose_delivery("best", fp32, lossy_static, passing, 0.01, good_qat, failing) == (
+        "fp32", "INT8 loses 0.0200 accuracy, more than int8_max_accuracy_drop 0.01; QAT INT8 fails gate accuracy_min")
+    assert choose_delivery("best", fp32, None, (), 0.01, model(0.97, 0.03, 0.05), passing) == (
+        "fp32", "QAT INT8 is not faster than FP32 at batch size 1 (p50)")
+    assert choose_delivery("int8", fp32, lossy_static, passing, 0.01, good_qat, passing)[0] == "qat"
+    assert choose_delivery("fp32", fp32, lossy_static, passing, 0.01, good_qat, passing)[0] == "fp32"
+
+
+@pytest.mark.slow
+def test_sigkill_during_qat_then_resume(workdir):
+    """A real process killed (SIGKILL) in the QAT phase; `kdpipe run --resume` continues QAT from its checkpoint."""
+    epochs = 6
+    overrides = sets(*FAST, *LENIENT, "export.quantize=qat", f"export.qat_epochs={epochs}")
+    proc = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", str(PIPELINES / "digits.yaml"), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "qat epoch 2/" in line:
+            proc.kill()  # SIGKILL: no handler runs
+            break
+    proc.wait()
+    assert proc.returncode == -9, "".join(seen)
+    (run_dir,) = (workdir / "runs" / "digits").iterdir()
+    assert json.loads((run_dir / "ledger.json").read_text())["finished"] == ["teacher", "distill"]
+    assert not (run_dir / "report.json").exists() and not (run_dir / "student.qat.onnx").exists()
+    assert torch.load(run_dir / "checkpoints" / "qat" / "0-qat.pt", weights_only=True)["epoch"] >= 1
+
+    resumed = run_process("run", "--resume", run_dir, env=ONE_THREAD)
+    assert resumed.returncode in (0, 1), resumed.stderr
+    report = read_report(resumed.stdout)
+    assert report["resumed"] == 1 and report["status"] in ("passed", "failed")
+    assert "qat epoch 1/" not in resumed.stderr  # continued from the checkpoint, not restarted
+    assert f"qat epoch {epochs}/{epochs}" in resumed.stderr and "student epoch" not in resumed.stderr
+    qat = report["quantization"]["qat"]
+    assert qat["parity"]["agreement"] >= 0.99 and 0.5 < qat["accuracy"] <= 1
+    assert "QuantizeLinear" in {node.op_type for node in onnx.load(qat["path"]).graph.node}
+
+
+FLEXIBLE = '''
+from torch import nn
+
+
+class Flexible(nn.Module):
+    """Takes flat or image batches: it branches on the input's rank, which torch.fx cannot trace."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        if x.dim() > 2:
+            x = x.flatten(1)
+        return self.fc(x)
+
+
+def flexible(num_classes):
+    return Flexible(num_classes)
+'''
+
+
+def assert_one_line(result, file, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{file}: export.quantize: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_qat_with_a_student_fx_cannot_trace_exits_2(workdir):
+    (workdir / "flexible.py").write_text(FLEXIBLE)
+    file = write_pipeline(workdir / "p.yaml", **{"student.model": {"entrypoint": "flexible.py:flexible"},
+                                                  "export.quantize": "qat"})
+    for command in ("check", "run"):
+        assert_one_line(cli(command, file, *sets(*FAST)), file, "qat needs a student torch.fx can trace",
+                        "Flexible cannot be traced", "use static")
+    assert not (workdir / "runs").exists()  # refused before any run started
+    # The same student is fine without QAT.
+    assert cli("check", file, "--set", "export.quantize=static").exit_code == 0
+
+
+def test_qat_with_a_feature_method_exits_2(workdir):
+    file = write_pipeline(workdir / "p.yaml", **{"export.quantize": "qat", "distill.method": "at",
+                                                  "distill.params": {}})
+    assert_one_line(cli("check", file), file, "method 'at''s loss", "taps student features")
