@@ -29,6 +29,8 @@ def run(ctx) -> None:
         torch.manual_seed(ctx.pipeline.seed + 1)
         student = method.fit(trainer)
         ctx.report["distill"] = {"timing": trainer.timing_summary(), "optimizer_steps": trainer.optimizer_steps}
+        if trainer.static_batches:
+            ctx.report["distill"]["static_batches"] = trainer.static_batch_summary()
     student.eval()
     ctx.student = student
     checkpoint = {"student": student.state_dict()}
