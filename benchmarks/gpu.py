@@ -150,6 +150,7 @@ def main() -> None:
         print("benchmarks/gpu.py: skipped: torch sees no CUDA device on this machine")
         return
     modes = [m for m in args.modes if m == "eager" or device.type == "cuda"]
+    torch.backends.cudnn.benchmark = True  # as kdpipe's trainer sets it on CUDA: the hand loops get it too
 
     with tempfile.TemporaryDirectory(prefix="kdpipe-gpu-") as tmp:
         data = make_data(args.images, Path(tmp), device)

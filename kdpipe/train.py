@@ -143,7 +143,8 @@ def _side_stream_batches(batches: Iterator[Batch], device: torch.device) -> Iter
     while upcoming is not None:
         current.wait_stream(side)  # the step waits for its batch only, not for the one queued after it
         for tensor in _tensors(upcoming):
-            tensor.record_stream(current)  # allocated on the side stream: not reused before the step is done
+            if tensor.is_cuda:
+                tensor.record_stream(current)  # allocated on the side stream: not reused before the step is done
         batch, upcoming = upcoming, prepare()
         yield batch
 
