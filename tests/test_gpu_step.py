@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from conftest import ROOT
+from conftest import FAST, PIPELINES, ROOT, cli, read_report, sets
 from kdpipe.config import ModelConfig, OptimizerConfig
 from kdpipe.methods import get_method
 from kdpipe.models import build_model
@@ -81,6 +81,17 @@ def test_compile_trains_on_full_batches_and_reports_the_samples_left_out(digits)
     assert [e["samples"] for e in trainer.epoch_log] == [18 * 64] * 3
     assert trainer.static_batch_summary() == {"batch_size": 64, "last_partial_batch": "dropped", "dropped_per_epoch": 17}
     assert trainer.val_accuracy(student) > 0.5
+
+
+@pytest.mark.slow
+def test_a_compiled_run_reports_its_static_batches(workdir):
+    """report.json of a run with distill.compile: true says the partial batch was dropped and how many samples."""
+    result = cli("run", PIPELINES / "digits.yaml", *sets(*FAST, "distill.compile=true", "validate.gates.accuracy_min=0",
+                                                        "validate.gates.max_accuracy_drop_vs_teacher=1"))
+    assert result.exit_code == 0, result.output
+    distill = read_report(result.stdout)["distill"]
+    assert distill["static_batches"] == {"batch_size": 64, "last_partial_batch": "dropped", "dropped_per_epoch": 17}
+    assert distill["optimizer_steps"] == 6 * 18
 
 
 def test_without_compile_every_sample_trains_and_nothing_is_reported(digits):
