@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +90,6 @@ def hand_epochs(data, teacher_logits: torch.Tensor, batch: int, graphs: bool, ep
         loss.backward()
         opt.step()
 
-    run_step: Callable[[torch.Tensor], None]
     if graphs:
         # Static inputs; three warm-up steps on a side stream, then one step captured (as graph_kd.py does).
         static_x = torch.zeros((batch, *data.input_shape), dtype=x_train.dtype, device=device)
