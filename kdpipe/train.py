@@ -134,6 +134,7 @@ def prefetched(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch
 
 def _side_stream_batches(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
     side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    side.wait_stream(current)  # inputs made on the current stream before the epoch (data, teacher outputs) are ready
 
     def prepare() -> Batch | None:
         with torch.cuda.stream(side):
