@@ -263,7 +263,9 @@ class DistillBase(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype for training and the teacher pass: auto = bf16 on CUDA (fp16 where "
                             "bf16 is unsupported, with a gradient scaler), fp32 on CPU")
-    compile: bool = Field(False, description="torch.compile the trained model (pays a compile time up front)")
+    compile: bool = Field(False, description="torch.compile the trained model (pays a compile time up front); on CUDA "
+                                             "its steps replay as CUDA graphs. Trains on one batch shape: each epoch's "
+                                             "last partial batch is dropped (report.json: distill.static_batches)")
     teacher_cache: Literal["auto", "off"] = Field(
         "auto", description="auto: the teacher's outputs are computed once and reused every epoch unless the method "
                             "opts out; with augmented inputs, teacher views for methods reading only the teacher's "

@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -25,7 +26,23 @@ from kdpipe.fingerprint import fingerprint
 from kdpipe.inference import predict
 from kdpipe.taps import Outputs
 
-PASS_BATCH = 512  # rows per teacher forward in a full pass over the training split
+PASS_BATCH = 512  # on CPU: rows per teacher forward in a full pass over the training split
+CUDA_PASS_BATCH = 4096  # on CUDA: the first batch tried, halved until the pass fits in the device's memory
+
+T = TypeVar("T")
+
+
+def largest_batch(fn: Callable[[int], T], start: int) -> tuple[T, int]:
+    """(fn(batch), batch) for the largest batch of start, start/2, start/4, … 1 at which fn does not run out of
+    device memory (torch.OutOfMemoryError); the error itself when even a batch of 1 does not fit."""
+    batch = start
+    while True:
+        try:
+            return fn(batch), batch
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+        batch //= 2  # outside the handler: the failed attempt's tensors are freed before the next one
 
 
 @dataclass
@@ -56,7 +73,7 @@ def teacher_pass(teacher: nn.Module, x: torch.Tensor, taps: list[str], autocast:
         x = x.contiguous(memory_format=torch.channels_last)
     context = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with context:
-        outputs = predict(teacher, x, taps=taps)
+        outputs = predict(teacher, x, batch_size=max(1, len(x)), taps=taps)  # one forward: the caller sized x
     return Outputs(outputs.logits.float(), {k: v.float() for k, v in outputs.features.items()})
 
 
@@ -112,9 +129,14 @@ class TeacherOutputCache:
 
     def _compute(self, teacher, data, taps, autocast, channels_last) -> Outputs:
         self.forward_passes += 1
-        chunks = [teacher_pass(teacher, x, taps, autocast, channels_last) for _, x in data.train_inputs(PASS_BATCH)]
-        return Outputs(torch.cat([c.logits for c in chunks]),
-                       {k: torch.cat([c.features[k] for c in chunks]) for k in taps})
+
+        def full_pass(batch: int) -> Outputs:
+            chunks = [teacher_pass(teacher, x, taps, autocast, channels_last) for _, x in data.train_inputs(batch)]
+            return Outputs(torch.cat([c.logits for c in chunks]),
+                           {k: torch.cat([c.features[k] for c in chunks]) for k in taps})
+
+        start = min(CUDA_PASS_BATCH, len(data.y_train)) if data.y_train.is_cuda else PASS_BATCH
+        return largest_batch(full_pass, start)[0]
 
     def _spill(self, outputs: Outputs, path: Path | None, device: torch.device) -> SpilledOutputs:
         if isinstance(outputs, SpilledOutputs):

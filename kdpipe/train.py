@@ -9,13 +9,17 @@ the teacher-output cache, metrics, timings and progress live here and nowhere el
 Under torchrun every rank draws the same permutation and takes its share of each batch (`data.batch_size`
 stays the global batch); each update's gradients are averaged over ranks before its optimizer steps, and
 the epoch metrics are summed over ranks. Finiteness is checked once per epoch, from a flag kept on the
-device, so a step never waits for the host.
+device, so a step never waits for the host. On CUDA the next batch is prepared on a side stream while the
+current step runs, and `compile: true` replays each compiled forward and backward as a CUDA graph, on batches of
+one shape (the last partial batch of each epoch is dropped and the report says how many samples that leaves out).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -106,6 +110,48 @@ def full_precision(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a batch: its fields, through dataclasses, dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def prefetched(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """On CUDA: each batch is prepared (gathered, converted, augmented, or copied from pinned memory) on a side
+    stream while the step before it runs on the current stream. Elsewhere the batches as they come: a
+    preparing thread would only compete with the step for the same cores."""
+    if device.type != "cuda":
+        return batches
+    return _side_stream_batches(batches, device)
+
+
+def _side_stream_batches(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    side.wait_stream(current)  # inputs made on the current stream before the epoch (data, teacher outputs) are ready
+
+    def prepare() -> Batch | None:
+        with torch.cuda.stream(side):
+            return next(batches, None)
+
+    upcoming = prepare()
+    while upcoming is not None:
+        current.wait_stream(side)  # the step waits for its batch only, not for the one queued after it
+        for tensor in _tensors(upcoming):
+            if tensor.is_cuda:
+                tensor.record_stream(current)  # allocated on the side stream: not reused before the step is done
+        batch, upcoming = upcoming, prepare()
+        yield batch
+
+
 def _unique(items: Iterable) -> list:
     """`items` without repeats (by identity), in order."""
     seen: dict[int, Any] = {}
@@ -162,7 +208,24 @@ class Trainer:
         self.optimizer_steps = 0
 
     @property
+    def static_batches(self) -> bool:
+        """compile: true trains on batches of one shape, which CUDA graphs need (and torch.compile would recompile
+        for): each epoch's last partial batch is dropped."""
+        return self.compile_model
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.compile_model and self.device.type == "cuda"
+
+    @property
+    def full_batches(self) -> int:
+        """Batches of the full size in an epoch; a split smaller than one batch is one batch of its own size."""
+        return max(1, len(self.data.y_train) // self.batch_size)
+
+    @property
     def steps_per_epoch(self) -> int:
+        if self.static_batches:
+            return self.full_batches
         return math.ceil(len(self.data.y_train) / self.batch_size)
 
     def autocast(self):
@@ -221,6 +284,23 @@ class Trainer:
         if self.channels_last:
             module.to(memory_format=torch.channels_last)
 
+    def _compile(self, module: nn.Module) -> None:
+        """In place, so the method's own references to the module run compiled too. On CUDA in torch's
+        reduce-overhead mode: the compiled forward and backward are captured once per shape as CUDA graphs
+        (cudagraph trees) and replayed, one launch instead of one per kernel. On CPU the default mode."""
+        if self.cuda_graphs:
+            module.compile(mode="reduce-overhead")
+        else:
+            module.compile()
+
+    def step_batches(self, generator: torch.Generator) -> Iterator[Batch]:
+        """The epoch's batches as the steps take them: all of one shape under compile: true (the partial batch, the
+        last one, is never drawn), and on CUDA each prepared while the step before it runs."""
+        batches = self.batches(generator)
+        if self.static_batches:
+            batches = itertools.islice(batches, self.full_batches)
+        return prefetched(batches, self.device)
+
     def val_accuracy(self, model: nn.Module) -> float:
         """Validation accuracy, each rank scoring its share of the validation split."""
         ranks, rank = self.dist.world_size, self.dist.rank
@@ -251,7 +331,7 @@ class Trainer:
         for module in modules:
             self._prepare(module)
             if self.compile_model and id(module) not in self._compiled:
-                module.compile()  # in place: the method's own references to the module run compiled too
+                self._compile(module)
                 self._compiled.add(id(module))
         updates = []
         for update in phase.updates:
@@ -301,7 +381,9 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         count = steps = 0
-        for batch in self.batches(generator):
+        for batch in self.step_batches(generator):
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
             shared: dict[str, Any] = {}
             for u in updates:
                 with self.autocast():
@@ -331,8 +413,8 @@ class Trainer:
         flat = [sums[k].double() for k in labels] + [torch.tensor([float(count), float(steps)], dtype=torch.float64,
                                                                  device=self.device), (~finite).double().reshape(1)]
         totals = distributed.all_reduce_sum(torch.cat([t.reshape(-1) for t in flat]))
-        seconds = time.perf_counter() - start  # the reduction above waited for the device: the epoch is done
         samples, steps_all, nonfinite = totals[-3].item(), int(totals[-2].item()), totals[-1].item()
+        seconds = time.perf_counter() - start  # after the first .item(), which waited for the device's queued steps
         if steps_all == 0:
             raise InputError("data.batch_size", f"{phase.name} made no optimizer step: every training batch is smaller "
                              f"than 2 samples per process (BatchNorm cannot train on one); raise data.batch_size")
@@ -371,6 +453,14 @@ class Trainer:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def static_batch_summary(self) -> dict[str, Any] | None:
+        """Under compile: true, the batch size trained on and the training samples each epoch leaves out."""
+        if not self.static_batches:
+            return None
+        samples = len(self.data.y_train)
+        return {"batch_size": self.batch_size, "last_partial_batch": "dropped",
+                "dropped_per_epoch": samples - min(samples, self.full_batches * self.batch_size)}
 
     def timing_summary(self) -> dict[str, float] | None:
         """Median epoch seconds and training throughput over every epoch this trainer ran."""

@@ -32,6 +32,8 @@ def run(ctx) -> None:
         if trainer.teacher_modes:  # views | cached | online, with the reason, per teacher the method reads
             ctx.report["distill"]["teacher_mode"] = "+".join(dict.fromkeys(m["mode"] for m in trainer.teacher_modes))
             ctx.report["distill"]["teacher"] = trainer.teacher_modes
+        if trainer.static_batches:
+            ctx.report["distill"]["static_batches"] = trainer.static_batch_summary()
     student.eval()
     ctx.student = student
     checkpoint = {"student": student.state_dict()}

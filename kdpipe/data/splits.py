@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -31,6 +32,12 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+@functools.lru_cache(maxsize=64)
+def _on_device(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` as a tensor on `device`, made once: a fresh copy to a CUDA device per batch would wait for it."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 @dataclass(frozen=True)
 class InputConversion:
     """Stored samples → model inputs: uint8 scaled to [0, 1], then normalized per channel when configured."""
@@ -47,8 +54,8 @@ class InputConversion:
         if self.mean is None:
             return x
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        mean = _on_device(tuple(self.mean), x.dtype, x.device).view(shape)
+        std = _on_device(tuple(self.std), x.dtype, x.device).view(shape)
         return (x - mean) / std
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
