@@ -18,12 +18,12 @@ SEARCH = PIPELINES / "digits-search.yaml"
 # Two epochs train a student that is far from its teacher: gates loose enough for it (these tests are not about accuracy).
 LOOSE = ["validate.gates.accuracy_min=0.1", "validate.gates.max_accuracy_drop_vs_teacher=0.9"]
 QUICK = [*FAST, *LOOSE, "distill.epochs=2", "search.sampler=random", "search.pruner=none"]
-QAT_OR_NONE = "search.space={export.quantize: {choices: [none, qat]}, export.qat_epochs: {choices: [1]}}"
+QUANTIZE = "search.space={export.quantize: {choices: [none, static, qat]}, export.qat_epochs: {choices: [1]}}"
 
 
 def test_campaign_scores_each_trial_on_the_model_its_quantization_ships(workdir):
-    # Seed 1 draws qat for two of the three trials and none for one. A Pareto search: latency is scored too.
-    result = cli("run", SEARCH, *sets(*QUICK, QAT_OR_NONE, "search.trials=3", "search.seed=1",
+    # Seed 1 draws static, none and qat in turn. A Pareto search: latency is scored too.
+    result = cli("run", SEARCH, *sets(*QUICK, QUANTIZE, "search.trials=3", "search.seed=1",
                                       "search.objective=[val_accuracy, latency_p50]"))
     assert result.exit_code == 0, result.stderr
     report = read_report(result.stdout)
@@ -37,33 +37,30 @@ def test_campaign_scores_each_trial_on_the_model_its_quantization_ships(workdir)
     for run in runs:
         by_quantization.setdefault(run.data.tags["kdpipe.quantization"], []).append(run)
         assert run.data.params["export.quantize"] == run.data.tags["kdpipe.quantization"]
-    assert set(by_quantization) == {"none", "qat"}
+    assert {q: len(r) for q, r in by_quantization.items()} == {"none": 1, "static": 1, "qat": 1}
 
     study = optuna.load_study(study_name=found["study"], storage=f"sqlite:///{Path(report['run_dir']) / 'search.db'}")
     values = {str(t.number): t.values for t in study.trials}
-    for run in by_quantization["qat"]:
+    for quantization, [run] in by_quantization.items():
         metrics = run.data.metrics
-        assert run.data.params["export.qat_epochs"] == "1"
-        # The QAT phase ran one epoch in the trial, and the objective is the QDQ model's onnxruntime accuracy,
-        # measured beside the FP32 student's (logged only on the INT8 path).
-        history = client.get_metric_history(run.info.run_id, "qat/val_accuracy")
-        assert len(history) == 1
-        assert {"final/val_accuracy", "final/val_accuracy_fp32"} <= set(metrics)
+        # The objective: the shipped model's onnxruntime accuracy and latency; an INT8 model's is measured beside
+        # the FP32 student's (logged only on the INT8 path).
         assert values[run.data.tags["optuna.trial"]] == pytest.approx([metrics["final/val_accuracy"],
                                                                        metrics["final/latency_p50"]])
-    for run in by_quantization["none"]:
-        assert "final/val_accuracy_fp32" not in run.data.metrics and "final/latency_p50" in run.data.metrics
-        assert "export.qat_epochs" not in run.data.params  # conditional: drawn only with qat
+        assert ("final/val_accuracy_fp32" in metrics) == (quantization != "none")
+        # The QAT phase ran one epoch in the qat trial only; qat_epochs is drawn only with qat.
+        assert len(client.get_metric_history(run.info.run_id, "qat/val_accuracy")) == (quantization == "qat")
+        assert run.data.params.get("export.qat_epochs") == ("1" if quantization == "qat" else None)
 
     # The best trial's quantization is what export built and validate delivered.
     chosen = found["best_params"]["export.quantize"]
+    assert chosen == max(found["pareto_front"], key=lambda t: t["values"]["val_accuracy"])["params"]["export.quantize"]
     resolved = yaml.safe_load((Path(report["run_dir"]) / "pipeline.yaml").read_text())
     assert resolved["export"]["quantize"] == chosen
+    assert report.get("quantization", {}).get("mode", "none") == chosen
+    assert resolved["export"]["deliver"] == ("fp32" if chosen == "none" else "int8")  # what the trial scored ships
     if chosen == "qat":
-        assert report["quantization"]["mode"] == "qat" and report["quantization"]["qat"]["epochs"] == 1
-        assert resolved["export"]["deliver"] == "int8" and report["quantization"]["delivered"] == "qat"
-    else:
-        assert "quantization" not in report and resolved["export"]["deliver"] == "fp32"
+        assert report["quantization"]["qat"]["epochs"] == 1 and report["quantization"]["delivered"] == "qat"
 
 
 def test_qat_in_the_space_with_a_method_qat_cannot_fine_tune_exits_2(workdir):
