@@ -169,7 +169,7 @@ def resolve_space(pipeline) -> SearchSpace:
 
 def _export_dims(entries: dict[str, Any], export_base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The export keys of the space (popped from `entries`), each choice validated as export settings. A searched
-    quantize decides what ships (export_settings), so each choice is checked as with deliver fp32."""
+    quantize decides what ships (with_export), so each choice is checked as with deliver fp32."""
     dims = {}
     for name in [n for n in entries if n.startswith(EXPORT)]:
         key, param = f"search.space.{name}", name[len(EXPORT):]
