@@ -305,7 +305,8 @@ class ExportConfig(Strict):
     quantize: Literal["none", "dynamic", "static", "qat"] = Field(
         "none", description="also build an INT8 model with onnxruntime's quantization (static: calibrated on the training "
                             "split); qat: static as well, and a student fine-tuned fake-quantized against the teacher")
-    qat_epochs: PositiveInt = Field(3, description="qat: epochs of fake-quantized fine-tuning with the method's loss")
+    qat_epochs: PositiveInt = Field(3, description="qat: epochs of fake-quantized fine-tuning with the method's loss",
+                                    json_schema_extra={"when": {"quantize": ["qat"]}})  # a search draws it only there
     qat_lr: PositiveFloat | None = Field(None, description="qat: learning rate of the fine-tuning; null: a tenth of "
                                                            "distill.optimizer.lr (it starts from the trained student)")
     calibration_batches: PositiveInt = Field(8, description="static quantization: training batches (data.batch_size) to calibrate on")

@@ -16,7 +16,7 @@ import yaml
 from kdpipe.errors import InputError
 from kdpipe.methods import get_method
 from kdpipe.search import (DIRECTIONS, Campaign, TrialRuns, best_trial, fail_orphans, make_pruner, make_sampler,
-                           open_study, resolve_space, save_plots, summarize)
+                           open_study, resolve_space, save_plots, summarize, with_export)
 
 
 def run(ctx) -> None:
@@ -75,7 +75,8 @@ def run(ctx) -> None:
 
     choice = space.decode(best.params)
     method = choice.method
-    ctx.pipeline = pipeline = pipeline.with_method(method, choice.params, choice.optimizer)
+    # The best trial's export keys (quantize, qat_epochs) go to export and validate as its method does to distill.
+    ctx.pipeline = pipeline = with_export(pipeline.with_method(method, choice.params, choice.optimizer), choice.export)
     (ctx.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(pipeline.resolved(), sort_keys=False))
     params = pipeline.distill.params.model_dump(mode="json")
     ctx.report["method"] = {"name": method, "params": params}
@@ -84,18 +85,27 @@ def run(ctx) -> None:
     if checkpoint is not None:
         ctx.artifacts["student_checkpoint"] = checkpoint
     summary["reused_checkpoint"] = checkpoint is not None
-    ctx.tracker.log_params({"search": {"best": {"method": method, **params, "optimizer": choice.optimizer}}})
+    ctx.tracker.log_params({"search": {"best": {"method": method, **params, "optimizer": choice.optimizer,
+                                                **({"export": choice.export} if choice.export else {})}}})
     ctx.tracker.set_tags({"kdpipe.method": method})
 
 
 def _check_candidate_models(ctx, space) -> None:
-    """Each candidate method must accept the models (taps, shapes) with its base parameters, before any trial runs."""
+    """Each candidate method must accept the models (taps, shapes) with its base parameters, and where a trial may
+    draw qat, its loss must fine-tune the fake-quantized student, before any trial runs."""
+    from kdpipe.qat import check_quantizable
+
     for name in space.methods:
-        if name == ctx.pipeline.distill.method:
-            continue  # checked in prepare
         candidate = ctx.pipeline.with_method(name, space.base[name])
-        get_method(name).check_models(candidate, student=ctx.student, teacher=ctx.teacher,
-                                      input_shape=ctx.data.input_shape)
+        if name != ctx.pipeline.distill.method:  # the pipeline's own: checked in prepare
+            get_method(name).check_models(candidate, student=ctx.student, teacher=ctx.teacher,
+                                          input_shape=ctx.data.input_shape)
+        if "qat" in space.quantizations():
+            try:
+                check_quantizable(candidate, ctx.student, ctx.teacher, ctx.data.num_classes, ctx.data.input_shape)
+            except InputError as exc:
+                key = "search.space.export.quantize" if "quantize" in space.export else "search.space.method"
+                raise InputError(key, f"qat with method '{name}': {exc.message}") from None
 
 
 def _log_campaign(ctx, study, summary) -> None:

@@ -12,10 +12,10 @@ Optuna's storage: sqlite, PostgreSQL, or Optuna's journal file.
 from kdpipe.search.campaign import (DIRECTIONS, Campaign, TrialRuns, best_trial, fail_orphans, make_pruner, make_sampler,
                                     summarize)
 from kdpipe.search.plots import save_plots
-from kdpipe.search.space import OPTIMIZER, Choice, SearchSpace, resolve_space
+from kdpipe.search.space import EXPORT, OPTIMIZER, Choice, SearchSpace, resolve_space, with_export
 from kdpipe.search.storage import (check_storage_location, describe_storage, is_rdb_url, mask_credentials, open_study,
                                    schema_lock, sqlalchemy_url)
 
-__all__ = ["DIRECTIONS", "OPTIMIZER", "Campaign", "Choice", "SearchSpace", "TrialRuns", "best_trial",
+__all__ = ["DIRECTIONS", "EXPORT", "OPTIMIZER", "Campaign", "Choice", "SearchSpace", "TrialRuns", "best_trial",
            "check_storage_location", "describe_storage", "fail_orphans", "is_rdb_url", "make_pruner", "make_sampler",
-           "mask_credentials", "open_study", "resolve_space", "save_plots", "schema_lock", "sqlalchemy_url", "summarize"]
+           "mask_credentials", "open_study", "resolve_space", "save_plots", "schema_lock", "sqlalchemy_url", "summarize", "with_export"]

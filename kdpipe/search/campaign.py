@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kdpipe.methods import get_method
-from kdpipe.search.space import OPTIMIZER, SearchSpace
+from kdpipe.search.space import EXPORT, OPTIMIZER, SearchSpace, with_export
 from kdpipe.search.storage import describe_storage
 from kdpipe.teacher_cache import TeacherOutputCache
 from kdpipe.inference import accuracy
@@ -71,6 +71,9 @@ class TrialRuns:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[self.Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[self.RunTag(k, v) for k, v in tags.items()])
+
     def end(self, run_id: str, state: str, error: str | None = None) -> None:
         tags = [self.RunTag("kdpipe.trial_state", state)] + ([self.RunTag("kdpipe.error", error[:5000])] if error else [])
         self.client.log_batch(run_id, tags=tags)
@@ -119,6 +122,7 @@ class Campaign:
         self.host = socket.gethostname()
         self.owner = f"{self.host}:{self.run_dir}"  # marks the trials this run started, for fail_orphans
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.calibration = None  # static and QAT calibration batches, drawn once for every trial that needs them
 
     def __call__(self, trial) -> float | tuple[float, ...]:
         import optuna
@@ -129,7 +133,8 @@ class Campaign:
         trial.set_user_attr("run_dir", self.owner)
         run_id = self.runs.start(f"trial-{trial.number}",
                                  {"method": choice.method, **choice.params,
-                                  **{OPTIMIZER + k: v for k, v in choice.optimizer.items()}},
+                                  **{OPTIMIZER + k: v for k, v in choice.optimizer.items()},
+                                  **{EXPORT + k: v for k, v in choice.export.items()}},
                                  {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)})
         try:
             params = method_cls.Params.model_validate(choice.params)
@@ -137,17 +142,22 @@ class Campaign:
             method = method_cls(params, student=student, teacher=self.teacher, num_classes=self.data.num_classes,
                                 input_shape=self.data.input_shape, taps=self.pipeline.distill.taps)
             cfg = self.pipeline.distill
+            on_epoch = self._epoch_reporter(trial, run_id)
             trainer = Trainer(self.data, epochs=cfg.epochs, batch_size=self.pipeline.data.batch_size,
                               optimizer=cfg.optimizer.model_copy(update=choice.optimizer), seed=self.pipeline.seed, teacher_cache=self.teacher_cache,
-                              on_epoch=self._epoch_reporter(trial, run_id), **self.trainer_options)
+                              on_epoch=on_epoch, **self.trainer_options)
             torch.manual_seed(self.pipeline.seed + 1)
             student = method.fit(trainer).eval()
-            val_acc = accuracy(student, self.data.x_val, self.data.y_val)
-            results = {"val_accuracy": val_acc}
-            if "latency_p50" in self.objective_names:
-                results["latency_p50"] = self._latency_p50(student, trial.number)
+            # With export keys in the space, the trial scores the model its quantization ships (space.with_export).
+            quantized = None
+            if self.space.export:
+                pipeline = with_export(self.pipeline.with_method(choice.method, choice.params, choice.optimizer),
+                                       choice.export)
+                self.runs.set_tags(run_id, {"kdpipe.quantization": pipeline.export.quantize})
+                quantized = pipeline if pipeline.export.quantize != "none" else None
+            results = self._score(quantized, student, trial.number, on_epoch)
             self.runs.log_metrics(run_id, {f"final/{k}": v for k, v in results.items()})
-            self._keep_if_best(trial, student, method.extra_modules(), val_acc)
+            self._keep_if_best(trial, student, method.extra_modules(), results["val_accuracy"])
         except optuna.TrialPruned:
             self.runs.end(run_id, "pruned")
             raise
@@ -176,20 +186,52 @@ class Campaign:
 
         return on_epoch
 
-    def _latency_p50(self, student: nn.Module, number: int) -> float:
+    def _score(self, quantized, student: nn.Module, number: int, on_epoch) -> dict[str, float]:
+        """The trial's objective values, of the FP32 student or, given `quantized` (the trial's pipeline, whose
+        export.quantize is not none), of its INT8 model: static/dynamic onnxruntime PTQ of the student's ONNX, or
+        the student fine-tuned fake-quantized (kdpipe.qat, one more phase of the loop) exported as QDQ; accuracy
+        and latency measured with onnxruntime on the validation split."""
         from kdpipe.onnx_export import export_onnx
-        from kdpipe.onnx_runtime import available_providers, measure_latency, session
+        from kdpipe.onnx_runtime import available_providers, measure_latency, predict, session
+        from kdpipe.qat import export_qdq, fine_tune
+        from kdpipe.quantize import quantize
 
+        results = {"val_accuracy": accuracy(student, self.data.x_val, self.data.y_val)}
+        if quantized is None and "latency_p50" not in self.objective_names:
+            return results
         cfg = self.pipeline.validation
-        path = self.work_dir / f"trial-{number}.onnx"
         x_val = self.data.x_val.cpu()
+        fp32 = self.work_dir / f"trial-{number}.onnx"
+        mode = "none" if quantized is None else quantized.export.quantize
+        delivered = fp32 if quantized is None else self.work_dir / f"trial-{number}.{mode}.onnx"
         try:
-            export_onnx(copy.deepcopy(student).cpu(), x_val[:2], path, self.pipeline.export.opset, True)
+            if mode == "qat":
+                fake_quantized, _ = fine_tune(quantized, student, self.teacher, self.data, self._calibration(),
+                                              {**self.trainer_options, "teacher_cache": self.teacher_cache}, on_epoch)
+                export_qdq(fake_quantized, x_val[:2], delivered, self.pipeline.export.opset, True)
+            else:
+                export_onnx(copy.deepcopy(student).cpu(), x_val[:2], fp32, self.pipeline.export.opset, True)
+                if mode != "none":
+                    quantize(fp32, delivered, mode, self._calibration() if mode == "static" else None)
             providers, _ = available_providers(cfg.providers)
-            sess = session(path, providers, cfg.threads)
-            return measure_latency(sess, x_val.numpy(), min(cfg.batch_sizes), cfg.warmup, cfg.runs, cfg.budget_s)["p50"]
+            sess = session(delivered, providers, cfg.threads)
+            if mode != "none":
+                predicted = predict(sess, x_val.numpy()).argmax(1)
+                results = {"val_accuracy": float((predicted == self.data.y_val.cpu().numpy()).mean()),
+                           "val_accuracy_fp32": results["val_accuracy"]}
+            if "latency_p50" in self.objective_names:
+                results["latency_p50"] = measure_latency(sess, x_val.numpy(), min(cfg.batch_sizes), cfg.warmup,
+                                                         cfg.runs, cfg.budget_s)["p50"]
+            return results
         finally:
-            path.unlink(missing_ok=True)
+            fp32.unlink(missing_ok=True)
+            delivered.unlink(missing_ok=True)
+
+    def _calibration(self) -> list:
+        if self.calibration is None:
+            self.calibration = self.data.calibration_inputs(self.pipeline.export.calibration_batches,
+                                                            self.pipeline.data.batch_size, self.pipeline.seed)
+        return self.calibration
 
     def _keep_if_best(self, trial, student: nn.Module, extra: nn.Module | None, val_acc: float) -> None:
         """Keep this worker's most accurate student on disk (as distill saves it), so distill can reuse it."""

@@ -8,11 +8,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kdpipe.config import ChoicesSpec, OptimizerConfig, RangeSpec, _input_error, _suggest
+from kdpipe.config import ChoicesSpec, ExportConfig, OptimizerConfig, RangeSpec, _input_error, _suggest
 from kdpipe.errors import InputError
 from kdpipe.methods import active_conditions, get_method, registry, search_space
 
 OPTIMIZER = "optimizer."  # space keys naming distill.optimizer settings (lr, momentum, weight_decay, ...)
+EXPORT = "export."  # space keys naming the export settings a trial builds and scores (EXPORT_KEYS)
+EXPORT_KEYS = ("quantize", "qat_epochs")
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Choice:
     method: str
     params: dict[str, Any]  # the method's full parameters
     optimizer: dict[str, Any]  # the distill.optimizer keys the search sets
+    export: dict[str, Any]  # the export keys the search sets (quantize, qat_epochs)
 
 
 @dataclass
@@ -31,6 +34,8 @@ class SearchSpace:
     dims: dict[str, dict[str, dict[str, Any]]]  # method -> parameter -> {low, high, log} | {choices}
     base: dict[str, dict[str, Any]]  # method -> its parameters outside the search
     optimizer: dict[str, dict[str, Any]]  # distill.optimizer key -> range, shared by every method
+    export: dict[str, dict[str, Any]]  # export key -> range, shared by every method
+    export_base: dict[str, Any]  # the pipeline's export settings
 
     def key(self, method: str, param: str) -> str:
         """Optuna's parameter name: prefixed by the method when the method is searched, so each keeps its own space."""
@@ -38,27 +43,49 @@ class SearchSpace:
 
     def suggest(self, trial) -> Choice:
         method = trial.suggest_categorical("method", self.methods) if self.method_searched else self.methods[0]
-        fields = get_method(method).Params.model_fields
-        values = dict(self.base[method])
-        conditions = active_conditions(get_method(method).Params)
-        # Unconditional parameters first: a conditional one is drawn only where its condition holds.
-        for name in sorted(self.dims[method], key=lambda n: n in conditions):
-            if all(values[other] in allowed for other, allowed in conditions.get(name, {}).items()):
-                values[name] = _draw(trial, self.key(method, name), self.dims[method][name],
-                                     fields[name].annotation is int)
+        values = {**self.base[method], **_draw_all(trial, get_method(method).Params, self.dims[method],
+                                                   self.base[method], lambda name: self.key(method, name))}
         optimizer = {name: _draw(trial, OPTIMIZER + name, spec, False) for name, spec in self.optimizer.items()}
-        return Choice(method, values, optimizer)
+        export = _draw_all(trial, ExportConfig, self.export, self.export_base, lambda name: EXPORT + name)
+        return Choice(method, values, optimizer, export)
 
     def decode(self, flat: dict[str, Any]) -> Choice:
         """What a trial trained with, from its Optuna parameters."""
         method = flat.get("method", self.methods[0])
         values = dict(self.base[method])
         values.update({name: flat[self.key(method, name)] for name in self.dims[method] if self.key(method, name) in flat})
-        return Choice(method, values, {name: flat[OPTIMIZER + name] for name in self.optimizer if OPTIMIZER + name in flat})
+        return Choice(method, values, {name: flat[OPTIMIZER + name] for name in self.optimizer if OPTIMIZER + name in flat},
+                      {name: flat[EXPORT + name] for name in self.export if EXPORT + name in flat})
 
     def grid(self) -> dict[str, list]:
         grid = {self.key(m, p): spec["choices"] for m, dims in self.dims.items() for p, spec in dims.items()}
+        grid |= {EXPORT + name: spec["choices"] for name, spec in self.export.items()}
         return grid | {OPTIMIZER + name: spec["choices"] for name, spec in self.optimizer.items()}
+
+    def quantizations(self) -> set[str]:
+        """The export.quantize values a trial may build."""
+        return set(self.export.get("quantize", {}).get("choices", [self.export_base["quantize"]]))
+
+
+def with_export(pipeline, export: dict[str, Any]):
+    """A copy of `pipeline` with the export keys a trial drew (or the best trial's). A drawn quantize decides which
+    model ships: none the FP32 student, any other its INT8 model (deliver int8, or best where the file says best)."""
+    settings = {**pipeline.export.model_dump(mode="json"), **export}
+    if "quantize" in export:
+        settings["deliver"] = ("fp32" if export["quantize"] == "none"
+                               else "best" if pipeline.export.deliver == "best" else "int8")
+    return pipeline.model_copy(update={"export": ExportConfig.model_validate(settings)})
+
+
+def _draw_all(trial, model: type, dims: dict[str, dict[str, Any]], base: dict[str, Any], key) -> dict[str, Any]:
+    """The parameters of `dims` (fields of `model`) drawn for `trial`, `key(name)` naming each for Optuna.
+    Unconditional parameters first: a conditional one is drawn only where its condition holds (`base` otherwise)."""
+    conditions = active_conditions(model)
+    values, drawn = dict(base), {}
+    for name in sorted(dims, key=lambda n: n in conditions):
+        if all(values[other] in allowed for other, allowed in conditions.get(name, {}).items()):
+            values[name] = drawn[name] = _draw(trial, key(name), dims[name], model.model_fields[name].annotation is int)
+    return drawn
 
 
 def _draw(trial, key: str, spec: dict[str, Any], integer: bool) -> Any:
@@ -85,6 +112,8 @@ def resolve_space(pipeline) -> SearchSpace:
     optimizer = {name[len(OPTIMIZER):]: _resolve_spec(OptimizerConfig, None, "distill.optimizer", name[len(OPTIMIZER):],
                                                       entries.pop(name), f"search.space.{name}", optimizer_base)
                  for name in list(entries) if name.startswith(OPTIMIZER)}
+    export_base = pipeline.export.model_dump(mode="json")
+    export = _export_dims(entries, export_base)
     for name in blocks:
         if name not in methods:
             raise InputError(f"search.space.{name}", f"method '{name}' is not searched (candidates: {', '.join(methods)})")
@@ -120,18 +149,36 @@ def resolve_space(pipeline) -> SearchSpace:
                            | {OPTIMIZER + f for f in OptimizerConfig.model_fields})
             raise InputError(f"search.space.{p}", f"no candidate method ({', '.join(methods)}) has a parameter '{p}'"
                                                   f"{_suggest(p, names)}; valid keys: {', '.join(names)}")
-    space = SearchSpace(methods, method_spec is not None, dims, base, optimizer)
-    if not space.method_searched and not dims[own] and not optimizer:
+    space = SearchSpace(methods, method_spec is not None, dims, base, optimizer, export, export_base)
+    if "qat_epochs" in export and "qat" not in space.quantizations():
+        raise InputError("search.space.export.qat_epochs", "acts only with export.quantize qat: set it, or search "
+                                                           "export.quantize with qat among its choices")
+    if not space.method_searched and not dims[own] and not optimizer and not export:
         raise InputError("search.space", f"nothing to search: method '{own}' declares no search ranges; "
                                          "name parameters with {low, high} or {choices}, or search `method`")
     if search.sampler == "grid":
         if space.method_searched:
             raise InputError("search.sampler", "the grid sampler cannot search `method` (each method has its own "
                                                "parameters); use tpe or random")
-        for p, spec in {**dims[own], **{OPTIMIZER + k: v for k, v in optimizer.items()}}.items():
+        for p, spec in {**dims[own], **{OPTIMIZER + k: v for k, v in optimizer.items()},
+                        **{EXPORT + k: v for k, v in export.items()}}.items():
             if "choices" not in spec:
                 raise InputError(f"search.space.{p}", "the grid sampler needs {choices: [...]} for every parameter")
     return space
+
+
+def _export_dims(entries: dict[str, Any], export_base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The export keys of the space (popped from `entries`), each choice validated as export settings. A searched
+    quantize decides what ships (with_export), so each choice is checked as with deliver fp32."""
+    dims = {}
+    for name in [n for n in entries if n.startswith(EXPORT)]:
+        key, param = f"search.space.{name}", name[len(EXPORT):]
+        if param not in EXPORT_KEYS:
+            raise InputError(key, f"the search sets {', '.join(EXPORT + k for k in EXPORT_KEYS)} of the export "
+                                  f"settings, not '{param}'{_suggest(param, EXPORT_KEYS)}")
+        dims[param] = _resolve_spec(ExportConfig, None, "export", param, entries.pop(name), key,
+                                    {**export_base, "deliver": "fp32"})
+    return dims
 
 
 def _parse_spec(value: Any, key: str) -> Any:

@@ -1,0 +1,86 @@
+"""export.quantize and export.qat_epochs in a search space: a trial that draws an INT8 quantization is scored on
+the INT8 model it ships (onnxruntime on the validation split), the best trial's quantization goes to export and
+validate, and spaces that cannot work are refused (exit 2, one line naming the key)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from conftest import FAST, PIPELINES, cli, read_report, sets
+
+SEARCH = PIPELINES / "digits-search.yaml"
+# Two epochs train a student that is far from its teacher: gates loose enough for it (these tests are not about accuracy).
+LOOSE = ["validate.gates.accuracy_min=0.1", "validate.gates.max_accuracy_drop_vs_teacher=0.9"]
+QUICK = [*FAST, *LOOSE, "distill.epochs=2", "search.sampler=random", "search.pruner=none"]
+QUANTIZE = "search.space={export.quantize: {choices: [none, static, qat]}, export.qat_epochs: {choices: [1]}}"
+
+
+def test_campaign_scores_each_trial_on_the_model_its_quantization_ships(workdir):
+    # Seed 1 draws static, none and qat in turn. A Pareto search: latency is scored too.
+    result = cli("run", SEARCH, *sets(*QUICK, QUANTIZE, "search.trials=3", "search.seed=1",
+                                      "search.objective=[val_accuracy, latency_p50]"))
+    assert result.exit_code == 0, result.stderr
+    report = read_report(result.stdout)
+    found = report["search"]
+    assert found["n_complete"] == 3
+
+    client = mlflow.MlflowClient(report["mlflow"]["tracking_uri"])
+    parent = client.get_run(report["mlflow"]["run_id"])
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_quantization = {}
+    for run in runs:
+        by_quantization.setdefault(run.data.tags["kdpipe.quantization"], []).append(run)
+        assert run.data.params["export.quantize"] == run.data.tags["kdpipe.quantization"]
+    assert {q: len(r) for q, r in by_quantization.items()} == {"none": 1, "static": 1, "qat": 1}
+
+    study = optuna.load_study(study_name=found["study"], storage=f"sqlite:///{Path(report['run_dir']) / 'search.db'}")
+    values = {str(t.number): t.values for t in study.trials}
+    for quantization, [run] in by_quantization.items():
+        metrics = run.data.metrics
+        # The objective: the shipped model's onnxruntime accuracy and latency; an INT8 model's is measured beside
+        # the FP32 student's (logged only on the INT8 path).
+        assert values[run.data.tags["optuna.trial"]] == pytest.approx([metrics["final/val_accuracy"],
+                                                                       metrics["final/latency_p50"]])
+        assert ("final/val_accuracy_fp32" in metrics) == (quantization != "none")
+        # The QAT phase ran one epoch in the qat trial only; qat_epochs is drawn only with qat.
+        assert len(client.get_metric_history(run.info.run_id, "qat/val_accuracy")) == (quantization == "qat")
+        assert run.data.params.get("export.qat_epochs") == ("1" if quantization == "qat" else None)
+
+    # The best trial's quantization is what export built and validate delivered.
+    chosen = found["best_params"]["export.quantize"]
+    assert chosen == max(found["pareto_front"], key=lambda t: t["values"]["val_accuracy"])["params"]["export.quantize"]
+    resolved = yaml.safe_load((Path(report["run_dir"]) / "pipeline.yaml").read_text())
+    assert resolved["export"]["quantize"] == chosen
+    assert report.get("quantization", {}).get("mode", "none") == chosen
+    assert resolved["export"]["deliver"] == ("fp32" if chosen == "none" else "int8")  # what the trial scored ships
+    if chosen == "qat":
+        assert report["quantization"]["qat"]["epochs"] == 1 and report["quantization"]["delivered"] == "qat"
+
+
+def test_qat_in_the_space_with_a_method_qat_cannot_fine_tune_exits_2(workdir):
+    space = "search.space={method: {choices: [kd, at]}, at: {weight: auto}, export.quantize: {choices: [none, qat]}}"
+    result = cli("run", SEARCH, *sets(*QUICK, space, "search.trials=2"))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"{SEARCH}: search.space.export.quantize: qat with method 'at': "), lines[-1]
+    assert "taps student features" in lines[-1] and "Traceback" not in result.output
+    [report] = [json.loads(path.read_text()) for path in (workdir / "runs").rglob("report.json")]
+    assert (report["status"], report["failed_stage"]) == ("failed", "search") and "n_trials" not in report.get("search", {})
+
+
+@pytest.mark.parametrize("space, key, message", [
+    ("{export.qat_epochs: {low: 1, high: 3}}", "search.space.export.qat_epochs", "acts only with export.quantize qat"),
+    ("{export.opset: {choices: [13, 18]}}", "search.space.export.opset", "the search sets export.quantize"),
+    ("{export.quantize: {choices: [none, int4]}}", "search.space.export.quantize", "'int4' is not a valid quantize"),
+])
+def test_bad_export_space_is_an_input_error(workdir, space, key, message):
+    result = cli("check", SEARCH, "--set", f"search.space={space}")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{SEARCH}: {key}: ") and message in lines[0], lines
