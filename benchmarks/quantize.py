@@ -6,7 +6,9 @@ test accuracy (mean ± std over seeds), size, and p50 latency at batch 1 and 64 
 
     .venv/bin/python benchmarks/quantize.py                                   # the default benchmark student
     .venv/bin/python benchmarks/quantize.py --seeds 0 1 2 --set export.qat_epochs=5
-    .venv/bin/python benchmarks/quantize.py --data folder --student '{arch: mobilenetv2}'   # 32×32 RGB digits folder
+    # the 32×32 RGB digits folder, as in the README:
+    .venv/bin/python benchmarks/quantize.py --data folder --student '{arch: mobilenetv2}' \
+        --set 'teacher.model={arch: mlp, width: 256, depth: 2}' --set distill.epochs=10
 """
 
 from __future__ import annotations
