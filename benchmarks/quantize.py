@@ -1,4 +1,4 @@
-"""FP32 vs post-training static INT8 vs quantization-aware distillation (QAT) INT8, over several seeds.
+r"""FP32 vs post-training static INT8 vs quantization-aware distillation (QAT) INT8, over several seeds.
 
 Each seed runs the whole pipeline once with `export.quantize: qat` (which builds the static PTQ model as well),
 so the three models come from the same distilled student and are validated by the same onnxruntime sessions:
