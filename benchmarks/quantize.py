@@ -1,4 +1,4 @@
-"""FP32 vs post-training static INT8 vs quantization-aware distillation (QAT) INT8, over several seeds.
+r"""FP32 vs post-training static INT8 vs quantization-aware distillation (QAT) INT8, over several seeds.
 
 Each seed runs the whole pipeline once with `export.quantize: qat` (which builds the static PTQ model as well),
 so the three models come from the same distilled student and are validated by the same onnxruntime sessions:
@@ -6,6 +6,9 @@ test accuracy (mean ± std over seeds), size, and p50 latency at batch 1 and 64 
 
     .venv/bin/python benchmarks/quantize.py                                   # the default benchmark student
     .venv/bin/python benchmarks/quantize.py --seeds 0 1 2 --set export.qat_epochs=5
+    # the 32×32 RGB digits folder, as in the README:
+    .venv/bin/python benchmarks/quantize.py --data folder --student '{arch: mobilenetv2}' \
+        --set 'teacher.model={arch: mlp, width: 256, depth: 2}' --set distill.epochs=10
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", type=Path, default=ROOT / "pipelines" / "digits.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data", choices=["digits", "folder"], default="digits",
+                        help="digits: the pipeline's data; folder: the 1,797 digits written as 64×64 RGB JPEG class "
+                             "folders (benchmarks/data.py) and read at 32×32")
     parser.add_argument("--student", default=STUDENT, help="the student.model mapping, in YAML flow style")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="pipeline override key=value")
     args = parser.parse_args()
@@ -42,13 +49,20 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        if args.data == "folder":
+            sys.path.insert(0, str(Path(__file__).parent))
+            from data import write_images  # benchmarks/data.py
+
+            folder = write_images(Path(tmp) / "digits", 1797)
+            overrides = ["data.source=imagefolder", f"data.path={folder}", "data.image_size=32", *overrides]
+        shown = " ".join(overrides).replace(f"data.path={Path(tmp) / 'digits'}", "data.path=<digits folder>")
         for seed in args.seeds:
             _, report = run_pipeline(args.pipeline, [*overrides, f"seed={seed}"], Path(tmp) / "runs")
             compared = report["quantization"]["compared"]
             rows.append(compared)
             print(f"seed {seed}: " + "  ".join(f"{m} {compared[m]['accuracy']:.4f}" for m in MODELS), flush=True)
 
-    print(f"\n{args.pipeline.name} with {' '.join(overrides)}; {len(args.seeds)} seeds; torch {torch.__version__}, "
+    print(f"\n{args.pipeline.name} with {shown}; {len(args.seeds)} seeds; torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}, {os.cpu_count()} CPU cores")
     print(f"{'model':<8} {'test accuracy %':>16} {'vs FP32':>8} {'size KB':>8} {'p50 ms bs1':>11} {'p50 ms bs64':>12} "
           f"{'parity':>7}")
