@@ -23,22 +23,29 @@ class OnnxInterface(nn.Module):
         return self.model(input)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool,
-                metadata: dict[str, str] | None = None) -> None:
-    """Export `model` to `path`; `metadata` goes into the file's metadata_props (e.g. the input contract)."""
-    model = OnnxInterface(model).eval().cpu()
-    dynamic = {"input": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-    # The exporter prints progress and deprecation chatter; kdpipe reports the outcome itself.
+@contextlib.contextmanager
+def quiet_exporter():
+    """torch's exporters (and torch.ao) print progress, deprecations and advice on every call; kdpipe reports the
+    outcome itself."""
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example.cpu(),), str(path), input_names=["input"], output_names=["logits"],
-                              opset_version=opset, dynamic_shapes=dynamic, dynamo=True, external_data=False)
+            yield
     finally:
         exporter_log.setLevel(level)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool,
+                metadata: dict[str, str] | None = None) -> None:
+    """Export `model` to `path`; `metadata` goes into the file's metadata_props (e.g. the input contract)."""
+    model = OnnxInterface(model).eval().cpu()
+    dynamic = {"input": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    with quiet_exporter():
+        torch.onnx.export(model, (example.cpu(),), str(path), input_names=["input"], output_names=["logits"],
+                          opset_version=opset, dynamic_shapes=dynamic, dynamo=True, external_data=False)
     if metadata:
         add_metadata(path, metadata)
 

@@ -15,11 +15,7 @@ says so before a run starts.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,23 +25,10 @@ from torch import nn
 
 from kdpipe.atomic import atomic_write
 from kdpipe.errors import InputError
+from kdpipe.onnx_export import quiet_exporter
 
 KEY = "export.quantize"
 QUANTIZATION_KEY = "kdpipe.quantization"  # ONNX metadata_props: none | dynamic | static | qat
-
-
-@contextlib.contextmanager
-def _quiet():
-    """torch.ao and the TorchScript exporter warn (deprecations, advice) on every call; kdpipe reports outcomes."""
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        exporter_log.setLevel(level)
 
 
 def qconfig_mapping():
@@ -69,7 +52,7 @@ def fake_quantize(student: nn.Module, example: torch.Tensor) -> nn.Module:
 
     model = copy.deepcopy(student).cpu().train()
     try:
-        with _quiet():
+        with quiet_exporter():
             return prepare_qat_fx(model, qconfig_mapping(), (example.cpu(),))
     except Exception as exc:  # noqa: BLE001 - the tracer raises many types (TraceError, TypeError, NotImplementedError)
         first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -145,7 +128,7 @@ def export_qdq(fake_quantized: nn.Module, example: torch.Tensor, path: Path, ops
     from torch.ao.quantization.quantize_fx import convert_fx
 
     dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    with _quiet(), atomic_write(path) as tmp:
+    with quiet_exporter(), atomic_write(path) as tmp:
         converted = wrap(convert_fx(freeze(copy.deepcopy(fake_quantized).cpu())))
         torch.onnx.export(converted, (example.cpu(),), str(tmp), input_names=["input"], output_names=["logits"],
                           opset_version=opset, dynamic_axes=dynamic, dynamo=False)
