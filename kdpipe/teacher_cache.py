@@ -45,6 +45,13 @@ def largest_batch(fn: Callable[[int], T], start: int) -> tuple[T, int]:
         batch //= 2  # outside the handler: the failed attempt's tensors are freed before the next one
 
 
+def full_pass(rows: int, device: torch.device, forward: Callable[[int], T]) -> T:
+    """`forward(batch)` over `rows` rows of one pass of the frozen teacher, at the pass batch for `device`: on CUDA
+    the largest that fits (from CUDA_PASS_BATCH down), elsewhere PASS_BATCH."""
+    start = min(CUDA_PASS_BATCH, rows) if device.type == "cuda" else PASS_BATCH
+    return largest_batch(forward, max(1, start))[0]
+
+
 @dataclass
 class SpilledOutputs(Outputs):
     """Outputs memory-mapped from the disk cache; a selection is read from disk and moved to `device`."""
@@ -130,13 +137,12 @@ class TeacherOutputCache:
     def _compute(self, teacher, data, taps, autocast, channels_last) -> Outputs:
         self.forward_passes += 1
 
-        def full_pass(batch: int) -> Outputs:
+        def forward(batch: int) -> Outputs:
             chunks = [teacher_pass(teacher, x, taps, autocast, channels_last) for _, x in data.train_inputs(batch)]
             return Outputs(torch.cat([c.logits for c in chunks]),
                            {k: torch.cat([c.features[k] for c in chunks]) for k in taps})
 
-        start = min(CUDA_PASS_BATCH, len(data.y_train)) if data.y_train.is_cuda else PASS_BATCH
-        return largest_batch(full_pass, start)[0]
+        return full_pass(len(data.y_train), data.y_train.device, forward)
 
     def _spill(self, outputs: Outputs, path: Path | None, device: torch.device) -> SpilledOutputs:
         if isinstance(outputs, SpilledOutputs):

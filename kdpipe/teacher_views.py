@@ -34,7 +34,7 @@ from torch import nn
 from kdpipe.cache_store import lookup, store
 from kdpipe.data.augment import AugmentParams
 from kdpipe.fingerprint import fingerprint
-from kdpipe.teacher_cache import PASS_BATCH, TeacherOutputCache, teacher_pass
+from kdpipe.teacher_cache import TeacherOutputCache, full_pass, teacher_pass
 
 # The log-probability of a class the teacher leaves no mass (below float32's range): finite, so that the KL
 # term 0·(log 0 − log q) stays 0 instead of 0·∞ = nan, and representable in fp16.
@@ -131,21 +131,26 @@ def _cpu(value):
 
 def _compute(teacher: nn.Module, data, views: int, topk: int, seed: int, autocast: torch.dtype | None,
              channels_last: bool) -> TeacherViews:
-    """Draw every view's parameters at once, then score the views in row order, PASS_BATCH rows per forward."""
+    """Draw every view's parameters at once, then score the views in row order, at the teacher pass's batch
+    (kdpipe.teacher_cache.full_pass: PASS_BATCH rows per forward on CPU, the largest that fits on CUDA)."""
     device = data.y_train.device
     num_classes = data.num_classes
     params = data.augmentation.draw(len(data.y_train) * views, torch.Generator().manual_seed(seed)).to(device)
     class_dtype = torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
-    tops, classes, rests = [], [], []
-    for _, x in data.view_inputs(params, views, PASS_BATCH):
-        log_p = F.log_softmax(teacher_pass(teacher, x, [], autocast, channels_last).logits, dim=1)
-        top, top_class = log_p.topk(topk, dim=1)
-        if topk < num_classes:  # the other classes' mass, spread evenly: logsumexp of theirs − log(C − k)
-            rest = torch.logsumexp(log_p.scatter(1, top_class, -math.inf), dim=1) - math.log(num_classes - topk)
-        else:
-            rest = torch.full((len(x),), LOG_FLOOR, device=device)
-        tops.append(top.clamp_min(LOG_FLOOR).half())
-        classes.append(top_class.to(class_dtype))
-        rests.append(rest.clamp_min(LOG_FLOOR).half())
-    return TeacherViews(views, num_classes, params, torch.cat(tops), torch.cat(classes), torch.cat(rests), device)
+
+    def forward(batch: int) -> TeacherViews:
+        tops, classes, rests = [], [], []
+        for _, x in data.view_inputs(params, views, batch):
+            log_p = F.log_softmax(teacher_pass(teacher, x, [], autocast, channels_last).logits, dim=1)
+            top, top_class = log_p.topk(topk, dim=1)
+            if topk < num_classes:  # the other classes' mass, spread evenly: logsumexp of theirs − log(C − k)
+                rest = torch.logsumexp(log_p.scatter(1, top_class, -math.inf), dim=1) - math.log(num_classes - topk)
+            else:
+                rest = torch.full((len(x),), LOG_FLOOR, device=device)
+            tops.append(top.clamp_min(LOG_FLOOR).half())
+            classes.append(top_class.to(class_dtype))
+            rests.append(rest.clamp_min(LOG_FLOOR).half())
+        return TeacherViews(views, num_classes, params, torch.cat(tops), torch.cat(classes), torch.cat(rests), device)
+
+    return full_pass(len(data.y_train) * views, device, forward)
 
