@@ -21,6 +21,8 @@ PIPELINES = ROOT / "pipelines"
 FAST = ["teacher.train.epochs=8", "distill.epochs=6", "validate.runs=50", "validate.warmup=2"]
 # Gates a FAST student meets, for tests about something other than accuracy.
 LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
+# For runs in their own process: what torchrun sets too; threads only contend on a shared 2-core machine.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def sets(*overrides: str) -> list[str]:
@@ -51,15 +53,20 @@ def mlflow_store_template(tmp_path_factory) -> Path:
     return path
 
 
+def enter_workdir(patch: pytest.MonkeyPatch, path: Path, teacher_cache: Path, store_template: Path) -> Path:
+    """Make `path` the working directory (undone with `patch`), with its own sqlite MLflow store (a copy of the
+    migrated template) and the session's teacher cache."""
+    shutil.copyfile(store_template, path / "mlflow.db")
+    patch.chdir(path)
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+    patch.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
+    return path
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, teacher_cache, mlflow_store_template) -> Path:
-    """A fresh working directory with its own sqlite MLflow store (a copy of the migrated template) and the
-    session's teacher cache."""
-    shutil.copyfile(mlflow_store_template, tmp_path / "mlflow.db")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
-    return tmp_path
+    """A fresh working directory (enter_workdir) for one test."""
+    return enter_workdir(monkeypatch, tmp_path, teacher_cache, mlflow_store_template)
 
 
 def tracked_nothing(workdir: Path) -> bool:
@@ -102,6 +109,22 @@ def run_process(*args: str, env: dict | None = None, cwd: Path | None = None) ->
     """Run `python -m kdpipe ...` as a real process."""
     return subprocess.run([sys.executable, "-m", "kdpipe", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def start_run(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`python -m kdpipe ARGS` as a real process on one thread, stderr read line by line by the test."""
+    return subprocess.Popen([sys.executable, "-m", "kdpipe", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD, **(env or {})}, **popen)
+
+
+def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
+    """stderr lines up to and including the first one containing `marker`."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            return seen
+    raise AssertionError(f"'{marker}' never appeared:\n{''.join(seen)}")
 
 
 def read_report(stdout: str) -> dict:

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import FAST, LENIENT, PIPELINES, cli, read_report, sets
+from conftest import FAST, LENIENT, PIPELINES, cli, enter_workdir, read_report, sets
 
 DIGITS = PIPELINES / "digits.yaml"
 # An execution provider no Linux onnxruntime build has, so that fallback is certain on every CI machine.
@@ -19,13 +19,10 @@ ABSENT_PROVIDER = "CoreMLExecutionProvider"
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory, teacher_cache):
+def deployed(tmp_path_factory, teacher_cache, mlflow_store_template):
     """One run of the default pipeline (static INT8, deliver best) with its CLI result and report."""
-    workdir = tmp_path_factory.mktemp("deploy")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(workdir)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
-        mp.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
+        workdir = enter_workdir(mp, tmp_path_factory.mktemp("deploy"), teacher_cache, mlflow_store_template)
         result = cli("run", DIGITS, *sets(*FAST, *LENIENT))
         assert result.exit_code == 0, result.output
         yield workdir, result, read_report(result.stdout)

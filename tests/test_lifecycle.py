@@ -8,41 +8,22 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FAST, LENIENT, PIPELINES, cli, read_report, run_process, sets
+from conftest import FAST, LENIENT, ONE_THREAD, PIPELINES, cli, read_report, read_until, run_process, sets, start_run
 
 DIGITS = PIPELINES / "digits.yaml"
 # INT8 and a second batch size are covered in test_deploy.py; here they would only cost time.
 CHEAP = ["export.quantize=none", "export.deliver=fp32", "validate.batch_sizes=[1]"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def client() -> MlflowClient:
     store = os.environ["MLFLOW_TRACKING_URI"]
     return MlflowClient(tracking_uri=store, registry_uri=store)
-
-
-def start_run(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    """`python -m kdpipe ARGS` as a real process, stderr read line by line by the test."""
-    return subprocess.Popen([sys.executable, "-m", "kdpipe", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD, **(env or {})}, **popen)
-
-
-def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
-    """stderr lines up to and including the first one containing `marker`."""
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if marker in line:
-            return seen
-    raise AssertionError(f"'{marker}' never appeared:\n{''.join(seen)}")
 
 
 def only_run_dir(workdir: Path) -> Path:

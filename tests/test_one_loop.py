@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from conftest import FAST, PIPELINES, run_process, sets
+from conftest import FAST, ONE_THREAD, PIPELINES, run_process, sets
 from kdpipe.methods import get_method
 from kdpipe.runner import prepare, run_pipeline
 
@@ -35,7 +35,6 @@ METHODS = {
     "dml": ("dml.yaml", []),
     "ban": ("ban.yaml", ["distill.params.generations=2"]),
 }
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def overrides(name: str, *more: str) -> list[str]:

@@ -5,9 +5,6 @@ settings QAT cannot work with (exit 2, one line naming export.quantize)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +13,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import FAST, LENIENT, PIPELINES, cli, read_report, run_process, sets, write_pipeline
+from conftest import (FAST, LENIENT, ONE_THREAD, PIPELINES, cli, enter_workdir, read_report, read_until, run_process,
+                      sets, start_run, write_pipeline)
 
 QAT = ["export.quantize=qat", "export.qat_epochs=2", "export.deliver=int8"]  # deliver int8: the QAT model ships
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def qat_run(tmp_path_factory, teacher_cache):
+def qat_run(tmp_path_factory, teacher_cache, mlflow_store_template):
     """One FAST default-pipeline run with quantize qat (in-process), shared by the tests that only read it."""
-    workdir = tmp_path_factory.mktemp("qat")
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
-        patch.setenv("KDPIPE_CACHE_DIR", str(teacher_cache))
+        workdir = enter_workdir(patch, tmp_path_factory.mktemp("qat"), teacher_cache, mlflow_store_template)
         result = cli("run", PIPELINES / "digits.yaml", *sets(*FAST, *LENIENT, *QAT))
     assert result.exit_code == 0, result.output
     return workdir, result, read_report(result.stdout)
@@ -135,14 +129,9 @@ def test_sigkill_during_qat_then_resume(workdir):
     """A real process killed (SIGKILL) in the QAT phase; `kdpipe run --resume` continues QAT from its checkpoint."""
     epochs = 6
     overrides = sets(*FAST, *LENIENT, "export.quantize=qat", f"export.qat_epochs={epochs}")
-    proc = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", str(PIPELINES / "digits.yaml"), *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "qat epoch 2/" in line:
-            proc.kill()  # SIGKILL: no handler runs
-            break
+    proc = start_run("run", PIPELINES / "digits.yaml", *overrides)
+    seen = read_until(proc, "qat epoch 2/")
+    proc.kill()  # SIGKILL: no handler runs
     proc.wait()
     assert proc.returncode == -9, "".join(seen)
     (run_dir,) = (workdir / "runs" / "digits").iterdir()

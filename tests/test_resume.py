@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import FAST, PIPELINES, cli, read_report, run_process
+from conftest import FAST, ONE_THREAD, PIPELINES, cli, read_report, read_until, run_process, start_run
 
 EPOCHS = 8
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun sets too; threads only contend on a shared 2-core machine
 
 
 def mlflow_runs(workdir):
@@ -26,14 +22,9 @@ def mlflow_runs(workdir):
 @pytest.mark.slow
 def test_sigkill_during_distill_then_resume(workdir):
     overrides = [a for o in [*FAST, f"distill.epochs={EPOCHS}"] for a in ("--set", o)]
-    proc = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", str(PIPELINES / "digits.yaml"), *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "student epoch 3/" in line:
-            proc.kill()  # SIGKILL: no handler runs, the MLflow run stays RUNNING
-            break
+    proc = start_run("run", PIPELINES / "digits.yaml", *overrides)
+    seen = read_until(proc, "student epoch 3/")
+    proc.kill()  # SIGKILL: no handler runs, the MLflow run stays RUNNING
     proc.wait()
     assert proc.returncode == -9, "".join(seen)
     (run_dir,) = (workdir / "runs" / "digits").iterdir()

@@ -4,22 +4,19 @@ instead of retrying for minutes, leaves a report, and `--resume` finishes the ru
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets
+from conftest import FAST, LENIENT, ONE_THREAD, PIPELINES, read_report, read_until, run_process, sets, start_run
 from servers import MlflowServer, free_port
 
 DIGITS = PIPELINES / "digits.yaml"
 CHEAP = ["export.quantize=none", "export.deliver=fp32", "validate.batch_sizes=[1]"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def the_run_dir(workdir: Path) -> Path:
@@ -83,14 +80,9 @@ def mlflow_server(tmp_path_factory):
 @pytest.mark.slow
 def test_server_killed_mid_run_then_back_resume_registers_with_the_full_history(workdir, mlflow_server):
     env = {**ONE_THREAD, "MLFLOW_TRACKING_URI": mlflow_server.uri}
-    proc = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", str(DIGITS), *sets(*FAST, *LENIENT, *CHEAP)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "student epoch 2/" in line:
-            mlflow_server.kill()
-            break
+    proc = start_run("run", DIGITS, *sets(*FAST, *LENIENT, *CHEAP), env=env)
+    seen = read_until(proc, "student epoch 2/")
+    mlflow_server.kill()
     start = time.monotonic()
     rest, = proc.communicate(timeout=120)[1:]
     seconds = time.monotonic() - start
