@@ -50,14 +50,56 @@ def fake_quantize(student: nn.Module, example: torch.Tensor) -> nn.Module:
     Raises InputError naming export.quantize when torch.fx cannot trace the student."""
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    model = copy.deepcopy(student).cpu().train()
+    model = plain_batchnorms(copy.deepcopy(student).cpu())
+    probe = torch.randn((4, *example.shape[1:]), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval()(probe)
     try:
         with quiet_exporter():
-            return prepare_qat_fx(model, qconfig_mapping(), (example.cpu(),))
+            prepared = prepare_qat_fx(model.train(), qconfig_mapping(), (example.cpu(),))
     except Exception as exc:  # noqa: BLE001 - the tracer raises many types (TraceError, TypeError, NotImplementedError)
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise InputError(KEY, f"qat needs a student torch.fx can trace, and {type(student).__name__} cannot be "
                               f"traced ({type(exc).__name__}: {first}); use static") from None
+    difference = _eval_difference(prepared, probe, expected)
+    if difference > 1e-3 * max(1.0, expected.abs().max().item()):
+        raise InputError(KEY, f"qat needs a student whose torch.fx trace computes what it does, and "
+                              f"{type(student).__name__}'s trace differs from it in eval mode by up to {difference:.3g} "
+                              "(a branch on self.training or on tensor values, fixed at trace time); use static")
+    return prepared
+
+
+def plain_batchnorms(model: nn.Module) -> nn.Module:
+    """`model` with each BatchNorm2d subclass that applies its own activation (timm's BatchNormAct2d) replaced by
+    nn.BatchNorm2d followed by that dropout and activation, in place.
+
+    torch.fx would trace such a forward's branches on self.training once, in training mode (batch statistics in
+    eval too), and conv-BN fusion only matches nn.BatchNorm2d."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.BatchNorm2d or not isinstance(module, nn.BatchNorm2d) or not hasattr(module, "act"):
+            continue
+        norm = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        norm.load_state_dict({k: v for k, v in module.state_dict().items() if "." not in k})
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                nn.Sequential(norm, getattr(module, "drop", nn.Identity()), module.act))
+    return model
+
+
+@torch.no_grad()
+def _eval_difference(prepared: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference between the traced model in eval mode, quantization off, and the student's output;
+    leaves `prepared` in training mode with quantization on, as prepare_qat_fx made it."""
+    from torch.ao.quantization import disable_fake_quant, disable_observer, enable_fake_quant, enable_observer
+
+    prepared.apply(disable_fake_quant)
+    prepared.apply(disable_observer)
+    got = prepared.eval()(x)
+    prepared.apply(enable_fake_quant)
+    prepared.apply(enable_observer)
+    prepared.train()
+    return (got - expected).abs().max().item()
 
 
 def qat_method(pipeline, fake_quantized: nn.Module, teacher: nn.Module | None, num_classes: int,
@@ -151,12 +193,17 @@ def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, cal
     """Fake-quantize `student`, calibrate it on `calibration`, and train it for export.qat_epochs with the method's
     loss against the teacher, as a phase of the one training loop (checkpointed per epoch through
     `trainer_options`, so a killed run resumes it). Returns the frozen fake-quantized model and the trainer."""
+    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+
     from kdpipe.train import Phase, Trainer
 
     device = data.y_train.device
     fake_quantized = fake_quantize(student, torch.from_numpy(calibration[0][:2])).to(device)
     method = qat_method(pipeline, fake_quantized, teacher, data.num_classes, data.input_shape)
     calibrate(fake_quantized, calibration, device)
+    # BatchNorm keeps the distilled student's statistics, folded into the fake-quantized weights as the export folds
+    # them: batch statistics would make training compute another model than the one exported.
+    fake_quantized.apply(freeze_bn_stats)
     cfg = pipeline.export
     optimizer = pipeline.distill.optimizer
     optimizer = optimizer.model_copy(update={"lr": cfg.qat_lr or optimizer.lr / 10})

@@ -194,6 +194,65 @@ def test_qat_with_a_student_fx_cannot_trace_exits_2(workdir):
     assert cli("check", file, "--set", "export.quantize=static").exit_code == 0
 
 
+TRAINING_BRANCH = '''
+from torch import nn
+
+
+class TrainingBranch(nn.Module):
+    """Scales its features only while training: torch.fx traces the branch once, as it stands at trace time."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if self.training:
+            x = x * 2
+        return self.fc(x)
+
+
+def training_branch(num_classes):
+    return TrainingBranch(num_classes)
+'''
+
+
+def test_qat_with_a_student_whose_trace_differs_in_eval_mode_exits_2(workdir):
+    (workdir / "branch.py").write_text(TRAINING_BRANCH)
+    file = write_pipeline(workdir / "p.yaml", **{"student.model": {"entrypoint": "branch.py:training_branch"},
+                                                  "export.quantize": "qat"})
+    assert_one_line(cli("check", file, *sets(*FAST)), file, "TrainingBranch's trace differs from it in eval mode",
+                    "self.training", "use static")
+
+
+def test_timm_batchnorm_act_students_are_fused_and_their_qdq_model_follows_the_fake_quantized_one(tmp_path):
+    """timm's mobile students normalize with BatchNormAct2d, whose forward branches on self.training: traced as it
+    is, the eval-mode QAT model kept batch statistics (predictions 69% equal to its own ONNX model, BN unfused)."""
+    timm = pytest.importorskip("timm")  # the vision extra; scripts/test.sh installs it
+    from kdpipe.onnx_runtime import predict as ort_predict, session
+    from kdpipe.qat import calibrate, export_qdq, fake_quantize, freeze
+
+    torch.manual_seed(0)
+    student = timm.create_model("lcnet_050", pretrained=False, num_classes=10)
+    x = torch.randn(256, 3, 32, 32)
+    with torch.no_grad():  # running statistics unlike the initial 0 / 1, so batch and running statistics differ
+        for batch in x.split(64):
+            student(batch)
+    student.eval()
+    fake_quantized = fake_quantize(student, x[:2])
+    assert not any(isinstance(m, timm.layers.BatchNormAct2d) for m in fake_quantized.modules())
+    calibrate(fake_quantized, [b.numpy() for b in x.split(64)], torch.device("cpu"))
+    fake_quantized = freeze(fake_quantized)
+    export_qdq(fake_quantized, x[:2], tmp_path / "qat.onnx", opset=18, dynamic_batch=True)
+    ops = {node.op_type for node in onnx.load(tmp_path / "qat.onnx").graph.node}
+    assert "BatchNormalization" not in ops and "QuantizeLinear" in ops  # BN folded into the INT8 convolutions
+    with torch.no_grad():
+        expected, fp32 = fake_quantized(x).numpy(), student(x).numpy()
+    got = ort_predict(session(tmp_path / "qat.onnx"), x.numpy())
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99
+    assert (expected.argmax(1) == fp32.argmax(1)).mean() >= 0.9  # and the fake-quantized model follows the student
+
+
 def test_qat_with_a_feature_method_exits_2(workdir):
     file = write_pipeline(workdir / "p.yaml", **{"export.quantize": "qat", "distill.method": "at",
                                                   "distill.params": {}})
