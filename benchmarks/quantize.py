@@ -9,6 +9,9 @@ test accuracy (mean ± std over seeds), size, and p50 latency at batch 1 and 64 
     # the 32×32 RGB digits folder, as in the README:
     .venv/bin/python benchmarks/quantize.py --data folder --student '{arch: mobilenetv2}' \
         --set 'teacher.model={arch: mlp, width: 256, depth: 2}' --set distill.epochs=10
+    # a timm student that static PTQ loses accuracy on (the README's LCNet table):
+    .venv/bin/python benchmarks/quantize.py --data folder --student "{arch: 'timm:lcnet_050'}" \
+        --set 'teacher.model={arch: mlp, width: 256, depth: 2}' --set distill.epochs=60 --set export.qat_epochs=10
 """
 
 from __future__ import annotations
