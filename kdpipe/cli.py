@@ -90,7 +90,8 @@ def _report_outcome(report_path: Path, report: dict) -> None:
 
 @app.command()
 def validate(
-    model: Annotated[Path, typer.Argument(help="ONNX classifier: float32 input (batch, *sample shape), logits output")],
+    model: Annotated[Path, typer.Argument(help="ONNX classifier: float32 input (batch, *sample shape), or uint8 "
+                                               "images where the data are 8-bit images; logits output")],
     pipeline: Annotated[Path, typer.Option("--pipeline", help="pipeline YAML file whose data, teacher and gates apply")],
     set_: SetOption = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="where run directories go")] = Path("runs"),

@@ -106,8 +106,10 @@ def predict(sess, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def check_classifier(path: Path, input_shape: tuple[int, ...], num_classes: int, batch_sizes: list[int], key: str) -> None:
-    """Raise InputError unless `path` is an ONNX model taking float32 (batch, *input_shape) and giving (batch, classes)."""
+def check_classifier(path: Path, input_shape: tuple[int, ...], num_classes: int, batch_sizes: list[int], key: str,
+                     uint8_images: bool = False) -> None:
+    """Raise InputError unless `path` is an ONNX model taking (batch, *input_shape) and giving (batch, classes):
+    float32 inputs, or uint8 images where the data hold 8-bit images (`uint8_images`)."""
     if not Path(path).is_file():
         raise InputError(key, f"model file not found: {path}")
     try:
@@ -115,13 +117,16 @@ def check_classifier(path: Path, input_shape: tuple[int, ...], num_classes: int,
     except Exception as exc:  # onnxruntime raises several types for a file it cannot load
         raise InputError(key, f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
     inp = sess.get_inputs()[0]
-    if inp.type != "tensor(float)":
-        raise InputError(key, f"expected a float32 input, the model's '{inp.name}' is {inp.type}")
+    dtype = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8}.get(inp.type)
+    if dtype is None or (dtype is np.uint8 and not uint8_images):
+        expected = "a float32 or uint8 input" if uint8_images else "a float32 input"
+        why = " (uint8 takes 8-bit images, and the data hold none)" if dtype is np.uint8 else ""
+        raise InputError(key, f"expected {expected}, the model's '{inp.name}' is {inp.type}{why}")
     fixed = fixed_batch_size(sess)
     if fixed is not None and set(batch_sizes) != {fixed}:
         raise InputError("validate.batch_sizes", f"{path} has a fixed batch size {fixed}; set validate.batch_sizes to [{fixed}]")
     try:
-        out = predict(sess, np.zeros((fixed or 1, *input_shape), np.float32))
+        out = predict(sess, np.zeros((fixed or 1, *input_shape), dtype))
     except Exception as exc:
         raise InputError(key, f"the model does not take inputs of shape (batch, {', '.join(map(str, input_shape))}): "
                               f"{str(exc).splitlines()[0]}") from None

@@ -32,7 +32,7 @@ from kdpipe.errors import GateFailed, InputError, RunInterrupted, StageFailed
 from kdpipe.locks import Busy, file_lock
 from kdpipe.methods import get_method
 from kdpipe.models import build_model, load_checkpoint
-from kdpipe.models.adapter import check_uint8_input
+from kdpipe.models.adapter import check_uint8_input, holds_8bit_images
 from kdpipe.progress import Progress
 from kdpipe.search.storage import check_storage_location
 from kdpipe.teacher_cache import TeacherOutputCache
@@ -297,7 +297,7 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
             from kdpipe.onnx_runtime import check_classifier
 
             check_classifier(onnx_model, prepared.data.input_shape, prepared.data.num_classes,
-                             prepared.pipeline.validation.batch_sizes, "MODEL")
+                             prepared.pipeline.validation.batch_sizes, "MODEL", holds_8bit_images(prepared.data))
 
         env = distributed.init(prepared.device)
         try:

@@ -17,7 +17,7 @@ from torch import nn
 from kdpipe import __version__
 from kdpipe.cache_store import lookup, store
 from kdpipe.models.adapter import for_export, graph_inputs, input_contract
-from kdpipe.onnx_export import add_metadata, export_onnx
+from kdpipe.onnx_export import add_metadata, export_onnx, takes_uint8
 from kdpipe.onnx_runtime import session, tile_batch
 from kdpipe.quantize import QuantizationFailed, quantize
 from kdpipe.inference import accuracy
@@ -69,13 +69,13 @@ def export_teacher(ctx, example: torch.Tensor, graph_input: str) -> Path:
 
 def run(ctx) -> None:
     cfg = ctx.pipeline.export
-    # `kdpipe validate MODEL.onnx`: the teacher takes what the given model takes (float: check_classifier)
-    graph_input = cfg.input if "given_onnx" not in ctx.artifacts else "float"
+    given = ctx.artifacts.get("given_onnx")  # `kdpipe validate MODEL.onnx`: nothing to export or compare
+    # The teacher's graph takes what the delivered (or given) model takes, so both are fed the same test inputs.
+    graph_input = cfg.input if given is None else "uint8" if takes_uint8(given) else "float"
     x_val = graph_inputs(ctx.data.x_val.cpu(), ctx.data, graph_input)  # uint8 images for `input: uint8`
     # Two samples: a batch of one would let the exporter specialize the batch dimension to 1.
     example = torch.from_numpy(tile_batch(x_val.numpy(), 2))
     batch_sizes = parity_batch_sizes(ctx) if cfg.dynamic_batch else [len(example)]
-    given = ctx.artifacts.get("given_onnx")  # `kdpipe validate MODEL.onnx`: nothing to export or compare
     if given is None:
         path = ctx.run_dir / "student.onnx"
         student = ctx.student.to("cpu")

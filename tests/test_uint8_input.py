@@ -84,6 +84,14 @@ def test_uint8_graph_predicts_what_the_float_graph_does_end_to_end(workdir, imag
     float_accuracy = float((float_logits.argmax(1) == data.y_test.numpy()).mean())
     assert report["student"]["accuracy"] == pytest.approx(float_accuracy)
 
+    # `kdpipe validate` takes the uint8 graph as it is and feeds it, and the teacher's graph, the 8-bit images.
+    validated = cli("validate", student_onnx, "--pipeline", path, *sets(*FAST, "teacher.train.epochs=3",
+                                                                       "validate.gates={}"))
+    assert validated.exit_code == 0, validated.output
+    again = read_report(validated.stdout)
+    assert again["student"]["accuracy"] == report["student"]["accuracy"]
+    assert session(Path(again["teacher"]["onnx"]["path"])).get_inputs()[0].type == "tensor(uint8)"
+
     # The registered model's signature says uint8, and so does the version's tag.
     import mlflow
 
@@ -108,6 +116,22 @@ def test_float_data_refuses_a_uint8_graph(workdir):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"{path}: export.input: uint8 needs 8-bit images"), lines
         assert "float samples" in lines[0] and "use input: float" in lines[0]
+
+
+def test_validate_refuses_a_uint8_graph_for_data_that_is_not_8bit_images(workdir):
+    from torch import nn
+
+    from kdpipe.models.adapter import InputAdapter
+
+    classifier = InputAdapter(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))).eval()
+    export_onnx(classifier, torch.zeros((2, 1, 8, 8), dtype=torch.uint8), workdir / "u8.onnx", 18, True)
+    path = write_pipeline(workdir / "p.yaml")
+    result = cli("validate", workdir / "u8.onnx", "--pipeline", path)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MODEL: expected a float32 input, the model's 'input' is tensor(uint8) (uint8 takes " \
+                                "8-bit images, and the data hold none)" in lines[0], lines
+    assert not (workdir / "runs").exists()
 
 
 def test_uint8_npz_images_in_nhwc_take_a_uint8_graph(workdir):

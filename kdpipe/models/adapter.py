@@ -38,10 +38,15 @@ class InputAdapter(nn.Module):
         return self.model((images.to(torch.float32) / self.divisor - self.mean) / self.std)
 
 
+def holds_8bit_images(data) -> bool:
+    """Whether `data` (kdpipe.data.Splits) holds 8-bit images (uint8 C×H×W samples), which a uint8 graph takes."""
+    return data.conversion.divisor == PIXEL_LEVELS and len(data.input_shape) == 3
+
+
 def check_uint8_input(data) -> None:
     """InputError (exit 2) unless `data` (kdpipe.data.Splits) holds 8-bit images a uint8 graph can take."""
     shape = data.input_shape
-    if data.conversion.divisor != PIXEL_LEVELS or len(shape) != 3:
+    if not holds_8bit_images(data):
         stored = "uint8" if data.conversion.divisor == PIXEL_LEVELS else "float"
         raise InputError("export.input", f"uint8 needs 8-bit images (uint8 C×H×W samples), the data holds {stored} "
                                          f"samples of shape {shape} ({data.provenance.get('source', 'data')}); "
