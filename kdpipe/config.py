@@ -271,7 +271,8 @@ class DistillBase(Strict):
                             "opts out; with augmented inputs, teacher views for methods reading only the teacher's "
                             "softmax (kd), the teacher online for the others; off: the teacher runs on every batch")
     teacher_cache_memory_mb: NonNegativeFloat = Field(
-        2048.0, description="teacher outputs held in memory; larger ones are memory-mapped from the disk cache")
+        2048.0, description="teacher outputs and teacher views held in memory together, least recently used "
+                            "leaving first; an entry larger than this is memory-mapped from the disk cache")
     teacher_views: PositiveInt = Field(
         8, description="augmented data with teacher_cache auto, for methods reading only the teacher's softmax (kd): "
                        "augmented views recorded per training image, scored once by the teacher and replayed "

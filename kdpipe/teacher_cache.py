@@ -4,8 +4,8 @@ The teacher is frozen and un-augmented training inputs never change, so its logi
 the training split are computed in one pass instead of one per step of every epoch. Entries are keyed by
 content (kdpipe.fingerprint: the teacher's weights, the data's fingerprint, the taps and the autocast dtype),
 in memory and, optionally, on disk where separate processes share them. Memory holds at most the budget,
-least recently used entries leaving first; outputs larger than the budget stay on disk, memory-mapped, and
-each batch reads its rows from there.
+teacher outputs and teacher views (kdpipe.teacher_views) together, least recently used entries leaving first;
+entries larger than the budget stay on disk, memory-mapped, and each batch reads its rows from there.
 """
 
 from __future__ import annotations
@@ -90,11 +90,13 @@ class TeacherOutputCache:
         directory). `memory_budget_mb`: the most teacher outputs held in memory (None: no limit)."""
         self.directory = Path(directory) if directory else None
         self.memory_budget = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
-        self._memory: OrderedDict[str, Outputs] = OrderedDict()
+        # Teacher outputs and teacher views (kdpipe.teacher_views) by content key, least recently used first, and
+        # the bytes each holds against the budget (0: memory-mapped from disk).
+        self._memory: OrderedDict[str, Any] = OrderedDict()
+        self._resident: dict[str, int] = {}
         self._scratch: tempfile.TemporaryDirectory | None = None
         self.forward_passes = 0  # full teacher passes over a training split: tests and benchmarks count them
         self.spilled = 0  # entries kept on disk because they exceeded the memory budget
-        self.views: dict[str, Any] = {}  # teacher views by content key (kdpipe.teacher_views keeps them here)
         self.view_passes = 0  # teacher passes over recorded augmented views: tests and benchmarks count them
 
     def key(self, teacher: nn.Module, data_fingerprint: str, taps: list[str], autocast: torch.dtype | None) -> str:
@@ -105,34 +107,46 @@ class TeacherOutputCache:
         """The teacher's outputs over `data`'s (un-augmented) training split, a kdpipe.data.Splits."""
         key = self.key(teacher, data.fingerprint, taps, autocast)
         device = data.y_train.device
-        if key in self._memory:
-            self._memory.move_to_end(key)
-            return self._memory[key]
+        if (held := self.recall(key)) is not None:
+            return held
         path = self.directory / f"{key}.pt" if self.directory is not None else None
         outputs = self._load(path, device) if path is not None and path.is_file() else None
         if outputs is None:
             outputs = self._compute(teacher, data, taps, autocast, channels_last)
             if path is not None:
                 self._save(outputs, path)
-        if self.memory_budget is not None and nbytes(outputs) > self.memory_budget:
+        if not self.fits(nbytes(outputs)):
             outputs = self._spill(outputs, path, device)
+            self.hold(key, outputs, 0)
         else:
             if isinstance(outputs, SpilledOutputs):  # fits after all: bring it into memory
                 outputs = Outputs(outputs.logits.to(device), {k: v.to(device) for k, v in outputs.features.items()})
-            self._make_room(nbytes(outputs))
-        self._memory[key] = outputs
+            self.hold(key, outputs, nbytes(outputs))
         return outputs
 
-    def _make_room(self, needed: int) -> None:
-        """Evict least recently used resident entries until `needed` more bytes fit the budget."""
-        if self.memory_budget is None:
-            return
-        resident = [k for k, v in self._memory.items() if not isinstance(v, SpilledOutputs)]
-        used = sum(nbytes(self._memory[k]) for k in resident)
-        for k in resident:
-            if used + needed <= self.memory_budget:
-                break
-            used -= nbytes(self._memory.pop(k))
+    def fits(self, size: int) -> bool:
+        """Whether an entry of `size` bytes may be held in memory at all (else it stays memory-mapped on disk)."""
+        return self.memory_budget is None or size <= self.memory_budget
+
+    def recall(self, key: str) -> Any:
+        """The entry held in memory under `key`, now the most recently used, or None."""
+        if key not in self._memory:
+            return None
+        self._memory.move_to_end(key)
+        return self._memory[key]
+
+    def hold(self, key: str, entry: Any, resident_bytes: int) -> None:
+        """Keep `entry` in memory under `key`; its `resident_bytes` (0 for a memory-mapped entry) count against the
+        budget, so least recently used entries leave first to make room."""
+        if self.memory_budget is not None:
+            used = sum(self._resident.values())
+            for k in [k for k, size in self._resident.items() if size]:
+                if used + resident_bytes <= self.memory_budget:
+                    break
+                used -= self._resident.pop(k)
+                del self._memory[k]
+        self._memory[key] = entry
+        self._resident[key] = resident_bytes
 
     def _compute(self, teacher, data, taps, autocast, channels_last) -> Outputs:
         self.forward_passes += 1

@@ -16,8 +16,8 @@ Stored probabilities would not do: fp16 flushes p < 6e-8 to 0, where p^(1/4) is 
 Entries are keyed by content (the teacher's weights, the data's fingerprint, the augmentation, kornia's
 version, views, k, the seed, the autocast dtype), held in memory on the training device and written to the
 cache directory (verified, kdpipe.cache_store) when one is set; an entry larger than the memory budget stays
-on disk, memory-mapped. They live in the runner's one TeacherOutputCache, so every trial of a search campaign
-replays the same views.
+on disk, memory-mapped. They live in the runner's one TeacherOutputCache, under its memory budget with the
+teacher outputs, so every trial of a search campaign replays the same views.
 """
 
 from __future__ import annotations
@@ -96,28 +96,27 @@ def teacher_views(cache: TeacherOutputCache, teacher: nn.Module, data, *, views:
     then its directory), or computed in one teacher pass over every view and stored there. `topk` is clipped to
     the class count."""
     topk = min(topk, data.num_classes)
-    entry = key(teacher, data, views, topk, seed, autocast)
-    if entry in cache.views:
-        return cache.views[entry]
+    entry = f"views-{key(teacher, data, views, topk, seed, autocast)}"
+    if (held := cache.recall(entry)) is not None:
+        return held
     device = data.y_train.device
-    path = cache.directory / f"views-{entry}.pt" if cache.directory is not None else None
-
-    def resident(state: dict) -> bool:  # larger than the memory budget: left memory-mapped on disk
-        return cache.memory_budget is None or _nbytes(state) <= cache.memory_budget
-
+    path = cache.directory / f"{entry}.pt" if cache.directory is not None else None
+    resident = True  # held in memory (else memory-mapped from `path`, beyond the memory budget)
     if path is not None and lookup(path, lambda line: print(line, file=sys.stderr)):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        result = TeacherViews.from_state(state, device, resident(state))
+        resident = cache.fits(_nbytes(state))
+        result = TeacherViews.from_state(state, device, resident)
     else:
         result = _compute(teacher, data, views, topk, seed, autocast, channels_last)
         cache.view_passes += 1
         if path is not None:
             state = {k: _cpu(v) for k, v in result.state().items()}
             store(path, lambda tmp: torch.save(state, tmp))
-            if not resident(state):
+            if not cache.fits(_nbytes(state)):
+                resident = False
                 result = TeacherViews.from_state(torch.load(path, map_location="cpu", weights_only=True, mmap=True),
                                                  device, resident=False)
-    cache.views[entry] = result
+    cache.hold(entry, result, _nbytes(result.state()) if resident else 0)
     return result
 
 

@@ -182,6 +182,31 @@ def test_views_are_kept_on_disk_and_memory_mapped_beyond_the_memory_budget(image
     assert not mapped_from(resident.views.top_logprob, next(tmp_path.glob("views-*.pt")))
 
 
+def test_views_and_teacher_outputs_share_one_memory_budget(images_npz):
+    """Room for either entry but not both: each one held pushes the other out, least recently used first."""
+    from kdpipe.teacher_cache import nbytes
+    from kdpipe.teacher_views import _nbytes
+
+    data = load(images_npz, CROP_FLIP)
+    teacher, _ = models(data)
+    unbounded = trainer(data, TeacherOutputCache())
+    unbounded.teacher(teacher, [], soft_labels=True)
+    sizes = sorted([_nbytes(unbounded.views.state()), nbytes(TeacherOutputCache().get(teacher, data, []))])
+    cache = TeacherOutputCache(memory_budget_mb=(sizes[1] + sizes[0] / 2) / 2**20)
+    outputs = cache.get(teacher, data, [])
+    assert cache.get(teacher, data, []) is outputs and cache.forward_passes == 1  # held
+    views = trainer(data, cache)
+    views.teacher(teacher, [], soft_labels=True)
+    assert cache.view_passes == 1 and cache.spilled == 0
+    cache.get(teacher, data, [])  # the views took its room: computed again, and now the views leave
+    assert cache.forward_passes == 2
+    again = trainer(data, cache)
+    again.teacher(teacher, [], soft_labels=True)
+    assert cache.view_passes == 2
+    index, view = torch.arange(len(data.y_train)), torch.arange(len(data.y_train)) % VIEWS
+    assert torch.equal(again.views.log_probabilities(index, view), views.views.log_probabilities(index, view))
+
+
 def mapped_from(tensor: torch.Tensor, path) -> bool:
     """Whether `tensor`'s memory lies in a mapping of the file `path` (Linux /proc/self/maps)."""
     address = tensor.data_ptr()
