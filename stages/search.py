@@ -97,10 +97,11 @@ def _check_candidate_models(ctx, space) -> None:
 
     for name in space.methods:
         candidate = ctx.pipeline.with_method(name, space.base[name])
-        if name != ctx.pipeline.distill.method:  # the pipeline's own: checked in prepare
+        own = name == ctx.pipeline.distill.method  # the pipeline's own method: checked in prepare, qat too
+        if not own:
             get_method(name).check_models(candidate, student=ctx.student, teacher=ctx.teacher,
                                           input_shape=ctx.data.input_shape)
-        if "qat" in space.quantizations():
+        if "qat" in space.quantizations() and not (own and ctx.pipeline.export.quantize == "qat"):
             try:
                 check_quantizable(candidate, ctx.student, ctx.teacher, ctx.data.num_classes, ctx.data.input_shape)
             except InputError as exc:
