@@ -311,6 +311,13 @@ class ExportConfig(Strict):
     qat_lr: PositiveFloat | None = Field(None, description="qat: learning rate of the fine-tuning; null: a tenth of "
                                                            "distill.optimizer.lr (it starts from the trained student)")
     calibration_batches: PositiveInt = Field(8, description="static quantization: training batches (data.batch_size) to calibrate on")
+    calibration_method: Literal["minmax", "percentile"] = Field(
+        "minmax", description="static quantization: how onnxruntime sets each activation's range from the calibration "
+                              "batches: minmax (the observed range) or percentile (the calibration_percentile of |x|, "
+                              "clipping outliers)")
+    calibration_percentile: Annotated[float, Field(gt=50.0, le=100.0)] = Field(
+        99.999, description="calibration_method percentile: the percentile of |x| an activation range keeps",
+        json_schema_extra={"when": {"calibration_method": ["percentile"]}})
     deliver: Literal["fp32", "int8", "best"] = Field(
         "fp32", description="the model validated against the gates and registered (int8 with quantize qat: the QAT "
                             "model); best: an INT8 model (with qat: the more accurate of static and QAT) only when it "

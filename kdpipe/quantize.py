@@ -31,11 +31,13 @@ class _Batches:
         return next(self._feeds, None)
 
 
-def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.ndarray] | None = None) -> str:
-    """Write the INT8 version of `fp32_path`; `mode` is dynamic or static (static needs `calibration`).
+def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.ndarray] | None = None,
+             method: str = "minmax", percentile: float = 99.999) -> str:
+    """Write the INT8 version of `fp32_path`; `mode` is dynamic or static (static needs `calibration`, and sets
+    activation ranges by `method`: minmax, or percentile keeping `percentile` of |x|).
 
     Returns how the model was pre-processed; raises QuantizationFailed when no INT8 model could be built."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from kdpipe.onnx_runtime import session
@@ -73,9 +75,12 @@ def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.n
                         if dtype is not None and any(b.dtype != dtype for b in calibration):
                             raise ValueError(f"calibration batches of {calibration[0].dtype} for an input of "
                                              f"{graph_input.type}")
+                        methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
                         quantize_static(str(prepared), str(out), _Batches(input_name, calibration),
                                         quant_format=QuantFormat.QDQ, per_channel=True,
-                                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                        calibrate_method=methods[method],
+                                        extra_options={"CalibPercentile": percentile})
             except Exception as exc:
                 raise QuantizationFailed(f"{mode} quantization failed: {_describe(exc)}") from exc
             return pre_process

@@ -119,11 +119,13 @@ def run(ctx) -> None:
             graph_calibration = [graph_inputs(torch.from_numpy(b), ctx.data, graph_input).numpy() for b in calibration]
         ctx.report["quantization"] = {
             "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
-            "calibration_samples": sum(len(b) for b in calibration) if calibration else 0}
+            "calibration_samples": sum(len(b) for b in calibration) if calibration else 0,
+            "calibration_method": calibration_method(cfg) if calibration else None}
         if cfg.quantize == "qat":
             export_qat(ctx, calibration, example, x_val, graph_input, contract)
         try:
-            pre_process = quantize(path, int8_path, ptq_mode, graph_calibration)
+            pre_process = quantize(path, int8_path, ptq_mode, graph_calibration, cfg.calibration_method,
+                                   cfg.calibration_percentile)
         except QuantizationFailed as exc:
             if cfg.deliver == "int8" and cfg.quantize != "qat":
                 raise  # the user asked for this INT8 model: the run fails (exit 3), one line naming the cause
@@ -138,6 +140,13 @@ def run(ctx) -> None:
             "int8": prediction_parity(exported, int8_path, x_val, "fp32 PyTorch student")}})
         ctx.student.to(ctx.device)
         ctx.artifacts["int8_onnx_path"] = int8_path
+
+
+def calibration_method(cfg) -> str:
+    """How static quantization set the activation ranges, as the report says it (`percentile 99.9`)."""
+    if cfg.calibration_method == "percentile":
+        return f"percentile {cfg.calibration_percentile:g}"
+    return cfg.calibration_method
 
 
 def export_qat(ctx, calibration: list[np.ndarray], example: torch.Tensor, x_val: torch.Tensor, graph_input: str,

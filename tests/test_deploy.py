@@ -64,6 +64,7 @@ def test_int8_is_validated_side_by_side_with_fp32(deployed):
     _, _, report = deployed
     quant = report["quantization"]
     assert quant["mode"] == "static" and quant["deliver"] == "best" and quant["calibration_samples"] == 8 * 64
+    assert quant["calibration_method"] == "minmax"
     fp32, int8 = quant["fp32"], quant["int8"]
     for model in (fp32, int8):
         assert 0.5 < model["accuracy"] <= 1.0 and model["size_bytes"] > 0
@@ -100,6 +101,62 @@ def test_every_gate_is_in_the_console_table(deployed):
     assert report["validate"]["provider_fallback"] == [] and report["validate"]["providers_used"][0] == resolved[0]
     assert report["validate"]["session"]["graph_optimization"] == "all"
     assert report["validate"]["session"]["budget_s"] == 2.0
+
+
+def test_percentile_calibration_narrows_an_activation_range_that_outliers_stretch(tmp_path):
+    """One input value of 400 among N(0, 1) ones: minmax stretches the input's 8-bit range to it, percentile 99
+    clips it, so the input's QuantizeLinear scale is smaller and the model follows FP32 on the rest."""
+    import torch
+    from torch import nn
+
+    from kdpipe.onnx_export import export_onnx
+    from kdpipe.quantize import quantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    export_onnx(model, torch.zeros(2, 1, 8, 8), tmp_path / "fp32.onnx", 18, True)
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((64, 1, 8, 8)).astype(np.float32) for _ in range(4)]
+    batches[0][0, 0, 0, 0] = 400.0
+
+    def input_scale(path):
+        graph = onnx.load(path).graph
+        scales = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        node = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+        return float(scales[node.input[1]])
+
+    quantize(tmp_path / "fp32.onnx", tmp_path / "minmax.onnx", "static", batches)
+    quantize(tmp_path / "fp32.onnx", tmp_path / "percentile.onnx", "static", batches, "percentile", 99.0)
+    assert input_scale(tmp_path / "minmax.onnx") > 400 / 255
+    assert input_scale(tmp_path / "percentile.onnx") < input_scale(tmp_path / "minmax.onnx") / 10
+    x = rng.standard_normal((256, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy().argmax(1)
+    agree = {name: (ort.InferenceSession(str(tmp_path / f"{name}.onnx")).run(None, {"input": x})[0].argmax(1)
+                    == expected).mean() for name in ("minmax", "percentile")}
+    assert agree["percentile"] > agree["minmax"]
+
+
+def test_a_run_calibrates_by_the_configured_method_and_reports_it(deployed, workdir):
+    """The same student as the deployed run's, calibrated on percentile 99 rather than minmax: every activation
+    range is at most as wide, the input's narrower."""
+    _, _, minmax = deployed
+    result = cli("run", DIGITS, *sets(*FAST, *LENIENT, "export.calibration_method=percentile",
+                                      "export.calibration_percentile=99"))
+    assert result.exit_code == 0, result.output
+    report = read_report(result.stdout)
+    assert report["quantization"]["calibration_method"] == "percentile 99"
+    assert report["quantization"]["fp32"]["accuracy"] == minmax["quantization"]["fp32"]["accuracy"]  # same student
+
+    def activation_scales(path):
+        graph = onnx.load(path).graph
+        values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        return [float(values[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear"
+                and n.input[1] in values and values[n.input[1]].size == 1]
+
+    clipped, full = (activation_scales(r["quantization"]["path"]) for r in (report, minmax))
+    assert len(clipped) == len(full) and clipped[0] < full[0]
+    assert all(c <= f * (1 + 1e-6) for c, f in zip(clipped, full))
 
 
 def test_validate_command_reproduces_the_run(deployed, in_deploy_dir):
@@ -197,6 +254,8 @@ def test_validate_rejects_what_is_not_a_classifier_for_this_data(in_deploy_dir):
     (["validate.providers=[CUDAExecutionProvidr]"], "unknown execution provider 'CUDAExecutionProvidr' (did you mean 'CUDAExecutionProvider'?)"),
     (["validate.gates.latency_p99_ms_max={32: 1.0}"], "gates.latency_p99_ms_max names batch size 32, which is not in batch_sizes [1, 64]"),
     (["validate.graph_optimization=max"], "validate.graph_optimization: expected one of"),
+    (["export.calibration_method=median"], "export.calibration_method: expected one of"),
+    (["export.calibration_percentile=100.5"], "export.calibration_percentile"),
 ])
 def test_bad_deployment_settings_exit_2(workdir, override, message):
     result = cli("check", DIGITS, *sets(*override))
