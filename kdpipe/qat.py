@@ -201,10 +201,15 @@ def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, cal
     fake_quantized = fake_quantize(student, torch.from_numpy(calibration[0][:2])).to(device)
     method = qat_method(pipeline, fake_quantized, teacher, data.num_classes, data.input_shape)
     calibrate(fake_quantized, calibration, device)
-    # BatchNorm keeps the distilled student's statistics, folded into the fake-quantized weights as the export folds
-    # them: batch statistics would make training compute another model than the one exported.
-    fake_quantized.apply(freeze_bn_stats)
     cfg = pipeline.export
+    # BatchNorm follows batch statistics for the first third of the epochs (at least one), then its running
+    # statistics are frozen and folded into the fake-quantized weights as the export folds them (Jacob et al. 2018,
+    # §3.2; Krishnamoorthi 2018, §4): frozen from the start, a small student's first steps can diverge.
+    bn_epochs = max(1, cfg.qat_epochs // 3)
+
+    def freeze_after_bn_epochs(epoch: int) -> None:
+        if epoch > bn_epochs:
+            fake_quantized.apply(freeze_bn_stats)
     optimizer = pipeline.distill.optimizer
     optimizer = optimizer.model_copy(update={"lr": cfg.qat_lr or optimizer.lr / 10})
     # fp32: torch's fake-quantize kernels take float32 tensors; torch.compile would trace the observers away.
@@ -212,5 +217,5 @@ def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, cal
     trainer = Trainer(data, epochs=cfg.qat_epochs, batch_size=pipeline.data.batch_size, optimizer=optimizer,
                       seed=pipeline.seed, on_epoch=on_epoch, **options)
     trainer.run([Phase("qat", [method.student_update(trainer, "qat")], cfg.qat_epochs,
-                       evaluate={"qat": fake_quantized})])
+                       evaluate={"qat": fake_quantized}, before_epoch=freeze_after_bn_epochs)])
     return freeze(fake_quantized), trainer

@@ -75,6 +75,9 @@ class Phase:
     updates: list[Update]
     epochs: int
     evaluate: dict[str, nn.Module] = field(default_factory=dict)
+    # Called with each epoch's number (from 1) before it runs, resumed epochs included: a schedule of model state
+    # that is a function of the epoch (QAT's BatchNorm freeze) holds across a kill.
+    before_epoch: Callable[[int], None] | None = None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -348,6 +351,8 @@ class Trainer:
             if state["finished"]:
                 return self._result(phase, state)
         for epoch in range(state["epoch"] + 1, phase.epochs + 1):
+            if phase.before_epoch is not None:
+                phase.before_epoch(epoch)
             state["metrics"] = self._epoch(phase, updates, modules, generator, epoch)
             for label, model in phase.evaluate.items():
                 acc = state["metrics"][label]["val_accuracy"]

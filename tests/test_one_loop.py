@@ -199,6 +199,35 @@ def test_a_run_that_makes_no_optimizer_step_is_an_input_error(digits):
     assert err.value.key == "data.batch_size" and "no optimizer step" in err.value.message
 
 
+def test_before_epoch_is_called_for_every_epoch_run_resumed_ones_included(digits, tmp_path):
+    """A phase's before_epoch gets each epoch's number before it runs; after an interruption in epoch 3 the
+    resumed phase calls it for epoch 3 only, so state scheduled by epoch (QAT's BatchNorm freeze) holds."""
+    from kdpipe.config import OptimizerConfig
+    from kdpipe.train import Phase, Trainer
+
+    method = get_method("none")
+    student = prepare(PIPELINES / "digits.yaml", []).student
+    called = []
+
+    def interrupted_at_3(epoch):
+        called.append(epoch)
+        if epoch == 3 and called.count(3) == 1:
+            raise KeyboardInterrupt
+
+    def phase(trainer):
+        update = method(method.Params(), student=student, teacher=None, num_classes=10,
+                        input_shape=digits.input_shape).student_update(trainer, "student")
+        return Phase("student", [update], 3, evaluate={"student": student}, before_epoch=interrupted_at_3)
+
+    options = dict(epochs=3, batch_size=64, optimizer=OptimizerConfig(), seed=0, checkpoint_dir=tmp_path)
+    first = Trainer(digits, **options)
+    with pytest.raises(KeyboardInterrupt):
+        first.run([phase(first)])
+    resumed = Trainer(digits, **options)
+    resumed.run([phase(resumed)])
+    assert called == [1, 2, 3, 3]
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_sgd_nesterov_is_an_explicit_setting(nesterov):
     from kdpipe.config import OptimizerConfig
