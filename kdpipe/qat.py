@@ -203,13 +203,15 @@ def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, cal
     calibrate(fake_quantized, calibration, device)
     cfg = pipeline.export
     # BatchNorm follows batch statistics for the first third of the epochs (at least one), then its running
-    # statistics are frozen and folded into the fake-quantized weights as the export folds them (Jacob et al. 2018,
-    # §3.2; Krishnamoorthi 2018, §4): frozen from the start, a small student's first steps can diverge.
+    # statistics are frozen and folded into the fake-quantized weights as the export folds them (the batch-norm
+    # folding with freezing of Jacob et al. 2018 and Krishnamoorthi 2018): frozen from the start, a small student's
+    # first steps can diverge.
     bn_epochs = max(1, cfg.qat_epochs // 3)
 
     def freeze_after_bn_epochs(epoch: int) -> None:
         if epoch > bn_epochs:
             fake_quantized.apply(freeze_bn_stats)
+
     optimizer = pipeline.distill.optimizer
     optimizer = optimizer.model_copy(update={"lr": cfg.qat_lr or optimizer.lr / 10})
     # fp32: torch's fake-quantize kernels take float32 tensors; torch.compile would trace the observers away.
