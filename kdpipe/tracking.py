@@ -157,11 +157,16 @@ class Tracker:
 
     def __init__(self, config: TrackingConfig):
         import mlflow
+        from mlflow.tracking import fluent
 
         self.mlflow = mlflow
         self.config = config
         # mlflow.set_*_uri also write these variables; end() puts back what the caller had.
         self._caller_uris = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        # mlflow.set_experiment sets the fluent API's active experiment (a module global, no public getter) and
+        # MLFLOW_EXPERIMENT_ID; left behind, a caller's next mlflow.start_run in this process would land in kdpipe's
+        # experiment, or fail in another store where that id does not exist. end() puts back the caller's.
+        self._caller_experiment = (fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID"))
         # Retry settings the caller chose win; end() removes the ones set here.
         self._retry_env_set = {k: v for k, v in retry_environment(config).items() if k not in os.environ}
         os.environ.update(self._retry_env_set)
@@ -204,6 +209,8 @@ class Tracker:
             self.restore_environment()
 
     def restore_environment(self) -> None:
+        from mlflow.tracking import fluent
+
         for name in self._retry_env_set:
             os.environ.pop(name, None)
         self._retry_env_set = {}
@@ -212,6 +219,11 @@ class Tracker:
         for name, value in self._caller_uris.items():
             if value is None:
                 os.environ.pop(name, None)
+        fluent._active_experiment_id, experiment = self._caller_experiment
+        if experiment is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
 
     def log_onnx_model(self, onnx_path: Path, name: str, example, providers: list[str]):
         """Log the ONNX model to the run with a signature and an input example; returns its ModelInfo."""

@@ -141,10 +141,16 @@ def test_default_pipeline_meets_its_targets(workdir):
 
 
 def test_a_run_leaves_the_callers_mlflow_environment_as_it_was(workdir, monkeypatch):
-    """mlflow.set_tracking_uri/set_registry_uri write environment variables; a run must not leave them behind."""
+    """mlflow.set_tracking_uri/set_registry_uri/set_experiment write environment variables and module state; a run
+    must not leave them behind: the caller's own next MLflow run lands where it would have without kdpipe."""
+    import mlflow
+
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     before = os.environ["MLFLOW_TRACKING_URI"]
     result = cli("run", DIGITS, *sets(*FAST, *LENIENT, "export.quantize=none", "export.deliver=fp32"))
     assert result.exit_code == 0, result.output
     assert os.environ["MLFLOW_TRACKING_URI"] == before
-    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert "MLFLOW_REGISTRY_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    with mlflow.start_run() as mine:
+        assert mine.info.experiment_id == "0"  # MLflow's Default, not the pipeline's experiment

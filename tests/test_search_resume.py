@@ -91,6 +91,8 @@ def test_a_trial_killed_before_its_mlflow_run_existed_gets_a_killed_run(workdir)
     done.suggest_float("kd.temperature", 1.0, 8.0)
     orphan = study.ask()
     orphan.suggest_float("kd.temperature", 1.0, 8.0)
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")  # this test's store, whatever ran before
+    mlflow.set_experiment("search")
     with mlflow.start_run() as parent:
         runs = TrialRuns(mlflow, parent.info.run_id)
         run_id = runs.start("trial-0", done.params, {"optuna.trial": "0"})
