@@ -101,11 +101,9 @@ def teacher_views(cache: TeacherOutputCache, teacher: nn.Module, data, *, views:
         return held
     device = data.y_train.device
     path = cache.directory / f"{entry}.pt" if cache.directory is not None else None
-    resident = True  # held in memory (else memory-mapped from `path`, beyond the memory budget)
     if path is not None and lookup(path, lambda line: print(line, file=sys.stderr)):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        resident = cache.fits(_nbytes(state))
-        result = TeacherViews.from_state(state, device, resident)
+        result = TeacherViews.from_state(state, device, cache.fits(_nbytes(state)))
     else:
         result = _compute(teacher, data, views, topk, seed, autocast, channels_last)
         cache.view_passes += 1
@@ -113,10 +111,11 @@ def teacher_views(cache: TeacherOutputCache, teacher: nn.Module, data, *, views:
             state = {k: _cpu(v) for k, v in result.state().items()}
             store(path, lambda tmp: torch.save(state, tmp))
             if not cache.fits(_nbytes(state)):
-                resident = False
                 result = TeacherViews.from_state(torch.load(path, map_location="cpu", weights_only=True, mmap=True),
                                                  device, resident=False)
-    cache.hold(entry, result, _nbytes(result.state()) if resident else 0)
+    # In memory unless it was left memory-mapped from `path` (beyond the budget); without a directory it stays.
+    size = _nbytes(result.state())
+    cache.hold(entry, result, size if path is None or cache.fits(size) else 0)
     return result
 
 
