@@ -212,9 +212,8 @@ class Campaign:
             else:
                 export_onnx(copy.deepcopy(student).cpu(), x_val[:2], fp32, self.pipeline.export.opset, True)
                 if mode != "none":
-                    export = self.pipeline.export
                     quantize(fp32, delivered, mode, self._calibration() if mode == "static" else None,
-                             export.calibration_method, export.calibration_percentile)
+                             quantized.export.calibration_method, quantized.export.calibration_percentile)
             providers, _ = available_providers(cfg.providers)
             sess = session(delivered, providers, cfg.threads)
             if mode != "none":
