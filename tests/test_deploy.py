@@ -119,16 +119,11 @@ def test_percentile_calibration_narrows_an_activation_range_that_outliers_stretc
     batches = [rng.standard_normal((64, 1, 8, 8)).astype(np.float32) for _ in range(4)]
     batches[0][0, 0, 0, 0] = 400.0
 
-    def input_scale(path):
-        graph = onnx.load(path).graph
-        scales = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-        node = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
-        return float(scales[node.input[1]])
-
     quantize(tmp_path / "fp32.onnx", tmp_path / "minmax.onnx", "static", batches)
     quantize(tmp_path / "fp32.onnx", tmp_path / "percentile.onnx", "static", batches, "percentile", 99.0)
-    assert input_scale(tmp_path / "minmax.onnx") > 400 / 255
-    assert input_scale(tmp_path / "percentile.onnx") < input_scale(tmp_path / "minmax.onnx") / 10
+    full, clipped = (activation_scales(tmp_path / f"{name}.onnx")["input"] for name in ("minmax", "percentile"))
+    assert full > 400 / 255
+    assert clipped < full / 10
     x = rng.standard_normal((256, 1, 8, 8)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy().argmax(1)
@@ -147,16 +142,17 @@ def test_a_run_calibrates_by_the_configured_method_and_reports_it(deployed, work
     report = read_report(result.stdout)
     assert report["quantization"]["calibration_method"] == "percentile 99"
     assert report["quantization"]["fp32"]["accuracy"] == minmax["quantization"]["fp32"]["accuracy"]  # same student
-
-    def activation_scales(path):
-        graph = onnx.load(path).graph
-        values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-        return [float(values[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear"
-                and n.input[1] in values and values[n.input[1]].size == 1]
-
     clipped, full = (activation_scales(r["quantization"]["path"]) for r in (report, minmax))
-    assert len(clipped) == len(full) and clipped[0] < full[0]
-    assert all(c <= f * (1 + 1e-6) for c, f in zip(clipped, full))
+    assert clipped.keys() == full.keys() and clipped["input"] < full["input"]
+    assert all(clipped[name] <= full[name] * (1 + 1e-6) for name in full)
+
+
+def activation_scales(path) -> dict[str, float]:
+    """The per-tensor scale of each QuantizeLinear in a static INT8 model, by the tensor it quantizes."""
+    graph = onnx.load(path).graph
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    return {n.input[0]: float(values[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear"
+            and n.input[1] in values and values[n.input[1]].size == 1}
 
 
 def test_validate_command_reproduces_the_run(deployed, in_deploy_dir):
