@@ -17,7 +17,7 @@ from kdpipe.data.augment import Augmentation
 from kdpipe.data.images import Decoder
 from kdpipe.data.sources import SPLIT_NAMES, Part, Source, read_source
 from kdpipe.data.splits import InputConversion, Splits, stratified_split
-from kdpipe.data.storage import StreamedImages, choose_storage, decode_all, first_image, worker_count
+from kdpipe.data.storage import StreamedImages, check_all, choose_storage, decode_all, first_image, worker_count
 from kdpipe.errors import InputError
 from kdpipe.fingerprint import Fingerprint
 
@@ -185,6 +185,8 @@ def _images(parts: dict[str, Part], cfg: DataConfig, device: torch.device | None
     workers = worker_count(cfg.workers)
     shape = first_image(parts["train"].x, decoder).shape
     storage = choose_storage(cfg.storage, len(parts["train"].y), shape, device)
+    if storage == "stream":  # what decoding every training image in memory would find, found as cheaply as can be
+        check_all(parts["train"].x, decoder, workers, shape)
     decoded = ("train", "val", "test") if storage == "memory" else ("val", "test")
     stored = dict(zip(decoded, decode_all([parts[s].x for s in decoded], decoder, workers, shape)))
     if storage == "memory":

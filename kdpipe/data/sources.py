@@ -214,7 +214,7 @@ def _read_hf(path: Path, cfg: DataConfig) -> Source:
             table = pq.read_table(path, memory_map=True)
         except Exception as exc:  # pyarrow raises several types for a file that is not parquet
             raise InputError("data.path", f"cannot read {path} as parquet: {exc}") from None
-        tables, files, features = {"all": table}, [path], _parquet_features(table)
+        tables, files, features = {"all": table}, [path], {"all": _parquet_features(table)}
     else:
         try:
             loaded = datasets.load_from_disk(str(path))
@@ -230,25 +230,72 @@ def _read_hf(path: Path, cfg: DataConfig) -> Source:
             named = {"all": loaded}
         tables = {s: ds.with_format("arrow")[:] for s, ds in named.items()}
         files = sorted({Path(f["filename"]) for ds in named.values() for f in ds.cache_files})
-        features = next(iter(named.values())).features
-    parts, raw_labels = {}, {}
+        features = {s: ds.features for s, ds in named.items()}
+    parts, origins = {}, {}
     for split, table in tables.items():
-        origin = path if split == "all" else f"{path} split {split}"
+        origin = origins[split] = str(path) if split == "all" else f"{path} split {split}"
         for key, column in (("data.image_column", cfg.image_column), ("data.label_column", cfg.label_column)):
             if column not in table.column_names:
                 raise InputError(key, f"{origin} has no column '{column}' (columns: {', '.join(table.column_names)})")
-        raw_labels[split] = table.column(cfg.label_column).to_numpy(zero_copy_only=False)
-        images = ArrowImages(np.arange(len(table)), table.column(cfg.image_column), str(origin), files)
-        parts[split] = Part(images, raw_labels[split], f"{origin} (hf)")
-    feature = features.get(cfg.label_column) if features else None
-    classes = getattr(feature, "names", None) or (feature.get("names") if isinstance(feature, dict) else None)
-    if any(values.dtype.kind in "OUS" for values in raw_labels.values()):
-        # String labels: numbered in sorted order over every split, so a name means one class everywhere.
-        classes = sorted({str(v) for values in raw_labels.values() for v in values.tolist()})
-        lookup = {name: i for i, name in enumerate(classes)}
-        for part in parts.values():
-            part.y = np.array([lookup[str(v)] for v in part.y.tolist()], dtype=np.int64)
-    return Source(parts, classes)
+        labels = table.column(cfg.label_column).to_numpy(zero_copy_only=False)
+        images = ArrowImages(np.arange(len(table)), table.column(cfg.image_column), origin, files)
+        parts[split] = Part(images, labels, f"{origin} (hf)")
+    names = {split: _label_names(features[split], cfg.label_column) for split in tables}
+    return Source(parts, _labels_by_name(parts, names, origins))
+
+
+def _label_names(features, column: str) -> list[str] | None:
+    """The class names of a ClassLabel column, from `datasets` Features or the dict a parquet file's metadata holds."""
+    feature = features.get(column) if features else None
+    return getattr(feature, "names", None) or (feature.get("names") if isinstance(feature, dict) else None)
+
+
+def _label_kind(labels: np.ndarray, names: list[str] | None) -> str:
+    if names is not None:
+        return "ClassLabel names"
+    return "strings" if labels.dtype.kind in "OUS" else "integers"
+
+
+def _labels_by_name(parts: dict[str, Part], names: dict[str, list[str] | None], origins: dict[str, str]
+                    ) -> list[str] | None:
+    """Every split's labels turned into indices of the first split's classes by name, so a split whose ClassLabel
+    lists the names in another order keeps its classes: ClassLabel names in their order, string labels numbered in
+    sorted order. Integer labels without names stay as they are. A split whose labels are of another kind, or name
+    other classes, is refused. Returns the class names (None for bare integers)."""
+    first, *others = parts
+    kinds = {split: _label_kind(part.y, names[split]) for split, part in parts.items()}
+    for split in others:
+        if kinds[split] != kinds[first]:
+            raise InputError("data.label_column", f"{origins[split]}: labels are {kinds[split]}, but split {first}'s "
+                                                  f"are {kinds[first]}; every split needs labels of one kind")
+    if kinds[first] == "integers":
+        return None
+    labels = {split: _label_strings(part.y, names[split], origins[split]) for split, part in parts.items()}
+    classes = names[first] or sorted(set(labels[first].tolist()))
+    for split in others:
+        if names[split] is not None and set(names[split]) != set(classes):
+            raise InputError("data.label_column", f"{origins[split]}: its ClassLabel's classes differ from split "
+                             f"{first}'s: only in {split}: {sorted(set(names[split]) - set(classes))}, "
+                             f"only in {first}: {sorted(set(classes) - set(names[split]))}")
+        unknown = sorted(set(labels[split].tolist()) - set(classes))
+        if unknown:
+            raise InputError("data.label_column", f"{origins[split]}: labels {unknown[:5]} never occur in split "
+                                                  f"{first}, so no model trained on it could predict them")
+    lookup = {name: i for i, name in enumerate(classes)}
+    for split, part in parts.items():
+        part.y = np.array([lookup[name] for name in labels[split].tolist()], dtype=np.int64)
+    return classes
+
+
+def _label_strings(labels: np.ndarray, names: list[str] | None, origin: str) -> np.ndarray:
+    """Each label as its class name: a string label as it is, a ClassLabel index as the name it has there."""
+    if names is None:
+        return labels.astype(str)
+    outside = labels[(labels < 0) | (labels >= len(names))]
+    if len(outside):
+        raise InputError("data.label_column", f"{origin}: label {outside[0]} is not one of its ClassLabel's "
+                                              f"{len(names)} classes (0..{len(names) - 1})")
+    return np.asarray(names)[labels]
 
 
 def _parquet_features(table) -> dict | None:

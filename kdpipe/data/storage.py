@@ -48,22 +48,27 @@ def choose_storage(setting: str, samples: int, sample_shape: tuple[int, ...], de
 
 
 class _Decoding(Dataset):
-    """Decodes record i; a failure comes back as a value (DataLoader workers would wrap a raised error)."""
+    """Decodes record i, or with `check_only` checks that it would decode (None); a failure comes back as a value
+    (DataLoader workers would wrap a raised error)."""
 
-    def __init__(self, records: ImageRecords, decoder: Decoder, shape: tuple[int, ...]):
-        self.records, self.decoder, self.shape = records, decoder, shape
+    def __init__(self, records: ImageRecords, decoder: Decoder, shape: tuple[int, ...], check_only: bool = False):
+        self.records, self.decoder, self.shape, self.check_only = records, decoder, shape, check_only
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> np.ndarray | str:
-        name = self.records.name(i)
+    def __getitem__(self, i: int) -> np.ndarray | str | None:
+        name, raw = self.records.name(i), self.records.raw(i)
         try:
-            image = self.decoder(self.records.raw(i), name)
+            if self.check_only:
+                image, shape = None, self.decoder.checked_shape(raw, name)
+            else:
+                image = self.decoder(raw, name)
+                shape = image.shape
         except DecodeError as exc:
             return str(exc)
-        if image.shape != self.shape:
-            return (f"{name}: the image is {image.shape[1]}×{image.shape[2]}, others are {self.shape[1]}×{self.shape[2]}; "
+        if shape != self.shape:
+            return (f"{name}: the image is {shape[1]}×{shape[2]}, others are {self.shape[1]}×{self.shape[2]}; "
                     f"set data.image_size to resize every image to one size")
         return image
 
@@ -78,6 +83,20 @@ def _checked(batch: tuple[torch.Tensor | None, str | None]) -> torch.Tensor:
     if error is not None:
         raise InputError("data.path", error)
     return images
+
+
+def _first_error(items: list[str | None]) -> str | None:
+    return next((item for item in items if item is not None), None)
+
+
+def check_all(records: ImageRecords, decoder: Decoder, workers: int, shape: tuple[int, ...]) -> None:
+    """Every record checked by `workers` processes to decode to `shape` (Decoder.checked_shape: cheaper than
+    decoding), so an image that streaming would fail on mid-run is named before the run starts."""
+    loader = DataLoader(_Decoding(records, decoder, shape, check_only=True), batch_size=DECODE_BATCH,
+                        num_workers=workers, collate_fn=_first_error)
+    error = next((error for error in loader if error is not None), None)
+    if error is not None:
+        raise InputError("data.path", error)
 
 
 def first_image(records: ImageRecords, decoder: Decoder) -> np.ndarray:
