@@ -18,13 +18,40 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kdpipe.atomic import atomic_write
+from kdpipe.errors import InputError
 
 Warn = Callable[[str], None]
+CACHE_DIR_ENV = "KDPIPE_CACHE_DIR"
+
+
+def check_cache_dir(given: Path | None, runs_dir: Path | None) -> None:
+    """InputError (exit 2) naming the setting when the cache directory cannot be made or written: `given`, else
+    $KDPIPE_CACHE_DIR, else RUNS_DIR/.cache (with no `runs_dir`, only a directory named). A run would otherwise fail
+    in its first stage that caches. Nothing is made: a refused run leaves nothing behind."""
+    named = os.environ.get(CACHE_DIR_ENV)
+    if given is not None:
+        path, key = Path(given), "cache_dir"
+    elif named:
+        path, key = Path(named), CACHE_DIR_ENV
+    elif runs_dir is not None:
+        path, key = Path(runs_dir) / ".cache", "--runs-dir"
+    else:
+        return
+    path = path.absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.exists(p))  # where mkdir would make the rest
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise InputError(key, f"cannot write to the cache directory {path}: {problem}")
 
 
 def sha256_file(path: Path) -> str:

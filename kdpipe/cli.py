@@ -59,7 +59,7 @@ def run(
             raise InputError("--set", "a resumed run keeps its pipeline (run_dir/pipeline.yaml); --set cannot change it")
         report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, resume=resume,
                                            until=until)
-    except (InputError, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
+    except (InputError, GateFailed, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
         _fail(exc, shown, debug)
     except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
         _fail(StageFailed("setup", exc), shown, debug)
@@ -104,7 +104,7 @@ def validate(
 
     try:
         report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, onnx_model=model)
-    except (InputError, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
+    except (InputError, GateFailed, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
         _fail(exc, str(pipeline), debug)
     except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
         _fail(StageFailed("setup", exc), str(pipeline), debug)
@@ -123,14 +123,12 @@ def promote(
 ) -> None:
     """Move ALIAS to a version that passed every gate and beats the alias's current holder on the primary metric
     by at least min_improvement (registry policy in mlflow.yaml). Exit 1 when refused."""
-    import re
-
+    from kdpipe.config import registry_alias
     from kdpipe.registry import promote as promote_version
     from kdpipe.tracking import load_tracking_config, mlflow_client
 
     try:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", alias):
-            raise InputError("--alias", f"expected letters, digits, '_' or '-', got '{alias}'")
+        registry_alias(alias, "--alias")
         tracking = load_tracking_config(mlflow_config)
         client = mlflow_client(tracking)
         verdict = promote_version(client, tracking.registry, model_name, str(version), alias, force)
@@ -165,7 +163,7 @@ def search(
     overrides += [f"search.trials={trials}"] if trials else []
     try:
         report_path, report = run_pipeline(pipeline, overrides, runs_dir, mlflow_config=mlflow_config, until="search")
-    except (InputError, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
+    except (InputError, GateFailed, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
         _fail(exc, str(pipeline), debug)
     except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
         _fail(StageFailed("setup", exc), str(pipeline), debug)
@@ -180,10 +178,12 @@ def search(
 def check(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], set_: SetOption = None,
           debug: DebugOption = False) -> None:
     """Validate a pipeline file and the inputs it names, without running anything."""
+    from kdpipe.cache_store import check_cache_dir
     from kdpipe.pipeline import provider_warnings
     from kdpipe.runner import prepare
 
     try:
+        check_cache_dir(None, None)  # KDPIPE_CACHE_DIR when set; check takes no --runs-dir
         prepared = prepare(pipeline, set_ or [])
     except InputError as exc:
         _fail(exc, str(pipeline), debug)

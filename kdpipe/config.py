@@ -8,14 +8,18 @@ Every error is an `InputError` whose key is the dotted YAML path, so the CLI can
 
 from __future__ import annotations
 
+import contextvars
 import difflib
+import re
 import reprlib
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_serializer, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from kdpipe.errors import InputError
 from kdpipe.onnx_runtime import MIN_TIMED_RUNS
@@ -28,8 +32,56 @@ NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 Seed = Annotated[int, Field(ge=0, lt=1 << 32)]  # numpy's and Optuna's samplers take seeds below 2**32
 
 
+_VALIDATING_SECTION = contextvars.ContextVar("kdpipe_validating_section", default=False)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _no_boolean_as_number(cls, data: Any, handler) -> Any:
+        # pydantic's lax mode reads true as 1; in a pipeline file a boolean where a number belongs is a slip.
+        # The outermost model checks its whole input once it is validated: a nested one refusing would fail its
+        # member of a union (normalize: imagenet | {mean, std}), and the union's error would hide which key it was.
+        if _VALIDATING_SECTION.get():
+            return handler(data)
+        outermost = _VALIDATING_SECTION.set(True)
+        try:
+            model = handler(data)
+        finally:
+            _VALIDATING_SECTION.reset(outermost)
+        taken = _boolean_taken_as_number(data, model)
+        if taken is not None:
+            loc, number = taken
+            kind = "an integer" if isinstance(number, int) else "a number"
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=PydanticCustomError("bool_as_number", f"expected {kind}, not a boolean"), loc=loc, input=True)])
+        return model
+
+
+def _boolean_taken_as_number(raw: Any, value: Any, loc: tuple = ()) -> tuple[tuple, int | float] | None:
+    """Where validation turned a boolean of the input `raw` into a number of its result `value`, with that number:
+    the first such place, followed through mappings, models and lists; None when there is none."""
+    if isinstance(raw, bool):
+        return (loc, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if isinstance(raw, dict) and isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        names = {**{n: n for n in fields}, **{f.alias: n for n, f in fields.items() if f.alias}}
+        pairs = [(k, v, getattr(value, names[k])) for k, v in raw.items() if k in names]
+    elif isinstance(raw, dict) and isinstance(value, dict):
+        # Keys as well: a per-batch-size limit {true: 5} becomes {1: 5}.
+        keys = [(k, k, next(key for key in value if key == k)) for k in raw if isinstance(k, bool) and k in value]
+        pairs = keys + [(k, v, value[k]) for k, v in raw.items() if k in value]
+    elif isinstance(raw, (list, tuple)) and isinstance(value, (list, tuple)) and len(raw) == len(value):
+        pairs = list(zip(range(len(raw)), raw, value))
+    else:
+        return None
+    for key, item, validated in pairs:
+        found = _boolean_taken_as_number(item, validated, (*loc, key))
+        if found is not None:
+            return found
+    return None
 
 
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -99,6 +151,11 @@ class AugmentStep(Strict):
             raise ValueError(f"expected one augmentation per list item, one of {', '.join(type(self).model_fields)}")
         return self
 
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler) -> dict[str, Any]:
+        # Written back as the one-key mapping it was read from: the three unused keys would make it unreadable.
+        return {self.name: handler(self)[self.name]}
+
     @property
     def name(self) -> str:
         return next(iter(self.model_fields_set))
@@ -106,6 +163,9 @@ class AugmentStep(Strict):
     @property
     def params(self) -> BaseModel:
         return getattr(self, self.name)
+
+
+SPLIT_FRACTIONS = ("val_fraction", "test_fraction")
 
 
 class DataConfig(Strict):
@@ -161,6 +221,13 @@ class DataConfig(Strict):
         if isinstance(self.normalize, Normalization) and self.channels and len(self.normalize.mean) != self.channels:
             raise ValueError(f"normalize has {len(self.normalize.mean)} values per statistic for {self.channels} channels")
         return self
+
+    @model_serializer(mode="wrap")
+    def _fractions_as_given(self, handler) -> dict[str, Any]:
+        # A split fraction is written only when given: a default one applies only where the data give no such split
+        # (report.json's data.provenance says how each split was made), and where they give it, a fraction that is
+        # written is refused when read again, so the record of such a run could not be resumed.
+        return {k: v for k, v in handler(self).items() if k not in SPLIT_FRACTIONS or k in self.model_fields_set}
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -345,6 +412,11 @@ class Gates(Strict):
         None, description=f"teacher ONNX p50 / student ONNX p50 at the same batch size; {PER_BATCH}")
     parity_atol: PositiveFloat | None = Field(None, description="max abs logit difference ONNX vs PyTorch; null: export.atol")
     size_mb_max: PositiveFloat | None = Field(None, description="size of the delivered ONNX file in MB (10^6 bytes)")
+    # On unless the pipeline names it: a model at chance is broken whatever the other gates say.
+    above_chance: Annotated[float, Field(gt=0.0, le=0.05)] | None = Field(
+        0.001, description="significance level: the teacher's and the delivered model's test accuracy must beat "
+                           "always answering the most common test class (one-sided exact binomial test, p ≤ this); "
+                           "a failing teacher ends the run before distillation; null: no such gate")
 
 
 MAX_THREADS = 1024
@@ -390,9 +462,59 @@ class ValidateConfig(Strict):
         return self
 
 
+ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"  # kdpipe's rule (it names tags kdpipe.claim.ALIAS); MLflow's is wider
+MLFLOW_MAX_ALIAS_LENGTH = 255
+# What makes a registered model name unusable, and why; tests/test_strict_input.py holds it against a real registry.
+MODEL_NAME_BREAKERS = {
+    "/": "MLflow refuses it (models:/NAME/VERSION)",
+    ":": "MLflow refuses it",
+    "%": "MLflow's file store refuses it",
+    "?": "it ends the name in a models:/ URI",
+    "'": "it ends the quoted name in the registry searches kdpipe makes",
+    "\t": "models:/ URIs drop it", "\n": "models:/ URIs drop it", "\r": "models:/ URIs drop it",
+}
+
+
+def _not_reserved_by_mlflow(alias: str) -> str:
+    """MLflow refuses these aliases only when one is set, which is after training."""
+    if alias.lower() == "latest":
+        raise PydanticCustomError("reserved_alias", "'latest' (in any case) is reserved by MLflow for a model's newest "
+                                                    "version")
+    if re.fullmatch(r"[vV]\d+", alias):
+        raise PydanticCustomError("reserved_alias", "v followed by digits is reserved by MLflow for version numbers "
+                                                    "(@v3 is version 3)")
+    return alias
+
+
+def _usable_model_name(name: str) -> str:
+    if not name.strip():
+        raise PydanticCustomError("model_name", "expected a registered model name, not only spaces")
+    if name == "." or name.startswith(".."):
+        raise PydanticCustomError("model_name", "MLflow refuses a name that reads as a relative path ('.', or "
+                                                "starting with '..')")
+    for char, why in MODEL_NAME_BREAKERS.items():
+        if char in name:
+            raise PydanticCustomError("model_name", "{char} cannot be in a registered model name: {why}",
+                                      {"char": repr(char), "why": why})
+    return name
+
+
+RegistryAlias = Annotated[str, Field(pattern=ALIAS_PATTERN, max_length=MLFLOW_MAX_ALIAS_LENGTH),
+                          AfterValidator(_not_reserved_by_mlflow)]
+_ALIAS = TypeAdapter(RegistryAlias)
+
+
+def registry_alias(alias: str, key: str) -> str:
+    """`alias` when it can name a registry alias, else InputError naming `key` (a command-line option)."""
+    try:
+        return _ALIAS.validate_python(alias)
+    except ValidationError as exc:
+        raise InputError(key, _describe(exc.errors()[0], BaseModel, ())) from None
+
+
 class RegisterConfig(Strict):
-    model_name: str = Field(min_length=1)
-    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+    model_name: Annotated[str, Field(min_length=1), AfterValidator(_usable_model_name)]
+    alias: RegistryAlias = "champion"
 
 
 class RangeSpec(Strict):

@@ -79,6 +79,10 @@ class Pipeline(Strict):
             data["search"]["storage"] = mask_credentials(self.search.storage)
         return data
 
+    def record(self) -> str:
+        """RUN_DIR/pipeline.yaml: the resolved pipeline as a pipeline file that loads back to this pipeline."""
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
+
 
 MAX_FILE_BYTES = 1 << 20  # a pipeline file is a page of settings; anything larger is not one
 MAX_DEPTH = 64  # nesting levels, counting what aliases pull in
@@ -88,11 +92,13 @@ MAX_NODES = 100_000  # values after expanding aliases (a "billion laughs" file e
 class _BoundedLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing documents nested deeper than MAX_DEPTH or holding more than MAX_NODES
     values once aliases are expanded. Sizes are counted as nodes are composed, before anything is built,
-    so a file cannot make kdpipe recurse or allocate beyond those bounds."""
+    so a file cannot make kdpipe recurse or allocate beyond those bounds. A key given twice in one mapping is
+    refused too: PyYAML would keep the last silently, and the file would not say what its writer meant."""
 
     def __init__(self, stream):
         super().__init__(stream)
         self._nesting = 0
+        self._path: tuple[str | int, ...] = ()  # keys and list positions down to the node being composed
         self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth), aliases expanded
         self._values = 0
 
@@ -102,10 +108,17 @@ class _BoundedLoader(yaml.SafeLoader):
         self._nesting += 1
         if self._nesting > MAX_DEPTH:
             raise _too_large(mark, f"nesting deeper than {MAX_DEPTH} levels")
+        # index: the key node of a mapping's value, the position of a list item, None for keys and the document
+        step = index.value if isinstance(index, yaml.ScalarNode) else index if isinstance(index, int) else None
+        outer = self._path
+        self._path = outer if step is None else (*outer, step)
         try:
             node = super().compose_node(parent, index)
+            if isinstance(node, yaml.MappingNode) and not alias:
+                self._refuse_duplicate_keys(node)
         finally:
             self._nesting -= 1
+            self._path = outer
         if id(node) not in self._measured:
             if alias:
                 raise _too_large(mark, "an alias inside the value it names (a recursive structure)")
@@ -121,9 +134,27 @@ class _BoundedLoader(yaml.SafeLoader):
             raise _too_large(mark, f"more than {MAX_NODES} values once aliases are expanded")
         return node
 
+    def _refuse_duplicate_keys(self, mapping: yaml.MappingNode) -> None:
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in mapping.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == MERGE_TAG:  # `<<: *base` then a key: an override
+                continue
+            seen = first.setdefault((key.tag, key.value), key)
+            if seen is not key:
+                raise InputError(".".join(map(str, [*self._path, key.value])),
+                                 f"{_where(key.start_mark)}: given twice in one mapping (first at "
+                                 f"{_where(seen.start_mark)}); YAML would silently keep the last")
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _where(mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
 
 def _too_large(mark, problem: str) -> InputError:
-    return InputError("", f"line {mark.line + 1}, column {mark.column + 1}: {problem}; a pipeline file cannot hold that")
+    return InputError("", f"{_where(mark)}: {problem}; a pipeline file cannot hold that")
 
 
 def _parse_yaml(text: str) -> Any:
@@ -170,6 +201,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], base_dir: Path | 
             value = _parse_yaml(text)
         except yaml.YAMLError:
             value = text
+        except InputError as exc:  # a key given twice in the value, or a value too large: named under the --set key
+            raise InputError(".".join(filter(None, [key, exc.key])), f"--set {key}: {exc.message}") from None
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:

@@ -37,8 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from kdpipe.config import RegistryAlias, Strict
 from kdpipe.errors import InputError
 from kdpipe.locks import file_lock
 
@@ -49,11 +50,9 @@ HIGHER_IS_BETTER = {"test_accuracy": True, "latency_p50_ms": False, "size_mb": F
 EPSILON = 1e-12
 
 
-class RegistryPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    candidate_alias: str = Field("candidate", pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$",
-                                 description="alias every passing version gets (the newest one holds it)")
+class RegistryPolicy(Strict):
+    candidate_alias: RegistryAlias = Field("candidate", description="alias every passing version gets (the newest "
+                                                                    "one holds it)")
     primary_metric: Literal["test_accuracy", "latency_p50_ms", "size_mb"] = Field(
         "test_accuracy", description="what a version must improve to take the champion alias; "
                                      "latency_p50_ms is at the smallest validated batch size")

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,13 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from kdpipe import __version__, distributed
-from kdpipe.atomic import write_json
+from kdpipe.atomic import atomic_write, write_json
+from kdpipe.cache_store import check_cache_dir
+from kdpipe.config import _shown
+from kdpipe.fingerprint import fingerprint
 from kdpipe.pipeline import Pipeline, load_pipeline
 from kdpipe.data import Splits, load_data
+from kdpipe.data.storage import available_bytes
 from kdpipe.errors import GateFailed, InputError, RunInterrupted, StageFailed
 from kdpipe.locks import Busy, file_lock
 from kdpipe.methods import get_method
@@ -36,7 +40,8 @@ from kdpipe.models.adapter import check_uint8_input, holds_8bit_images
 from kdpipe.progress import Progress
 from kdpipe.search.storage import check_storage_location
 from kdpipe.teacher_cache import TeacherOutputCache
-from kdpipe.tracking import (Tracker, TrackingUnreachable, check_reachable, http_uris, load_tracking_config,
+from kdpipe.teacher_views import views_nbytes
+from kdpipe.tracking import (Tracker, TrackingUnreachable, check_reachable, flatten, http_uris, load_tracking_config,
                              unreachable_reason)
 from kdpipe.train import resolve_precision
 
@@ -155,6 +160,84 @@ def read_ledger(run_dir: Path) -> dict[str, Any]:
     return ledger
 
 
+def check_until(ledger: dict[str, Any], until: str | None) -> None:
+    """A resumed run cannot stop before a stage it already finished: its report would contradict the ledger."""
+    finished = [s for s in STAGES if s in ledger["finished"]]
+    if until is not None and finished and STAGES.index(until) < STAGES.index(finished[-1]):
+        raise InputError("--until", f"the run already finished stage '{finished[-1]}' (ledger.json), which comes "
+                                    f"after '{until}'; resume with --until {finished[-1]} or a later stage, or without "
+                                    "--until")
+
+
+def run_record(pipeline: Pipeline, data: Splits) -> dict[str, Any]:
+    """What the ledger keeps for --resume to compare: the resolved pipeline's digest (and the pipeline, to name a
+    changed key) and the data's fingerprint (with its classes and split sizes, to say what changed)."""
+    resolved = pipeline.resolved()
+    return {"pipeline_digest": fingerprint(resolved), "pipeline": resolved,
+            "data": {"fingerprint": data.fingerprint, "classes": data.provenance.get("classes") or data.num_classes,
+                     "sizes": data.sizes(), "storage": data.provenance["storage"]}}
+
+
+def write_record(run_dir: Path, pipeline: Pipeline) -> None:
+    """RUN_DIR/pipeline.yaml in one step: a run killed while writing it leaves the previous record whole."""
+    with atomic_write(Path(run_dir) / "pipeline.yaml") as tmp:
+        tmp.write_text(pipeline.record())
+
+
+def check_resumed(ledger: dict[str, Any], prepared: Prepared, run_dir: Path) -> None:
+    """InputError (exit 2, before any work) when RUN_DIR/pipeline.yaml or the data are not those the run started
+    with: the finished stages' results would not belong to them, and the record would lie about the model."""
+    if "pipeline_digest" not in ledger:
+        print(f"{run_dir}: note: ledger.json is from an earlier kdpipe, which kept no digests: pipeline.yaml and the "
+              "data are not compared with those the run started with", file=sys.stderr)
+        return
+    now = run_record(prepared.pipeline, prepared.data)
+    if now["pipeline_digest"] != ledger["pipeline_digest"]:
+        was, edited = flatten(ledger["pipeline"]), flatten(now["pipeline"])
+        changed = [f"{key} {_shown(was.get(key))} → {_shown(edited.get(key))}"
+                   for key in dict.fromkeys([*was, *edited]) if was.get(key) != edited.get(key)]
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise InputError("pipeline.yaml", f"changed since the run started ({shown}); --resume continues the run as it "
+                                          f"began: undo the edit, or start a new run with kdpipe run "
+                                          f"{run_dir / 'pipeline.yaml'}")
+    _check_same_data(ledger["data"], now["data"], "data.path" if prepared.pipeline.data.path else "data", run_dir)
+
+
+def _check_same_data(was: dict[str, Any], now: dict[str, Any], key: str, run_dir: Path) -> None:
+    if now["fingerprint"] == was["fingerprint"]:
+        return
+    changes = _data_changes(was, now)
+    if not changes and was["storage"] != now["storage"]:
+        # Training images held in memory are fingerprinted by their pixels, streamed ones by their files' identity,
+        # so across a change of storage (storage: auto on a machine with other free memory) only these compare.
+        held = {"memory": "held in memory", "stream": "streamed from their files"}
+        print(f"{run_dir}: note: the training data were {held[was['storage']]} when the run started and are "
+              f"{held[now['storage']]} now, so only their classes and split sizes are compared (they match)",
+              file=sys.stderr)
+        return
+    shown = "; ".join(changes) or "the same classes and split sizes, other contents: files replaced or modified " \
+                                  "(image files: their sizes or modification times differ)"
+    raise InputError(key, f"the data changed since the run started ({shown}); --resume continues on the data the run "
+                          "began with: put it back, or start a new run")
+
+
+def _data_changes(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    changes = []
+    if was["classes"] != now["classes"]:
+        named = isinstance(was["classes"], list) and isinstance(now["classes"], list)
+        added = [c for c in now["classes"] if c not in was["classes"]] if named else []
+        gone = [c for c in was["classes"] if c not in now["classes"]] if named else []
+        if added:
+            changes.append(f"classes added: {_shown(added)}")
+        if gone:
+            changes.append(f"classes removed: {_shown(gone)}")
+        if not (added or gone):
+            changes.append(f"classes {_shown(was['classes'])} → {_shown(now['classes'])}")
+    changes += [f"{split} split {was['sizes'].get(split)} → {size} samples" for split, size in now["sizes"].items()
+                if was["sizes"].get(split) != size]
+    return changes
+
+
 @contextlib.contextmanager
 def lock_run_dir(run_dir: Path):
     """Hold the run directory for this process: a second process resuming it at the same time would train and log
@@ -210,6 +293,7 @@ def prepare(pipeline_file: Path, overrides: list[str], check_models: bool = True
     resolve_precision(pipeline.distill.precision, device)
     data = load_data(pipeline.data, pipeline.seed, device)
     check_trainable(pipeline, data)
+    check_sizes(pipeline, data, device)
     if pipeline.export.input == "uint8":
         check_uint8_input(data)
     teacher = None
@@ -239,12 +323,45 @@ def check_trainable(pipeline: Pipeline, data: Splits) -> None:
     if teacher is not None and not given and teacher.train.epochs == 0:
         raise InputError("teacher.train.epochs", "expected ≥ 1 when the teacher is trained (no checkpoint or weights "
                                                  "given): with 0 epochs the teacher is never trained")
+    # A checkpoint replaces the whole teacher, head included; weights or hf: with reset_head keep a random head.
+    if teacher is not None and teacher.checkpoint is None and teacher.model.reset_head and teacher.train.epochs == 0:
+        raise InputError("teacher.train.epochs", "expected ≥ 1 with teacher.model.reset_head true: a classifier it "
+                                                 "replaces starts random and 0 epochs never train it; set reset_head: "
+                                                 "false where the weights already classify the data's "
+                                                 f"{data.num_classes} classes")
     # The trainer skips batches with fewer than 2 samples per process (BatchNorm cannot train on one sample).
     ranks = distributed.from_environment().world_size
     if pipeline.data.batch_size < 2 * ranks and len(data.y_train) >= 2 * ranks:
         raise InputError("data.batch_size", f"expected ≥ {2 * ranks}: a batch of {pipeline.data.batch_size} gives fewer "
                                             f"than 2 samples to each of {ranks} process(es), and the trainer skips such "
                                             "batches (BatchNorm cannot train on one sample), so no step would be made")
+
+
+def check_sizes(pipeline: Pipeline, data: Splits, device: torch.device) -> None:
+    """Sizes the schema cannot bound without the data, found before any work (InputError, exit 2): each crop's
+    padding against the images, the teacher views against the memory of the device that computes them."""
+    if data.augmentation is None:
+        return
+    _, height, width = data.input_shape
+    for i, step in enumerate(pipeline.data.augment):
+        # Beyond the image's side a crop can miss the image altogether (and reflect padding cannot reach).
+        if step.name == "random_crop" and step.params.padding >= min(height, width):
+            raise InputError(f"data.augment.{i}.random_crop.padding",
+                             f"expected at most {min(height, width) - 1} for {height}×{width} images (less than their "
+                             f"smaller side, so that every crop keeps part of the image), got {step.params.padding}")
+    cfg = pipeline.distill
+    method = get_method(cfg.method)
+    if pipeline.teacher is None or cfg.teacher_cache == "off" or not (method.teacher_soft_labels and method.cache_teacher):
+        return  # no teacher views are recorded: the teacher runs online (Trainer.teacher)
+    per_view = views_nbytes(data, 1, cfg.teacher_topk)
+    free = available_bytes(device)
+    if per_view * cfg.teacher_views > free:
+        raise InputError("distill.teacher_views",
+                         f"expected at most {free // per_view} views of the {len(data.y_train)} training images on "
+                         f"this machine, got {cfg.teacher_views}: they need about "
+                         f"{per_view * cfg.teacher_views / 1e9:.0f} GB (augmentation parameters and the teacher's "
+                         f"top-{min(cfg.teacher_topk, data.num_classes)} soft labels), all held in memory while the "
+                         f"teacher pass makes them, and {device} has {free / 1e9:.1f} GB free")
 
 
 def new_run_id() -> str:
@@ -268,6 +385,7 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
     """
     if until is not None and until not in STAGES:
         raise InputError("--until", f"expected one of {', '.join(STAGES)}, got '{until}'")
+    check_cache_dir(cache_dir, runs_dir if resume is None else None)  # resumed: the one its ledger names, unless named
     with contextlib.ExitStack() as held:
         ledger: dict[str, Any] = {"finished": []}
         if resume is not None:
@@ -275,8 +393,11 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
             if distributed.from_environment().is_main:
                 held.enter_context(lock_run_dir(resume))
             ledger = read_ledger(resume)  # as the last process that worked in it left it
+            check_until(ledger, until)
             pipeline_file, overrides = Path(resume) / "pipeline.yaml", []
         prepared = prepare(pipeline_file, overrides)
+        if resume is not None:
+            check_resumed(ledger, prepared, Path(resume))
         search = prepared.pipeline.search
         if search is not None and resume is None:  # checked once, when the run starts
             check_storage_location(search.storage, overrides,
@@ -314,6 +435,7 @@ def _run_stages(prepared: Prepared, pipeline_file: Path, runs_dir: Path, cache_d
                 mlflow_config: Path | None = None) -> tuple[Path | None, dict[str, Any]]:
     pipeline = prepared.pipeline
     resolved = pipeline.resolved()
+    ledger.update(run_record(pipeline, prepared.data))  # an earlier release's ledger gains it too
     if resume is not None:
         run_dir = Path(resume).resolve()
         runs_dir, run_id = run_dir.parent.parent, run_dir.name
@@ -324,7 +446,7 @@ def _run_stages(prepared: Prepared, pipeline_file: Path, runs_dir: Path, cache_d
         if env.is_main:
             run_dir.mkdir(parents=True)
             held.enter_context(lock_run_dir(run_dir))
-            (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            write_record(run_dir, pipeline)
     progress = Progress() if env.is_main else Progress(open(os.devnull, "w"))
     cache_dir = Path(cache_dir or os.environ.get("KDPIPE_CACHE_DIR") or ledger.get("cache_dir") or runs_dir / ".cache")
     data = prepared.data.to(prepared.device)
@@ -399,6 +521,10 @@ def _run_stages(prepared: Prepared, pipeline_file: Path, runs_dir: Path, cache_d
                 ctx.report["stage_seconds"][stage] = round(seconds, 3)
                 tracker.log_metrics({f"stage_seconds/{stage}": seconds})
                 ledger["finished"].append(stage)
+                if ctx.pipeline is not pipeline and env.is_main:  # the search chose what distill trains
+                    pipeline = ctx.pipeline
+                    write_record(run_dir, pipeline)
+                    ledger.update(run_record(pipeline, data))
                 save_ledger()
             stage = "report"
             if not env.is_main:

@@ -85,6 +85,20 @@ def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _class_dtype(num_classes: int) -> torch.dtype:
+    return torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def views_nbytes(data, views: int, topk: int) -> int:
+    """What `_nbytes` will count for the views of `data`'s training split, before any is made: the parameters of
+    one drawn view, and per view the top-k fp16 log-probabilities, their classes and the fp16 rest."""
+    topk = min(topk, data.num_classes)
+    drawn = data.augmentation.draw(1, torch.Generator().manual_seed(0))
+    params = sum(v.numel() * v.element_size() for step in drawn.per_sample for v in step.values())
+    labels = topk * (2 + _class_dtype(data.num_classes).itemsize) + 2
+    return len(data.y_train) * views * (params + labels)
+
+
 def key(teacher: nn.Module, data, views: int, topk: int, seed: int, autocast: torch.dtype | None) -> str:
     return fingerprint(teacher, data.fingerprint, data.augmentation.settings, kornia.__version__, views, topk, seed,
                        str(autocast))
@@ -134,7 +148,7 @@ def _compute(teacher: nn.Module, data, views: int, topk: int, seed: int, autocas
     device = data.y_train.device
     num_classes = data.num_classes
     params = data.augmentation.draw(len(data.y_train) * views, torch.Generator().manual_seed(seed)).to(device)
-    class_dtype = torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
+    class_dtype = _class_dtype(num_classes)
 
     def forward(batch: int) -> TeacherViews:
         tops, classes, rests = [], [], []

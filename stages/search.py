@@ -2,7 +2,7 @@
 
 Skipped when the pipeline has no `search:` section. Every trial is a nested
 MLflow run; the teacher's outputs are computed once and shared by all trials.
-The best parameters are written into the run's resolved pipeline file, and
+The best parameters go into the run's resolved pipeline file (the runner writes it), and
 the best trial's student is handed to distill when this worker holds it.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-
-import yaml
 
 from kdpipe.errors import InputError
 from kdpipe.methods import get_method
@@ -76,8 +74,8 @@ def run(ctx) -> None:
     choice = space.decode(best.params)
     method = choice.method
     # The best trial's export keys (quantize, qat_epochs) go to export and validate as its method does to distill.
+    # The runner records it (RUN_DIR/pipeline.yaml and the ledger's digest) when this stage has finished.
     ctx.pipeline = pipeline = with_export(pipeline.with_method(method, choice.params, choice.optimizer), choice.export)
-    (ctx.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(pipeline.resolved(), sort_keys=False))
     params = pipeline.distill.params.model_dump(mode="json")
     ctx.report["method"] = {"name": method, "params": params}
     reusable = not search.retrain and get_method(method).fit_returns_student

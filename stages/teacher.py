@@ -1,4 +1,5 @@
-"""teacher: load the checkpoint, or train the teacher once and reuse it from a cache keyed by content hash."""
+"""teacher: load the checkpoint, or train the teacher once and reuse it from a cache keyed by content hash; then
+the teacher_above_chance gate, which ends the run here when it fails."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 
 from kdpipe import __version__, distributed
 from kdpipe.cache_store import lookup, store
+from kdpipe.chance import ChanceLevel
+from kdpipe.errors import GateFailed
 from kdpipe.fingerprint import fingerprint
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
@@ -58,6 +61,21 @@ def run(ctx) -> None:
     ctx.tracker.log_metrics({"teacher/test_accuracy": acc})
     ctx.report["teacher"] = {"source": source, "params": count_params(teacher), "accuracy": acc,
                              "val_accuracy": accuracy(teacher, ctx.data.x_val, ctx.data.y_val)}
+    check_above_chance(ctx, acc)
+
+
+def check_above_chance(ctx, acc: float) -> None:
+    """The teacher_above_chance gate; failing, it ends the run here: a student distilled from a teacher at chance
+    is at chance too, so distilling it would only waste the time."""
+    significance = ctx.pipeline.validation.gates.above_chance
+    if significance is None:
+        return
+    chance = ChanceLevel.of(ctx.data.y_test)
+    p_value = chance.p_value(acc)
+    ctx.report["teacher"]["chance_rate"] = chance.rate
+    ctx.add_gate("teacher_above_chance", p_value, significance, p_value <= significance)
+    if p_value > significance:
+        raise GateFailed(f"teacher_above_chance: {chance.verdict('teacher', acc, significance)}")
 
 
 def train(ctx, teacher) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from kdpipe import __version__
 from kdpipe.cache_store import load_json, sha256_file, store_json
+from kdpipe.chance import ChanceLevel
 from kdpipe.errors import InputError
 from kdpipe.models.adapter import graph_inputs
 from kdpipe.onnx_export import takes_uint8
@@ -76,11 +77,15 @@ def measure_teacher(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
     return {**measured, "cached": False}
 
 
-def gates_for(model: dict, teacher: dict | None, cfg) -> list[tuple[str, float | None, float, bool]]:
+def gates_for(model: dict, teacher: dict | None, cfg,
+              chance: ChanceLevel) -> list[tuple[str, float | None, float, bool]]:
     """(name, value, limit, passed) for every configured gate that validate owns, on one measured model."""
     gates = cfg.gates
     out = []
     acc = model["accuracy"]
+    if gates.above_chance is not None:
+        p_value = chance.p_value(acc)
+        out.append(("above_chance", p_value, gates.above_chance, p_value <= gates.above_chance))
     if gates.accuracy_min is not None:
         out.append(("accuracy_min", acc, gates.accuracy_min, acc >= gates.accuracy_min))
     if gates.max_accuracy_drop_vs_teacher is not None and teacher is not None:
@@ -169,6 +174,7 @@ def run(ctx) -> None:
     _, dropped = available_providers(requested)
     x_test = inputs_for(ctx.artifacts["onnx_path"], ctx.data)
     y_test = ctx.data.y_test.cpu().numpy()
+    chance = ChanceLevel.of(ctx.data.y_test)
 
     fp32 = measure_model(ctx.artifacts["onnx_path"], cfg, x_test, y_test)
     fallback = [p for p in requested if p not in fp32["providers_used"]]
@@ -189,9 +195,9 @@ def run(ctx) -> None:
         int8 = measure_model(ctx.artifacts["int8_onnx_path"], cfg, x_test, y_test) \
             if "int8_onnx_path" in ctx.artifacts else None
         delivered, reason = choose_delivery(ctx.pipeline.export.deliver, fp32, int8,
-                                            gates_for(int8, teacher, cfg) if int8 else (),
+                                            gates_for(int8, teacher, cfg, chance) if int8 else (),
                                             ctx.pipeline.export.int8_max_accuracy_drop,
-                                            qat, gates_for(qat, teacher, cfg) if qat else ())
+                                            qat, gates_for(qat, teacher, cfg, chance) if qat else ())
         measured = {"fp32": fp32, "int8": int8, "qat": qat}[delivered]
         if int8 is not None:
             ctx.report["quantization"].update({
@@ -207,7 +213,7 @@ def run(ctx) -> None:
         ctx.artifacts["onnx_path"] = {"fp32": ctx.artifacts["onnx_path"], "int8": ctx.artifacts.get("int8_onnx_path"),
                                       "qat": ctx.artifacts.get("qat_onnx_path")}[delivered]
 
-    ctx.report.setdefault("student", {})["accuracy"] = measured["accuracy"]
+    ctx.report.setdefault("student", {}).update(accuracy=measured["accuracy"], chance_rate=chance.rate)
     ctx.report["onnx"].update({"path": measured["path"], "size_bytes": measured["size_bytes"],
                                "precision": "fp32" if delivered == "fp32" else "int8",
                                "quantization": quantization_of(delivered, ctx.pipeline.export.quantize)})
@@ -228,5 +234,7 @@ def run(ctx) -> None:
                              **{f"latency_ms/p50_bs{b}": v["p50"] for b, v in measured["latency_ms"].items()},
                              **{f"latency_ms/p99_bs{b}": v["p99"] for b, v in measured["latency_ms"].items()},
                              **{f"throughput/bs{b}": v["throughput"] for b, v in measured["latency_ms"].items()}})
-    for gate in gates_for(measured, teacher, cfg):
-        ctx.add_gate(*gate)
+    for name, value, limit, passed in gates_for(measured, teacher, cfg, chance):
+        ctx.add_gate(name, value, limit, passed)
+        if name == "above_chance" and not passed:
+            ctx.progress.info(f"  above_chance: {chance.verdict('student', measured['accuracy'], limit)}")

@@ -43,6 +43,27 @@ def teacher_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("teacher-cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def every_run_record_passes_check(tmp_path_factory):
+    """After this worker's tests: the record (pipeline.yaml) of every run directory they made under pytest's
+    basetemp passes what `kdpipe check` checks, as `--resume` reads it. A test that changes a run's inputs on
+    purpose after the run (its data, a checkpoint) must undo that change, or its record is reported here."""
+    yield
+    from kdpipe.errors import InputError
+    from kdpipe.runner import prepare
+
+    failures = []
+    for ledger in sorted(tmp_path_factory.getbasetemp().rglob("ledger.json")):
+        record = ledger.parent / "pipeline.yaml"
+        try:
+            prepare(record, [])
+        except InputError as exc:
+            failures.append(exc.format(str(record)))
+        except Exception as exc:  # noqa: BLE001 - `kdpipe check` reports these too (exit 3)
+            failures.append(f"{record}: {type(exc).__name__}: {exc}")
+    assert not failures, "run records that do not pass `kdpipe check`:\n" + "\n".join(failures)
+
+
 @pytest.fixture(scope="session")
 def mlflow_store_template(tmp_path_factory) -> Path:
     """An empty sqlite MLflow store with MLflow's schema migrations applied (seconds per store): copied per test."""

@@ -25,6 +25,7 @@ from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets, t
 
 DIGITS = PIPELINES / "digits.yaml"
 TEACHER_CACHE_SETTINGS = ["teacher.train.epochs=8"]  # the session's cached teacher (conftest FAST)
+CROP_FLIP = [{"random_crop": {"padding": 1}}, "hflip"]
 
 
 def alias_bomb() -> str:
@@ -85,6 +86,52 @@ CHECK_FAULTS = [
     Fault("CUDA listed but absent: a warning, then ok", exit_code=0,
           edits={"validate.providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
           line=r"^{file}: warning: validate.providers: CUDAExecutionProvider is not available in this onnxruntime"),
+    # Digits' ~1150 training images × 10^6 views need ~160 GB: more than any machine the tests run on has free.
+    Fault("teacher_views 1e6", edits={"data.augment": CROP_FLIP, "distill.teacher_views": 10**6},
+          line=r"^{file}: distill.teacher_views: expected at most \d+ views of the 1169 training images on this "
+               r"machine, got 1000000: they need about \d+ GB \(augmentation parameters and the teacher's top-10 soft "
+               r"labels\), all held in memory while the teacher pass makes them, and \S+ has [\d.]+ GB free$"),
+    # at reads teacher features, so its teacher runs online on the augmented batch and no views are recorded.
+    Fault("teacher_views 1e6 where the teacher runs online: ok", exit_code=0,
+          edits={"data.augment": CROP_FLIP, "distill.method": "at", "distill.params": {},
+                 "distill.teacher_views": 10**6}, line=r"^$"),
+    Fault("random_crop padding 1e5", edits={"data.augment": [{"random_crop": {"padding": 100_000}}]},
+          line=r"^{file}: data.augment.0.random_crop.padding: expected at most 7 for 8×8 images \(less than their "
+               r"smaller side, so that every crop keeps part of the image\), got 100000$"),
+    # Registry names MLflow refuses (or that break models:/ URIs): refused at check, not after training.
+    Fault("alias latest", edits={"register.alias": "Latest"},
+          line=r"^{file}: register.alias: 'latest' \(in any case\) is reserved by MLflow for a model's newest version, "
+               r"got 'Latest'$"),
+    Fault("alias v3", edits={"register.alias": "v3"},
+          line=r"^{file}: register.alias: v followed by digits is reserved by MLflow for version numbers \(@v3 is "
+               r"version 3\), got 'v3'$"),
+    Fault("model name with /", edits={"register.model_name": "team/digits"},
+          line=r"^{file}: register.model_name: '/' cannot be in a registered model name: MLflow refuses it "
+               r"\(models:/NAME/VERSION\), got 'team/digits'$"),
+    # YAML a parser takes but that does not say what was meant: a key given twice, a boolean where a number belongs.
+    Fault("a key given twice at the top", text=DIGITS.read_text() + "seed: 3\n",
+          line=r"^{file}: seed: line 24, column 1: given twice in one mapping \(first at line 4, column 1\); YAML "
+               r"would silently keep the last$"),
+    Fault("a key given twice in a section", text=DIGITS.read_text().replace("  epochs: 30\n", "  epochs: 30\n  epochs: 3\n"),
+          line=r"^{file}: distill.epochs: line 16, column 3: given twice in one mapping \(first at line 15, column 3\)"),
+    Fault("a key given twice in a --set value", args=("--set", "distill.optimizer={lr: 0.1, lr: 0.2}"),
+          line=r"^{file}: distill.optimizer.lr: --set distill.optimizer: line 1, column 11: given twice in one mapping "
+               r"\(first at line 1, column 2\)"),
+    Fault("epochs true via --set", args=("--set", "distill.epochs=true"),
+          line=r"^{file}: distill.epochs: expected an integer, not a boolean, got True$"),
+    Fault("temperature true in the file", edits={"distill.params.temperature": True},
+          line=r"^{file}: distill.params.temperature: expected a number, not a boolean, got True$"),
+    Fault("a boolean in a list of batch sizes", edits={"validate.batch_sizes": [1, True]},
+          line=r"^{file}: validate.batch_sizes.1: expected an integer, not a boolean, got True$"),
+    Fault("a boolean as a search bound", edits={"search": {"trials": 2, "space": {"temperature": {"low": True, "high": 8.0}}}},
+          line=r"^{file}: search.space.temperature.low: expected a number, not a boolean, got True$"),
+    Fault("a boolean among a numeric parameter's choices",
+          edits={"search": {"trials": 2, "space": {"temperature": {"choices": [True, 4.0]}}}},
+          line=r"^{file}: search.space.temperature: True is not a valid temperature for method 'kd': expected a number, "
+               r"not a boolean$"),
+    Fault("cache directory under a file", env={"KDPIPE_CACHE_DIR": "/dev/null/kdpipe-cache"},
+          line=r"^{file}: KDPIPE_CACHE_DIR: cannot write to the cache directory /dev/null/kdpipe-cache: /dev/null is not a "
+               r"folder$"),
 ]
 
 # Breaks onnxruntime's quantization pre-processing inside the kdpipe process: torch 2.11 exports a Range node on
@@ -125,6 +172,12 @@ RUN_FAULTS = [
           line=r"^{file}: seed: expected a value < 4294967296"),
     Fault("threads 1e11 in a run: nothing trained", args=("--set", f"validate.threads={10**11}"),
           line=r"^{file}: validate.threads: expected a value ≤ 1024"),
+    Fault("teacher_views 1e6 in a run: nothing trained", edits={"data.augment": CROP_FLIP},
+          args=("--set", "distill.teacher_views=1000000"), line=r"^{file}: distill.teacher_views: expected at most"),
+    Fault("epochs true in a run: nothing trained", args=("--set", "distill.epochs=true"),
+          line=r"^{file}: distill.epochs: expected an integer, not a boolean"),
+    Fault("cache directory under a file in a run: nothing trained", env={"KDPIPE_CACHE_DIR": "/dev/null/kdpipe-cache"},
+          line=r"^{file}: KDPIPE_CACHE_DIR: cannot write to the cache directory /dev/null/kdpipe-cache"),
     Fault("INT8: symbolic shape inference asserts, retried without it", args=tuple(RUN), exit_code=0,
           env={"KDPIPE_TEST_BREAK": "symbolic"}, line=r"^status passed: student accuracy", leaves="passed",
           report=int8_rebuilt_without_symbolic_shapes),

@@ -22,9 +22,10 @@ torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 
 DIGITS = (1, 8, 8)
+# The teachers are untrained models given as weights (the runs are about the export path): the chance gate is off.
 LENIENT_RUN = [*FAST, "teacher.train.epochs=0", "distill.epochs=2", "validate.gates.accuracy_min=0.0",
                "validate.gates.max_accuracy_drop_vs_teacher=1.0", "validate.gates.latency_p50_ms_max=1000",
-               "export.quantize=none", "export.deliver=fp32"]
+               "validate.gates.above_chance=null", "export.quantize=none", "export.deliver=fp32"]
 
 
 def build(arch: str | None = None, key: str = "teacher.model", shape=DIGITS, classes: int = 10, **fields) -> nn.Module:

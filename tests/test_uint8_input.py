@@ -42,10 +42,12 @@ def test_uint8_graph_predicts_what_the_float_graph_does_end_to_end(workdir, imag
 
     shutil.copytree(image_data["splits"], workdir / "pets")
     path = image_pipeline(workdir / "p.yaml", path="pets", channels=3, normalize={"mean": MEAN, "std": STD})
+    # About the graphs' input, not accuracy: the 3-epoch student is just above chance (~0.47 on 4 classes), so the
+    # chance gate is named off with the accuracy gates.
     result = cli("run", path, *sets(*FAST, "teacher.train.epochs=3", "distill.epochs=3", "export.input=uint8",
                                     "export.quantize=qat", "export.qat_epochs=1", "export.deliver=fp32", "validate.gates.accuracy_min=0.0",
                                     "validate.gates.max_accuracy_drop_vs_teacher=1.0",
-                                    "validate.gates.latency_p50_ms_max=1000"))
+                                    "validate.gates.latency_p50_ms_max=1000", "validate.gates.above_chance=null"))
     assert result.exit_code == 0, result.output
     report = read_report(result.stdout)
     run_dir = Path(report["run_dir"])

@@ -28,8 +28,10 @@ RESIZE_JITTER = [{"random_resized_crop": {"scale": [0.4, 1.0]}},
                  {"color_jitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}}]
 CLASSES = 10
 VIEWS = 3
-# Two-epoch students on augmented 8×8 digits are not accurate yet: these tests are about how the teacher ran.
-NO_GATES = ["validate.gates.accuracy_min=0.0", "validate.gates.max_accuracy_drop_vs_teacher=1.0"]
+# Two-epoch students on augmented 8×8 digits are not accurate yet (at chance): these tests are about how the teacher
+# ran.
+NO_GATES = ["validate.gates.accuracy_min=0.0", "validate.gates.max_accuracy_drop_vs_teacher=1.0",
+            "validate.gates.above_chance=null"]
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
+from kdpipe.config import Strict
 from kdpipe.errors import InputError
 from kdpipe.taps import Outputs, TapPair, forward_with_taps, pair_taps
 from kdpipe.train import Batch, Phase, Trainer, Update
@@ -25,8 +26,8 @@ from kdpipe.train import Batch, Phase, Trainer, Update
 _REGISTRY: dict[str, type[Method]] = {}
 
 
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Params(Strict):
+    """A method's parameters: unknown keys and booleans where numbers belong are refused (kdpipe.config.Strict)."""
 
 
 def param(default: Any, *, low: float | None = None, high: float | None = None, log: bool = False,
