@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,10 +24,8 @@ import torch
 from torch import nn
 
 from kdpipe import __version__, distributed
-from kdpipe.atomic import atomic_write, write_json
+from kdpipe.atomic import write_json
 from kdpipe.cache_store import check_cache_dir
-from kdpipe.config import _shown
-from kdpipe.fingerprint import fingerprint
 from kdpipe.pipeline import Pipeline, load_pipeline
 from kdpipe.data import Splits, load_data
 from kdpipe.data.storage import available_bytes
@@ -38,10 +35,11 @@ from kdpipe.methods import get_method
 from kdpipe.models import build_model, load_checkpoint
 from kdpipe.models.adapter import check_uint8_input, holds_8bit_images
 from kdpipe.progress import Progress
+from kdpipe.resume import check_resumed, check_until, read_ledger, run_record, write_record
 from kdpipe.search.storage import check_storage_location
 from kdpipe.teacher_cache import TeacherOutputCache
 from kdpipe.teacher_views import views_nbytes
-from kdpipe.tracking import (Tracker, TrackingUnreachable, check_reachable, flatten, http_uris, load_tracking_config,
+from kdpipe.tracking import (Tracker, TrackingUnreachable, check_reachable, http_uris, load_tracking_config,
                              unreachable_reason)
 from kdpipe.train import resolve_precision
 
@@ -147,95 +145,6 @@ class ResumedTracker:
 
     def __getattr__(self, name: str):
         return getattr(self.tracker, name)
-
-
-def read_ledger(run_dir: Path) -> dict[str, Any]:
-    """The stage ledger of a run directory, for --resume."""
-    try:
-        ledger = json.loads((Path(run_dir) / "ledger.json").read_text())
-        if not isinstance(ledger.get("finished"), list) or not ledger.get("mlflow_run_id"):
-            raise ValueError
-    except (OSError, ValueError, AttributeError):
-        raise InputError("--resume", f"{run_dir} is not a kdpipe run directory: no readable ledger.json") from None
-    return ledger
-
-
-def check_until(ledger: dict[str, Any], until: str | None) -> None:
-    """A resumed run cannot stop before a stage it already finished: its report would contradict the ledger."""
-    finished = [s for s in STAGES if s in ledger["finished"]]
-    if until is not None and finished and STAGES.index(until) < STAGES.index(finished[-1]):
-        raise InputError("--until", f"the run already finished stage '{finished[-1]}' (ledger.json), which comes "
-                                    f"after '{until}'; resume with --until {finished[-1]} or a later stage, or without "
-                                    "--until")
-
-
-def run_record(pipeline: Pipeline, data: Splits) -> dict[str, Any]:
-    """What the ledger keeps for --resume to compare: the resolved pipeline's digest (and the pipeline, to name a
-    changed key) and the data's fingerprint (with its classes and split sizes, to say what changed)."""
-    resolved = pipeline.resolved()
-    return {"pipeline_digest": fingerprint(resolved), "pipeline": resolved,
-            "data": {"fingerprint": data.fingerprint, "classes": data.provenance.get("classes") or data.num_classes,
-                     "sizes": data.sizes(), "storage": data.provenance["storage"]}}
-
-
-def write_record(run_dir: Path, pipeline: Pipeline) -> None:
-    """RUN_DIR/pipeline.yaml in one step: a run killed while writing it leaves the previous record whole."""
-    with atomic_write(Path(run_dir) / "pipeline.yaml") as tmp:
-        tmp.write_text(pipeline.record())
-
-
-def check_resumed(ledger: dict[str, Any], prepared: Prepared, run_dir: Path) -> None:
-    """InputError (exit 2, before any work) when RUN_DIR/pipeline.yaml or the data are not those the run started
-    with: the finished stages' results would not belong to them, and the record would lie about the model."""
-    if "pipeline_digest" not in ledger:
-        print(f"{run_dir}: note: ledger.json is from an earlier kdpipe, which kept no digests: pipeline.yaml and the "
-              "data are not compared with those the run started with", file=sys.stderr)
-        return
-    now = run_record(prepared.pipeline, prepared.data)
-    if now["pipeline_digest"] != ledger["pipeline_digest"]:
-        was, edited = flatten(ledger["pipeline"]), flatten(now["pipeline"])
-        changed = [f"{key} {_shown(was.get(key))} → {_shown(edited.get(key))}"
-                   for key in dict.fromkeys([*was, *edited]) if was.get(key) != edited.get(key)]
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        raise InputError("pipeline.yaml", f"changed since the run started ({shown}); --resume continues the run as it "
-                                          f"began: undo the edit, or start a new run with kdpipe run "
-                                          f"{run_dir / 'pipeline.yaml'}")
-    _check_same_data(ledger["data"], now["data"], "data.path" if prepared.pipeline.data.path else "data", run_dir)
-
-
-def _check_same_data(was: dict[str, Any], now: dict[str, Any], key: str, run_dir: Path) -> None:
-    if now["fingerprint"] == was["fingerprint"]:
-        return
-    changes = _data_changes(was, now)
-    if not changes and was["storage"] != now["storage"]:
-        # Training images held in memory are fingerprinted by their pixels, streamed ones by their files' identity,
-        # so across a change of storage (storage: auto on a machine with other free memory) only these compare.
-        held = {"memory": "held in memory", "stream": "streamed from their files"}
-        print(f"{run_dir}: note: the training data were {held[was['storage']]} when the run started and are "
-              f"{held[now['storage']]} now, so only their classes and split sizes are compared (they match)",
-              file=sys.stderr)
-        return
-    shown = "; ".join(changes) or "the same classes and split sizes, other contents: files replaced or modified " \
-                                  "(image files: their sizes or modification times differ)"
-    raise InputError(key, f"the data changed since the run started ({shown}); --resume continues on the data the run "
-                          "began with: put it back, or start a new run")
-
-
-def _data_changes(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    changes = []
-    if was["classes"] != now["classes"]:
-        named = isinstance(was["classes"], list) and isinstance(now["classes"], list)
-        added = [c for c in now["classes"] if c not in was["classes"]] if named else []
-        gone = [c for c in was["classes"] if c not in now["classes"]] if named else []
-        if added:
-            changes.append(f"classes added: {_shown(added)}")
-        if gone:
-            changes.append(f"classes removed: {_shown(gone)}")
-        if not (added or gone):
-            changes.append(f"classes {_shown(was['classes'])} → {_shown(now['classes'])}")
-    changes += [f"{split} split {was['sizes'].get(split)} → {size} samples" for split, size in now["sizes"].items()
-                if was["sizes"].get(split) != size]
-    return changes
 
 
 @contextlib.contextmanager
@@ -393,11 +302,11 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
             if distributed.from_environment().is_main:
                 held.enter_context(lock_run_dir(resume))
             ledger = read_ledger(resume)  # as the last process that worked in it left it
-            check_until(ledger, until)
+            check_until(ledger, until, STAGES)
             pipeline_file, overrides = Path(resume) / "pipeline.yaml", []
         prepared = prepare(pipeline_file, overrides)
         if resume is not None:
-            check_resumed(ledger, prepared, Path(resume))
+            check_resumed(ledger, prepared.pipeline, prepared.data, Path(resume))
         search = prepared.pipeline.search
         if search is not None and resume is None:  # checked once, when the run starts
             check_storage_location(search.storage, overrides,

@@ -23,7 +23,8 @@ from conftest import (FAST, LENIENT, ONE_THREAD, PIPELINES, cli, read_report, re
 from kdpipe.config import ModelConfig, Normalization, RegisterConfig, StudentConfig, TeacherConfig
 from kdpipe.errors import InputError
 from kdpipe.pipeline import DEFAULT_METHOD, Pipeline, load_pipeline, resolve_paths, validate_pipeline
-from kdpipe.runner import check_resumed, prepare, run_record
+from kdpipe.resume import check_resumed, run_record
+from kdpipe.runner import prepare
 
 # --- write → load → write over every schema field ----------------------------------------------------------
 #
@@ -411,12 +412,13 @@ def test_a_change_of_storage_alone_is_no_change_of_the_data(workdir, capsys):
     assert streamed.data.fingerprint != held.data.fingerprint  # pixels in memory, the files' identity when streamed
     # What storage: auto makes of a resume on a machine with less free memory than the run started on.
     ledger = {**run_record(streamed.pipeline, streamed.data), "data": run_record(held.pipeline, held.data)["data"]}
-    check_resumed(ledger, streamed, workdir)
+    check_resumed(ledger, streamed.pipeline, streamed.data, workdir)
     assert "note: the training data were held in memory when the run started and are streamed from their files " \
            "now, so only their classes and split sizes are compared (they match)" in capsys.readouterr().err
     sorted((folder / "train" / "one").iterdir())[0].unlink()
+    stream = prepared("stream")
     with pytest.raises(InputError) as refused:
-        check_resumed(ledger, prepared("stream"), workdir)
+        check_resumed(ledger, stream.pipeline, stream.data, workdir)
     assert refused.value.key == "data.path" and "train split 72 → 71 samples" in refused.value.message
 
 
