@@ -19,6 +19,23 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a k
 DebugOption = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from kdpipe.versions import versions
+
+        found = versions()
+        libraries = ", ".join(f"{k} {found[k] or 'not installed'}" for k in ("python", "torch", "onnxruntime", "mlflow"))
+        typer.echo(f"kdpipe {found['kdpipe']} ({libraries})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                   help="print kdpipe's version and those of torch, onnxruntime "
+                                                        "and mlflow, then exit")] = False) -> None:
+    """Distill a trained classifier into a small student and ship it as a validated ONNX model."""
+
+
 def _fail(exc: BaseException, file: str | None, debug: bool) -> None:
     if debug:
         raise exc
@@ -30,6 +47,26 @@ def _fail(exc: BaseException, file: str | None, debug: bool) -> None:
         message = f"error: {exc}"
     typer.echo(message.replace("\n", " "), err=True)
     raise typer.Exit(getattr(exc, "exit_code", 3))
+
+
+# What `kdpipe init` writes into the working directory, from the files installed with the package.
+INIT_FILES = {"pipeline.yaml": ("kdpipe.pipelines", "digits.yaml"), "mlflow.yaml": ("kdpipe", "mlflow.yaml")}
+
+
+@app.command()
+def init() -> None:
+    """Write the default pipeline (pipeline.yaml, the digits example) and mlflow.yaml into the working directory,
+    ready for `kdpipe run pipeline.yaml`. Refuses (exit 2) when either file exists."""
+    from importlib.resources import files
+
+    for name in INIT_FILES:
+        if Path(name).exists():
+            _fail(InputError("", "exists; kdpipe init writes only new files (move it away or run elsewhere)"), name,
+                  False)
+    for name, (package, resource) in INIT_FILES.items():
+        Path(name).write_text(files(package).joinpath(resource).read_text())
+        typer.echo(f"wrote {name}", err=True)
+    typer.echo("next: kdpipe run pipeline.yaml")
 
 
 @app.command()

@@ -42,6 +42,7 @@ from kdpipe.teacher_views import views_nbytes
 from kdpipe.tracking import (Tracker, TrackingUnreachable, check_reachable, http_uris, load_tracking_config,
                              unreachable_reason)
 from kdpipe.train import resolve_precision
+from kdpipe.versions import versions
 
 STAGES = ["teacher", "search", "distill", "export", "validate", "register"]
 MAIN_RANK_STAGES = {"export", "validate", "register"}  # under torchrun, ranks other than 0 stop after training
@@ -534,6 +535,7 @@ def _new_report(pipeline: Pipeline, run_dir: Path, run_id: str, data: Splits, de
         "data": {"source": pipeline.data.source, **data.sizes(), "num_classes": data.num_classes,
                  "provenance": data.provenance},
         "device": str(device),
+        "versions": versions(),
         "stage_seconds": {},
         "mlflow": {"tracking_uri": tracking.tracking_uri, "experiment": tracking.experiment, "run_id": None,
                    "model_name": None, "model_version": None, "alias": None},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ def test_default_pipeline_end_to_end(workdir):
 
     assert report["status"] == "passed"
     assert report["method"] == {"name": "kd", "params": {"temperature": 4.0, "alpha": 0.9}}
+    for name in ("kdpipe", "torch", "onnxruntime", "mlflow"):  # what produced this result
+        assert report["versions"][name] == installed_version(name)
     assert report["teacher"]["params"] >= 10 * report["student"]["params"]
     assert 0.5 < report["student"]["accuracy"] <= 1.0
     assert report["teacher"]["accuracy"] > 0.8
