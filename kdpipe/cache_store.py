@@ -16,15 +16,16 @@ reader then rebuilds once more, so the race costs time, never a wrong result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kdpipe.atomic import atomic_write
 from kdpipe.errors import InputError
+from kdpipe.fingerprint import sha256_file
 
 Warn = Callable[[str], None]
 CACHE_DIR_ENV = "KDPIPE_CACHE_DIR"
@@ -54,12 +55,9 @@ def check_cache_dir(given: Path | None, runs_dir: Path | None) -> None:
     raise InputError(key, f"cannot write to the cache directory {path}: {problem}")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def warn_stderr(line: str) -> None:
+    """The warning of callers without a progress display (the teacher caches)."""
+    print(line, file=sys.stderr)
 
 
 def _digest_path(path: Path) -> Path:

@@ -7,7 +7,10 @@ same weights share an entry, and a freed network's id reused by a new one can ne
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,3 +54,29 @@ class Fingerprint:
 def fingerprint(*parts: Any, length: int = 32) -> str:
     """The content hash of `parts` (modules by their weights, tensors and arrays by their bytes, values as JSON)."""
     return Fingerprint(*parts).hexdigest(length)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def path_content(path: Path) -> dict[str, str]:
+    """A file's sha256, or every file's in a folder by relative path: what they hold, not where they are."""
+    path = Path(path)
+    if path.is_file():
+        return {".": sha256_file(path)}
+    return {str(f.relative_to(path)): sha256_file(f) for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def module_content(name: str) -> dict[str, Any]:
+    """An imported module by what defines it: its source file's sha256 and its distributions' versions."""
+    module = sys.modules.get(name)
+    source = getattr(module, "__file__", None)
+    top = name.split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top, [])
+    return {"module": name, "source": sha256_file(Path(source)) if source else None,
+            "versions": {d: importlib.metadata.version(d) for d in sorted(set(dists))}}

@@ -130,8 +130,7 @@ class ResumedTracker:
     """A Tracker continuing an interrupted MLflow run: metric steps the run already holds are not logged again."""
 
     def __init__(self, tracker: Tracker, run_id: str):
-        tracker.mlflow.start_run(run_id=run_id, log_system_metrics=tracker.config.system_metrics)
-        tracker.run_id = run_id
+        tracker.resume(run_id)
         client = tracker.client()
         self.tracker = tracker
         run = client.get_run(run_id)
@@ -501,7 +500,7 @@ def _end_badly(exc: BaseException, stage: str, report_path: Path, report: dict[s
     attempts = [lambda: tracker.end("KILLED" if killed else "FAILED")]
     if started and down is None:
         record_report = (lambda: tracker.log_artifact(report_path)) if written else \
-            (lambda: tracker.mlflow.log_dict(report, "report.json"))
+            (lambda: tracker.log_dict(report, "report.json"))
         attempts = [record_report, lambda: tracker.set_tags({"kdpipe.status": report["status"],
                                                             "kdpipe.failed_stage": stage}), *attempts]
     for attempt in attempts:

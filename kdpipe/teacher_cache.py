@@ -3,9 +3,10 @@
 The teacher is frozen and un-augmented training inputs never change, so its logits and tapped features over
 the training split are computed in one pass instead of one per step of every epoch. Entries are keyed by
 content (kdpipe.fingerprint: the teacher's weights, the data's fingerprint, the taps and the autocast dtype),
-in memory and, optionally, on disk where separate processes share them. Memory holds at most the budget,
-teacher outputs and teacher views (kdpipe.teacher_views) together, least recently used entries leaving first;
-entries larger than the budget stay on disk, memory-mapped, and each batch reads its rows from there.
+in memory and, optionally, on disk where separate processes share them, verified (kdpipe.cache_store): a corrupt
+entry is recomputed. Memory holds at most the budget, teacher outputs and teacher views (kdpipe.teacher_views)
+together, least recently used entries leaving first; entries larger than the budget stay on disk, memory-mapped,
+and each batch reads its rows from there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from kdpipe.atomic import save_torch
+from kdpipe.cache_store import lookup, store, warn_stderr
 from kdpipe.fingerprint import fingerprint
 from kdpipe.inference import predict
 from kdpipe.taps import Outputs
@@ -110,7 +111,7 @@ class TeacherOutputCache:
         if (held := self.recall(key)) is not None:
             return held
         path = self.directory / f"{key}.pt" if self.directory is not None else None
-        outputs = self._load(path, device) if path is not None and path.is_file() else None
+        outputs = self._load(path, device) if path is not None else None
         if outputs is None:
             outputs = self._compute(teacher, data, taps, autocast, channels_last)
             if path is not None:
@@ -171,14 +172,13 @@ class TeacherOutputCache:
 
     @staticmethod
     def _save(outputs: Outputs, path: Path) -> None:
-        save_torch({"logits": outputs.logits.cpu(), "features": {k: v.cpu() for k, v in outputs.features.items()}}, path)
+        state = {"logits": outputs.logits.cpu(), "features": {k: v.cpu() for k, v in outputs.features.items()}}
+        store(path, lambda tmp: torch.save(state, tmp))
 
     @staticmethod
     def _load(path: Path, device: torch.device) -> SpilledOutputs | None:
-        """Memory-mapped: pages are read when batches touch them. A corrupt entry is dropped (None: recompute)."""
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return SpilledOutputs(stored["logits"], stored["features"], device)
-        except Exception:  # a truncated or foreign file: rebuild it rather than fail every later run
-            path.unlink(missing_ok=True)
+        """Memory-mapped: pages are read when batches touch them. None when absent or corrupt (removed: recompute)."""
+        if not lookup(path, warn_stderr):
             return None
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return SpilledOutputs(stored["logits"], stored["features"], device)

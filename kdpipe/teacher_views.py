@@ -23,7 +23,6 @@ teacher outputs, so every trial of a search campaign replays the same views.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import kornia
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdpipe.cache_store import lookup, store
+from kdpipe.cache_store import lookup, store, warn_stderr
 from kdpipe.data.augment import AugmentParams
 from kdpipe.fingerprint import fingerprint
 from kdpipe.teacher_cache import TeacherOutputCache, full_pass, teacher_pass
@@ -115,7 +114,7 @@ def teacher_views(cache: TeacherOutputCache, teacher: nn.Module, data, *, views:
         return held
     device = data.y_train.device
     path = cache.directory / f"{entry}.pt" if cache.directory is not None else None
-    if path is not None and lookup(path, lambda line: print(line, file=sys.stderr)):
+    if path is not None and lookup(path, warn_stderr):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         result = TeacherViews.from_state(state, device, cache.fits(_nbytes(state)))
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -152,78 +153,132 @@ def mlflow_client(config: TrackingConfig):
     return mlflow.MlflowClient(tracking_uri=config.tracking_uri, registry_uri=registry_uri(config))
 
 
+class RunWriter:
+    """Writes to MLflow runs by explicit run id through one client bound to a store, never through MLflow's
+    process-global active run, experiment or URIs: two writers on different stores in one process keep apart.
+    Tracker (the pipeline's run) and the search's TrialRuns (its trials) both write through it."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def create(self, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+        return self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def end(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+
+
 class Tracker:
-    """One MLflow run per pipeline run."""
+    """One MLflow run per pipeline run, written by run id (RunWriter) to the configured store and experiment."""
 
     def __init__(self, config: TrackingConfig):
-        import mlflow
-        from mlflow.tracking import fluent
-
-        self.mlflow = mlflow
         self.config = config
-        # mlflow.set_*_uri also write these variables; end() puts back what the caller had.
-        self._caller_uris = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-        # mlflow.set_experiment sets the fluent API's active experiment (a module global, no public getter) and
-        # MLFLOW_EXPERIMENT_ID; left behind, a caller's next mlflow.start_run in this process would land in kdpipe's
-        # experiment, or fail in another store where that id does not exist. end() puts back the caller's.
-        self._caller_experiment = (fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID"))
-        # Retry settings the caller chose win; end() removes the ones set here.
+        self.run_id: str | None = None
+        self._open = False  # the run is started and not yet ended by this tracker
+        self._monitor = None
+        # MLflow reads its retry settings from the environment at each request. Those the caller chose win;
+        # end() removes the ones set here.
         self._retry_env_set = {k: v for k, v in retry_environment(config).items() if k not in os.environ}
         os.environ.update(self._retry_env_set)
         try:
-            mlflow.set_tracking_uri(config.tracking_uri)
-            # Set explicitly: a registry URI left over in this process would otherwise win over the tracking URI.
-            mlflow.set_registry_uri(registry_uri(config))
+            self.runs = RunWriter(mlflow_client(config))
             with store_lock(config):
-                if mlflow.get_experiment_by_name(config.experiment) is None:
-                    mlflow.create_experiment(config.experiment, artifact_location=config.artifact_location)
-            mlflow.set_experiment(config.experiment)
+                found = self.runs.client.get_experiment_by_name(config.experiment)
+                self.experiment_id = found.experiment_id if found is not None else self.runs.client.create_experiment(
+                    config.experiment, artifact_location=config.artifact_location)
         except BaseException:
             self.restore_environment()
             raise
-        self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> str:
-        run = self.mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.config.system_metrics)
-        self.run_id = run.info.run_id
+        from mlflow.tracking.context.registry import resolve_tags  # the user, source and git tags mlflow.start_run adds
+
+        self.run_id = self.runs.create(self.experiment_id, run_name, resolve_tags(tags))
+        self._begin(resume=False)
         return self.run_id
 
+    def resume(self, run_id: str) -> None:
+        """Continue an interrupted run (--resume): RUNNING again, system metrics continuing its steps."""
+        self.run_id = run_id
+        self.runs.client.update_run(run_id, status="RUNNING")
+        self._begin(resume=True)
+
+    def _begin(self, resume: bool) -> None:
+        self._open = True
+        if self.config.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume,
+                                                 tracking_uri=self.config.tracking_uri)
+            self._monitor.start()
+
     def log_params(self, params: dict[str, Any]) -> None:
-        self.mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(params).items()})
+        self.runs.log_params(self.run_id, {k: ("null" if v is None else v) for k, v in flatten(params).items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.mlflow.log_metrics(metrics, step=step)
+        self.runs.log_metrics(self.run_id, metrics, step)
 
-    def log_artifact(self, path: Path) -> None:
-        self.mlflow.log_artifact(str(path))
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.runs.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, value: dict, artifact_file: str) -> None:
+        self.runs.client.log_dict(self.run_id, value, artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.mlflow.set_tags(tags)
+        self.runs.set_tags(self.run_id, tags)
 
     def end(self, status: str) -> None:
-        """End the run with `status` and put back the caller's MLflow environment, even when the server fails."""
+        """End the run with `status` (once: a second call, after the first failed at the server, does nothing) and
+        remove the retry settings set here, even when the server fails."""
         try:
-            if self.mlflow.active_run() is not None:
-                self.mlflow.end_run(status=status)  # pops the active run before calling the server
+            if self._open:
+                self._open = False
+                if self._monitor is not None:
+                    self._monitor.finish()
+                    self._monitor = None
+                self.runs.end(self.run_id, status)
         finally:
             self.restore_environment()
 
     def restore_environment(self) -> None:
-        from mlflow.tracking import fluent
-
         for name in self._retry_env_set:
             os.environ.pop(name, None)
         self._retry_env_set = {}
-        self.mlflow.set_tracking_uri(self._caller_uris["MLFLOW_TRACKING_URI"])
-        self.mlflow.set_registry_uri(self._caller_uris["MLFLOW_REGISTRY_URI"])
-        for name, value in self._caller_uris.items():
-            if value is None:
-                os.environ.pop(name, None)
-        fluent._active_experiment_id, experiment = self._caller_experiment
-        if experiment is None:
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-        else:
-            os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
+
+    @contextmanager
+    def _fluent(self):
+        """MLflow's fluent model API (log_model, register_model) reads the process-global tracking and registry
+        URIs: they name this store for the block only, then what the caller's environment names again."""
+        import mlflow
+
+        caller = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        mlflow.set_tracking_uri(self.config.tracking_uri)
+        # Set explicitly: a registry URI left over in this process would otherwise win over the tracking URI.
+        mlflow.set_registry_uri(registry_uri(self.config))
+        try:
+            yield mlflow
+        finally:
+            mlflow.set_tracking_uri(caller["MLFLOW_TRACKING_URI"])
+            mlflow.set_registry_uri(caller["MLFLOW_REGISTRY_URI"])
+            for name, value in caller.items():  # set_*_uri write these variables too
+                if value is None:
+                    os.environ.pop(name, None)
 
     def log_onnx_model(self, onnx_path: Path, name: str, example, providers: list[str]):
         """Log the ONNX model to the run with a signature and an input example; returns its ModelInfo."""
@@ -235,14 +290,21 @@ class Tracker:
 
         outputs = predict(session(onnx_path), example)
         signature = infer_signature(example, outputs.astype(np.float32))
-        return self.mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name=name, signature=signature, input_example=example,
-            save_as_external_data=False, onnx_execution_providers=providers,
-        )
+        # Made here, in this run's experiment, with the run's params: the fluent API would file a model logged by
+        # run id under the process's active experiment. No active run is started.
+        params = self.runs.client.get_run(self.run_id).data.params
+        model = self.runs.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
+                                                     params=params)
+        with self._fluent() as mlflow:
+            return mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=name, signature=signature,
+                                         input_example=example, save_as_external_data=False,
+                                         onnx_execution_providers=providers, run_id=self.run_id,
+                                         model_id=model.model_id)
 
     def register_model(self, model_uri: str, model_name: str, tags: dict[str, str]) -> str:
         """A new version of `model_name` with `tags`; returns the version number."""
-        return str(self.mlflow.register_model(model_uri, model_name, tags=tags).version)
+        with self._fluent() as mlflow:
+            return str(mlflow.register_model(model_uri, model_name, tags=tags).version)
 
     def client(self):
-        return mlflow_client(self.config)
+        return self.runs.client

@@ -72,7 +72,7 @@ def run(ctx) -> None:
     given = ctx.artifacts.get("given_onnx")  # `kdpipe validate MODEL.onnx`: nothing to export or compare
     # The teacher's graph takes what the delivered (or given) model takes, so both are fed the same test inputs.
     graph_input = cfg.input if given is None else "uint8" if takes_uint8(given) else "float"
-    x_val = graph_inputs(ctx.data.x_val.cpu(), ctx.data, graph_input)  # uint8 images for `input: uint8`
+    x_val = graph_inputs(ctx.data, "val", graph_input).cpu()  # the stored uint8 images for `input: uint8`
     # Two samples: a batch of one would let the exporter specialize the batch dimension to 1.
     example = torch.from_numpy(tile_batch(x_val.numpy(), 2))
     batch_sizes = parity_batch_sizes(ctx) if cfg.dynamic_batch else [len(example)]
@@ -116,7 +116,8 @@ def run(ctx) -> None:
             calibration = ctx.data.calibration_inputs(cfg.calibration_batches, ctx.pipeline.data.batch_size,
                                                       ctx.pipeline.seed)
             # Calibrated on what the graph takes: the quantizer leaves a uint8 input and its Cast as they are.
-            graph_calibration = [graph_inputs(torch.from_numpy(b), ctx.data, graph_input).numpy() for b in calibration]
+            graph_calibration = calibration if graph_input != "uint8" else ctx.data.calibration_inputs(
+                cfg.calibration_batches, ctx.pipeline.data.batch_size, ctx.pipeline.seed, stored=True)
         ctx.report["quantization"] = {
             "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
             "calibration_samples": sum(len(b) for b in calibration) if calibration else 0,

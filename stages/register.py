@@ -25,7 +25,7 @@ def run(ctx) -> None:
     else:
         # The signature's input dtype is the graph's: uint8 images for `export.input: uint8`, else float32.
         graph_input = "uint8" if takes_uint8(ctx.artifacts["onnx_path"]) else "float"
-        example = graph_inputs(ctx.data.x_val[:1].cpu(), ctx.data, graph_input).numpy()
+        example = graph_inputs(ctx.data, "val", graph_input)[:1].cpu().numpy()
         info = ctx.tracker.log_onnx_model(ctx.artifacts["onnx_path"], "student", example,
                                           ctx.report["validate"]["providers_used"])
         mlflow_report["model_uri"] = info.model_uri

@@ -33,7 +33,7 @@ def run(ctx) -> None:
     cache = options.pop("teacher_cache")
     campaign = Campaign(pipeline=pipeline, space=space, data=ctx.data, teacher=ctx.teacher,
                         initial_student=copy.deepcopy(ctx.student), teacher_cache=cache, trainer_options=options,
-                        runs=TrialRuns(ctx.tracker.mlflow, ctx.tracker.run_id), work_dir=ctx.run_dir / "search",
+                        runs=TrialRuns(ctx.tracker.client(), ctx.tracker.run_id), work_dir=ctx.run_dir / "search",
                         run_dir=ctx.run_dir, log=ctx.progress.info)
     storage = search.storage or f"sqlite:///{ctx.run_dir / 'search.db'}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -114,6 +114,6 @@ def _log_campaign(ctx, study, summary) -> None:
     ctx.tracker.log_metrics(metrics)
     written, skipped = save_plots(study, ctx.pipeline.search.objective, ctx.run_dir / "search" / "plots")
     for path in written:
-        ctx.tracker.mlflow.log_artifact(str(path), artifact_path="search")
+        ctx.tracker.log_artifact(path, "search")
     for reason in skipped:
         ctx.progress.info(f"  plot skipped: {reason}")

@@ -10,7 +10,7 @@ from kdpipe import __version__, distributed
 from kdpipe.cache_store import lookup, store
 from kdpipe.chance import ChanceLevel
 from kdpipe.errors import GateFailed
-from kdpipe.fingerprint import fingerprint
+from kdpipe.fingerprint import fingerprint, module_content, path_content
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
 from kdpipe.inference import accuracy
@@ -26,8 +26,21 @@ def cache_key(ctx) -> str:
         "data": ctx.data.fingerprint,
         "seed": ctx.pipeline.seed,
         "kdpipe": __version__,
+        "origin": origin(cfg.model),
     }
     return fingerprint(content)
+
+
+def origin(model) -> dict:
+    """What the teacher starts from, by content: the weights file's bytes, an hf: folder's files, an entry point's
+    code and package version. A file replaced at the same path is another teacher, never the cached one."""
+    found = {"weights": path_content(model.weights) if model.weights is not None else None}
+    if (model.arch or "").startswith("hf:"):
+        found["hf"] = path_content(model.arch[3:])
+    if model.entrypoint is not None:
+        module = model.entrypoint.rpartition(":")[0]
+        found["entrypoint"] = path_content(module) if module.endswith(".py") else module_content(module)
+    return found
 
 
 def run(ctx) -> None:

@@ -7,16 +7,15 @@ ratios are honest. The gates apply to the delivered model (`export.deliver`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 
 import numpy as np
 
 from kdpipe import __version__
-from kdpipe.cache_store import load_json, sha256_file, store_json
+from kdpipe.cache_store import load_json, store_json
 from kdpipe.chance import ChanceLevel
 from kdpipe.errors import InputError
+from kdpipe.fingerprint import fingerprint, sha256_file
 from kdpipe.models.adapter import graph_inputs
 from kdpipe.onnx_export import takes_uint8
 from kdpipe.onnx_runtime import (available_providers, configured_session, fixed_batch_size, import_ort,
@@ -29,7 +28,7 @@ def inputs_for(path, data) -> np.ndarray:
     """The test split as the model at `path` takes it: the 8-bit images for a uint8 graph (`export.input: uint8`),
     else model-ready floats, so accuracy and latency are measured on what a caller of that graph feeds it. The
     run's other graphs (teacher, INT8) are built with the same input."""
-    return graph_inputs(data.x_test.cpu(), data, "uint8" if takes_uint8(path) else "float").numpy()
+    return graph_inputs(data, "test", "uint8" if takes_uint8(path) else "float").cpu().numpy()
 
 
 def latency_limits(limit, batch_sizes: list[int]) -> dict[int, float]:
@@ -65,7 +64,7 @@ def measure_teacher(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
                "inter_op_threads": cfg.inter_op_threads, "graph_optimization": cfg.graph_optimization,
                "warmup": cfg.warmup, "runs": cfg.runs, "budget_s": cfg.budget_s, "host": platform.node(),
                "onnxruntime": import_ort().__version__, "kdpipe": __version__}
-    key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+    key = fingerprint(content)
     entry = ctx.cache_dir / "teacher-validate" / f"{key}.json"
     cached = load_json(entry, lambda line: ctx.progress.info(f"  {line}"))
     if cached is not None:

@@ -94,7 +94,7 @@ def test_a_trial_killed_before_its_mlflow_run_existed_gets_a_killed_run(workdir)
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")  # this test's store, whatever ran before
     mlflow.set_experiment("search")
     with mlflow.start_run() as parent:
-        runs = TrialRuns(mlflow, parent.info.run_id)
+        runs = TrialRuns(mlflow.MlflowClient(), parent.info.run_id)
         run_id = runs.start("trial-0", done.params, {"optuna.trial": "0"})
         runs.end(run_id, "complete")
         study.tell(done, 0.9)

@@ -26,14 +26,19 @@ from test_images import image_data, image_pipeline  # noqa: F401 - the session's
 MEAN, STD = [0.3, 0.35, 0.4], [0.3, 0.32, 0.35]  # per channel, different, so a channel mix-up shows
 
 
-def test_graph_inputs_give_back_the_decoded_images(image_data):  # noqa: F811
-    """Model-ready floats map back to exactly the 8-bit images they came from (read here without normalization)."""
+def test_8bit_val_and_test_are_held_as_uint8_and_a_uint8_graph_gets_the_stored_bytes(image_data):  # noqa: F811
+    """Val/test of 8-bit images are stored as the decoded uint8 images (read here without normalization) and
+    converted when read; a uint8 graph is fed those stored bytes themselves, a float graph the converted inputs."""
     common = dict(source="imagefolder", path=image_data["splits"], channels=3)
     normalized = load_data(DataConfig(**common, normalize={"mean": MEAN, "std": STD}), seed=0)
     plain = load_data(DataConfig(**common), seed=0)
-    images = (plain.x_test * 255).round().to(torch.uint8)
-    assert torch.equal(graph_inputs(normalized.x_test, normalized, "uint8"), images)
-    assert graph_inputs(normalized.x_test, normalized, "float") is normalized.x_test
+    assert normalized.stored_val.dtype == normalized.stored_test.dtype == torch.uint8
+    assert torch.equal(normalized.stored_test, (plain.x_test * 255).round().to(torch.uint8))
+    assert graph_inputs(normalized, "test", "uint8") is normalized.stored_test
+    assert graph_inputs(normalized, "val", "uint8") is normalized.stored_val
+    floats = graph_inputs(normalized, "test", "float")
+    assert floats.dtype == torch.float32 and torch.equal(floats, normalized.x_test)
+    assert torch.equal(floats, normalized.conversion(normalized.stored_test))
 
 
 @pytest.mark.slow

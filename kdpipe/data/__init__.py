@@ -3,7 +3,8 @@
 Data that fits in memory lives on the training device as tensors (images as
 uint8, converted per batch), so a training step is an index into them, with no
 DataLoader machinery; image data larger than memory is streamed by DataLoader
-workers. Validation and test inputs are held model-ready in memory.
+workers. Validation and test samples are held in memory as stored (8-bit images
+as uint8) and converted when read (Splits.x_val, x_test).
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device | None = None) ->
     augmentation = Augmentation(cfg.augment, sample_shape) if cfg.augment else None
 
     def tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return conversion(torch.from_numpy(stored[split])), torch.from_numpy(parts[split].y)
+        return torch.from_numpy(stored[split]), torch.from_numpy(parts[split].y)
 
-    x_val, y_val = tensors("val")
-    x_test, y_test = tensors("test")
+    stored_val, y_val = tensors("val")
+    stored_test, y_test = tensors("test")
     provenance = {
         "source": cfg.source,
         "splits": {s: {"from": parts[s].origin, "size": len(parts[s].y)} for s in SPLIT_NAMES},
@@ -58,8 +59,8 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device | None = None) ->
         "classes": source.classes,
         "skipped_files": {"count": len(source.skipped), "first": source.skipped[:5]},
     }
-    splits = Splits(train if storage == "memory" else None, torch.from_numpy(parts["train"].y), x_val, y_val,
-                    x_test, y_test, num_classes, _fingerprint(parts, stored, cfg, seed, num_classes),
+    splits = Splits(train if storage == "memory" else None, torch.from_numpy(parts["train"].y), stored_val, y_val,
+                    stored_test, y_test, num_classes, _fingerprint(parts, stored, cfg, seed, num_classes),
                     conversion, augmentation, train if storage == "stream" else None, provenance)
     return splits
 

@@ -64,14 +64,15 @@ class InputConversion:
 
 @dataclass
 class Splits:
-    """x_val and x_test: model-ready float inputs. x_train: the stored training samples (uint8 for 8-bit images,
-    float otherwise), or None when they are streamed; the loop reads them through train_batches/train_inputs."""
+    """Every split as stored: uint8 for 8-bit images (a quarter of float32's memory), float otherwise. x_train is
+    None when streamed; the loop reads it through train_batches/train_inputs. stored_val and stored_test are read
+    model-ready through x_val and x_test, and as they are by a uint8 graph (kdpipe.models.adapter.graph_inputs)."""
 
     x_train: torch.Tensor | None
     y_train: torch.Tensor
-    x_val: torch.Tensor
+    stored_val: torch.Tensor
     y_val: torch.Tensor
-    x_test: torch.Tensor
+    stored_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
     fingerprint: str  # content hash of the data (or of its files' paths, sizes and times) and the split settings
@@ -81,9 +82,19 @@ class Splits:
     provenance: dict = field(default_factory=dict)  # where each split came from, its size, storage, skipped files
 
     @property
+    def x_val(self) -> torch.Tensor:
+        """Model-ready float validation inputs, converted at each read (float storage passes through)."""
+        return self.conversion(self.stored_val)
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        """Model-ready float test inputs, converted at each read (float storage passes through)."""
+        return self.conversion(self.stored_test)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
-        """The model's input shape per sample (C, H, W for images), after conversion."""
-        return tuple(self.x_val.shape[1:])
+        """The model's input shape per sample (C, H, W for images); conversion keeps it."""
+        return tuple(self.stored_val.shape[1:])
 
     @property
     def augmented(self) -> bool:
@@ -165,14 +176,15 @@ class Splits:
         for index, stored in zip(indices, self._stored(indices)):
             yield index, self.to_input(stored)
 
-    def calibration_inputs(self, count: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    def calibration_inputs(self, count: int, batch_size: int, seed: int, stored: bool = False) -> list[np.ndarray]:
         """`count` batches of model-ready float32 inputs drawn without replacement from the training split (a fixed
-        draw per seed), never augmented: for static INT8 calibration."""
+        draw per seed), never augmented: for static INT8 calibration. `stored`: the same draw as stored (the 8-bit
+        images a uint8 graph takes)."""
         order = np.random.default_rng(seed).permutation(len(self.y_train))[: batch_size * count]
         indices = [torch.from_numpy(order[i:i + batch_size]).to(self.y_train.device)
                    for i in range(0, len(order), batch_size)]
-        return [np.ascontiguousarray(self.to_input(stored).cpu().numpy(), dtype=np.float32)
-                for stored in self._stored(indices)]
+        return [np.ascontiguousarray((x if stored else self.to_input(x).float()).cpu().numpy())
+                for x in self._stored(indices)]
 
     def _stored(self, indices: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """The stored training samples of each batch of indices (on the labels' device, as the samples are)."""

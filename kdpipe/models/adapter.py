@@ -61,26 +61,10 @@ def for_export(model: nn.Module, data, graph_input: str) -> nn.Module:
     return InputAdapter(model, mean, std, data.conversion.divisor).eval()
 
 
-def graph_inputs(x: torch.Tensor, data, graph_input: str) -> torch.Tensor:
-    """Model-ready float inputs of `data` (x_val, x_test, calibration batches) as the graph takes them: unchanged
-    for a float graph; for a uint8 graph, the 8-bit images they were converted from.
-
-    The conversion is undone exactly: float32 rounding moves a pixel by far less than half a level, which the
-    rounding removes (checked, so a conversion this does not mirror fails loudly rather than shifting pixels)."""
-    if graph_input != "uint8":
-        return x
-    conversion = data.conversion
-    pixels = x.detach().cpu().to(torch.float64)
-    if conversion.mean is not None:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        pixels = pixels * torch.tensor(conversion.std, dtype=torch.float64).view(shape) \
-            + torch.tensor(conversion.mean, dtype=torch.float64).view(shape)
-    pixels = pixels * conversion.divisor
-    levels = pixels.round()
-    off = float((pixels - levels).abs().max())
-    if off > 0.01 or levels.min() < 0 or levels.max() > PIXEL_LEVELS:
-        raise RuntimeError(f"inputs do not map back to 8-bit images (a pixel is {off:.3g} of a level off)")
-    return levels.to(torch.uint8)
+def graph_inputs(data, split: str, graph_input: str) -> torch.Tensor:
+    """`data`'s `split` ("val" or "test") as the graph takes it: model-ready floats for a float graph; for a uint8
+    graph, the stored 8-bit images themselves, exactly the decoded bytes."""
+    return getattr(data, f"stored_{split}" if graph_input == "uint8" else f"x_{split}")
 
 
 def input_contract(data, graph_input: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from kdpipe.methods import get_method
 from kdpipe.search.space import EXPORT, OPTIMIZER, SearchSpace, with_export
 from kdpipe.search.storage import describe_storage
 from kdpipe.teacher_cache import TeacherOutputCache
+from kdpipe.tracking import RunWriter
 from kdpipe.inference import accuracy
 from kdpipe.train import Trainer
 
@@ -51,33 +51,29 @@ def make_pruner(name: str, epochs: int):
 
 
 class TrialRuns:
-    """Each trial as an MLflow run nested under the campaign's run (explicit run ids: no fluent active-run juggling)."""
+    """Each trial as an MLflow run nested under the campaign's run, written by run id (kdpipe.tracking.RunWriter)
+    through `client`, bound to the campaign's store."""
 
-    def __init__(self, mlflow, parent_run_id: str):
-        from mlflow.entities import Metric, Param, RunTag
-
-        self.Metric, self.Param, self.RunTag = Metric, Param, RunTag
-        self.client = mlflow.MlflowClient()
+    def __init__(self, client, parent_run_id: str):
+        self.runs = RunWriter(client)
+        self.client = client
         self.parent_run_id = parent_run_id
-        self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        self.experiment_id = client.get_run(parent_run_id).info.experiment_id
 
     def start(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"mlflow.parentRunId": self.parent_run_id, **tags})
-        self.client.log_batch(run.info.run_id, params=[self.Param(k, str(v)) for k, v in params.items()])
-        return run.info.run_id
+        run_id = self.runs.create(self.experiment_id, name, {"mlflow.parentRunId": self.parent_run_id, **tags})
+        self.runs.log_params(run_id, params)
+        return run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[self.Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.runs.log_metrics(run_id, metrics, step)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[self.RunTag(k, v) for k, v in tags.items()])
+        self.runs.set_tags(run_id, tags)
 
     def end(self, run_id: str, state: str, error: str | None = None) -> None:
-        tags = [self.RunTag("kdpipe.trial_state", state)] + ([self.RunTag("kdpipe.error", error[:5000])] if error else [])
-        self.client.log_batch(run_id, tags=tags)
-        self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"))
+        self.runs.set_tags(run_id, {"kdpipe.trial_state": state, **({"kdpipe.error": error[:5000]} if error else {})})
+        self.runs.end(run_id, RUN_STATUS.get(state, "FAILED"))
 
     def record_killed(self, study, numbers: list[int], reason: str) -> list[int]:
         """Give each killed trial that has no MLflow run yet (its worker died before creating one) a KILLED run,
