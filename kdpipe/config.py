@@ -320,6 +320,13 @@ class TapsConfig(Strict):
     teacher: list[str] | None = Field(None, description="module paths to tap in the teacher; null: the method's default")
 
 
+class EMAConfig(Strict):
+    decay: float = Field(0.9998, gt=0.0, lt=1.0, description="after every optimizer step ema = decay·ema + "
+                                                             "(1 − decay)·weights (timm's model_ema_decay)")
+    export: bool = Field(False, description="true: the EMA weights are validated, pick the best epoch and are "
+                                            "exported; false: reported beside the raw ones (val_accuracy_ema)")
+
+
 class DistillBase(Strict):
     """The distill keys every method shares; kdpipe.pipeline adds `method` and that method's `params`."""
 
@@ -347,6 +354,21 @@ class DistillBase(Strict):
     teacher_topk: PositiveInt = Field(
         10, description="teacher views: classes whose probability is kept per view (clipped to the class count); "
                         "the rest of the mass is spread evenly over the other classes")
+    # The student's training recipe beyond the optimizer (timm's names); the defaults leave each off.
+    warmup_epochs: NonNegativeInt = Field(0, description="epochs of linear LR warm-up, step by step from "
+                                                         "warmup_start_factor·lr to lr; the scheduler follows it")
+    warmup_start_factor: float = Field(0.01, gt=0.0, le=1.0, description="the LR at the first warm-up step, as a "
+                                                                         "fraction of optimizer.lr")
+    clip_grad_norm: PositiveFloat | None = Field(None, description="clip each update's gradients to this global L2 "
+                                                                  "norm (a loss spike then moves the weights by a "
+                                                                  "bounded step); null: no clipping")
+    grad_accum_steps: PositiveInt = Field(1, le=1024, description="batches whose gradients make one optimizer step: "
+                                                                 "the step of one batch of grad_accum_steps·"
+                                                                 "data.batch_size")
+    filter_bias_and_bn: bool = Field(False, description="no weight decay on biases and normalization weights "
+                                                        "(every parameter of one dimension)")
+    ema: EMAConfig | None = Field(None, description="keep an exponential moving average of the student's weights; "
+                                                    "null: none")
 
     @field_validator("device")
     @classmethod

@@ -16,6 +16,7 @@ says so before a run starts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,13 +106,13 @@ def _eval_difference(prepared: nn.Module, x: torch.Tensor, expected: torch.Tenso
 def qat_method(pipeline, fake_quantized: nn.Module, teacher: nn.Module | None, num_classes: int,
                input_shape: tuple[int, ...]):
     """The pipeline's method around the fake-quantized student; InputError when its loss cannot fine-tune it."""
-    from kdpipe.methods import get_method
+    from kdpipe.methods import Method, get_method
 
     cls = get_method(pipeline.distill.method)
     why = None
     method = None
-    if not cls.fit_returns_student:
-        why = "it builds the exported model while training (peers, generations)"
+    if cls.loss is Method.loss:
+        why = "it trains several networks (peers, generations), not the student on one loss"
     else:
         try:
             method = cls(pipeline.distill.params, student=fake_quantized, teacher=teacher, num_classes=num_classes,
@@ -189,10 +190,10 @@ def prediction_parity(model: nn.Module, onnx_path: Path, x: torch.Tensor, agains
 
 
 def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, calibration: list[np.ndarray],
-              trainer_options: dict, on_epoch) -> tuple[nn.Module, object]:
+              settings, on_epoch) -> tuple[nn.Module, object]:
     """Fake-quantize `student`, calibrate it on `calibration`, and train it for export.qat_epochs with the method's
-    loss against the teacher, as a phase of the one training loop (checkpointed per epoch through
-    `trainer_options`, so a killed run resumes it). Returns the frozen fake-quantized model and the trainer."""
+    loss against the teacher, as a phase of the one training loop (checkpointed per epoch as `settings`, a
+    TrainerSettings, say, so a killed run resumes it). Returns the frozen fake-quantized model and the trainer."""
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 
     from kdpipe.train import Phase, Trainer
@@ -214,10 +215,11 @@ def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, cal
 
     optimizer = pipeline.distill.optimizer
     optimizer = optimizer.model_copy(update={"lr": cfg.qat_lr or optimizer.lr / 10})
-    # fp32: torch's fake-quantize kernels take float32 tensors; torch.compile would trace the observers away.
-    options = {**trainer_options, "precision": "fp32", "compile_model": False}
+    # fp32: torch's fake-quantize kernels take float32 tensors; torch.compile would trace the observers away; an
+    # EMA would average the observers' ranges and the frozen BatchNorm statistics as if they were weights.
+    settings = dataclasses.replace(settings, precision="fp32", compile=False, ema_decay=None, ema_export=False)
     trainer = Trainer(data, epochs=cfg.qat_epochs, batch_size=pipeline.data.batch_size, optimizer=optimizer,
-                      seed=pipeline.seed, on_epoch=on_epoch, **options)
+                      seed=pipeline.seed, on_epoch=on_epoch, settings=settings)
     trainer.run([Phase("qat", [method.student_update(trainer, "qat")], cfg.qat_epochs,
                        evaluate={"qat": fake_quantized}, before_epoch=freeze_after_bn_epochs)])
     return freeze(fake_quantized), trainer

@@ -41,7 +41,7 @@ from kdpipe.teacher_cache import TeacherOutputCache
 from kdpipe.teacher_views import views_nbytes
 from kdpipe.tracking import (Tracker, TrackingUnreachable, check_reachable, http_uris, load_tracking_config,
                              unreachable_reason)
-from kdpipe.train import resolve_precision
+from kdpipe.train import TrainerSettings, resolve_precision
 from kdpipe.versions import versions
 
 STAGES = ["teacher", "search", "distill", "export", "validate", "register"]
@@ -85,13 +85,11 @@ class RunContext:
         """Rank 0 (or the only process): the one that writes the run directory and caches."""
         return self.dist.is_main
 
-    def trainer_options(self, stage: str) -> dict[str, Any]:
-        """Trainer keywords from the pipeline: precision, compile, the shared teacher-output cache, and
-        per-epoch checkpoints in the run directory so that `--resume` continues the stage's training."""
-        cfg = self.pipeline.distill
-        return {"teacher_cache": self.teacher_cache, "precision": cfg.precision, "compile_model": cfg.compile,
-                "teacher_online": cfg.teacher_cache == "off", "checkpoint_dir": self.run_dir / "checkpoints" / stage,
-                "teacher_views": cfg.teacher_views, "teacher_topk": cfg.teacher_topk}
+    def trainer_options(self, stage: str) -> TrainerSettings:
+        """The stage's TrainerSettings from the pipeline: the shared teacher-output cache, and per-epoch
+        checkpoints in the run directory so that `--resume` continues the stage's training."""
+        return TrainerSettings.of(self.pipeline.distill, teacher_cache=self.teacher_cache,
+                                  checkpoint_dir=self.run_dir / "checkpoints" / stage, student=stage != "teacher")
 
     def add_gate(self, name: str, value: float | None, limit: float, passed: bool) -> None:
         self.gates.append(Gate(name, value, limit, passed))

@@ -4,44 +4,40 @@ from __future__ import annotations
 
 import torch
 
+from kdpipe.errors import InputError
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
 from kdpipe.inference import accuracy
-from kdpipe.train import Trainer
+from kdpipe.train import Trainer, load_method, save_method
+
+
+def build(ctx):
+    cfg = ctx.pipeline.distill
+    return get_method(cfg.method)(cfg.params, student=ctx.student, teacher=ctx.teacher, num_classes=ctx.data.num_classes,
+                                  input_shape=ctx.data.input_shape, taps=cfg.taps, seed=ctx.pipeline.seed)
 
 
 def run(ctx) -> None:
     cfg = ctx.pipeline.distill
-    method_cls = get_method(cfg.method)
-    method = method_cls(cfg.params, student=ctx.student, teacher=ctx.teacher,
-                        num_classes=ctx.data.num_classes, input_shape=ctx.data.input_shape, taps=cfg.taps)
+    method = build(ctx)
     trained = ctx.artifacts.get("student_checkpoint")  # the search's best trial, trained with these very params
-    if trained is not None and method_cls.fit_returns_student:
-        state = torch.load(trained, map_location=ctx.device, weights_only=True)
-        ctx.student.load_state_dict(state["student"])
-        if "extra" in state:
-            method.extra_modules().load_state_dict(state["extra"])
+    if trained is not None:
+        load_method(method, trained, ctx.device)
         ctx.progress.info(f"  student reused from the search's best trial: {trained}")
-        student = ctx.student
     else:
         trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
-                          seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, **ctx.trainer_options("distill"))
+                          seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, settings=ctx.trainer_options("distill"))
         torch.manual_seed(ctx.pipeline.seed + 1)
-        student = method.fit(trainer)
+        method.fit(trainer)
         ctx.report["distill"] = {"timing": trainer.timing_summary(), "optimizer_steps": trainer.optimizer_steps}
         if trainer.teacher_modes:  # views | cached | online, with the reason, per teacher the method reads
             ctx.report["distill"]["teacher_mode"] = "+".join(dict.fromkeys(m["mode"] for m in trainer.teacher_modes))
             ctx.report["distill"]["teacher"] = trainer.teacher_modes
         if trainer.static_batches:
             ctx.report["distill"]["static_batches"] = trainer.static_batch_summary()
-    student.eval()
-    ctx.student = student
-    checkpoint = {"student": student.state_dict()}
-    extra = method.extra_modules()
-    if extra is not None:
-        checkpoint["extra"] = extra.state_dict()
+    ctx.student = student = method.exported().eval()
     if ctx.is_main:
-        torch.save(checkpoint, ctx.run_dir / "student.pt")
+        save_method(method, ctx.run_dir / "student.pt")
     acc = accuracy(student, ctx.data.x_test, ctx.data.y_test)
     ctx.tracker.log_metrics({"student/test_accuracy_torch": acc})
     ctx.report["student"] = {"params": count_params(student), "accuracy_torch": acc,
@@ -49,10 +45,14 @@ def run(ctx) -> None:
 
 
 def restore(ctx) -> None:
-    """--resume after this stage finished: the distilled student from the run directory."""
-    if not get_method(ctx.pipeline.distill.method).fit_returns_student:
-        # The exported module (a DML peer, a BAN ensemble) is built by fit itself: run the stage again.
+    """--resume after this stage finished: the trained method, and its exported student, from the run directory.
+    A student.pt of the previous release without the method's other networks (DML peers, BAN generations): the
+    stage runs again, its phases restored from their finished checkpoints."""
+    method = build(ctx)
+    try:
+        load_method(method, ctx.run_dir / "student.pt", ctx.device)
+    except InputError as exc:
+        ctx.progress.info(f"  {exc.message}: distill runs again from its phase checkpoints")
         run(ctx)
         return
-    ctx.student.load_state_dict(torch.load(ctx.run_dir / "student.pt", map_location=ctx.device, weights_only=True)["student"])
-    ctx.student.eval()
+    ctx.student = method.exported().eval()

@@ -9,6 +9,7 @@ the best trial's student is handed to distill when this worker holds it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 from kdpipe.errors import InputError
@@ -29,10 +30,10 @@ def run(ctx) -> None:
 
     # The run's teacher-output cache (memory, and disk shared by workers on this machine): computed once for
     # every trial, and for distill after them. Trials keep no per-epoch checkpoints: they are never resumed.
-    options = {**ctx.trainer_options("search"), "checkpoint_dir": None}
-    cache = options.pop("teacher_cache")
+    settings = dataclasses.replace(ctx.trainer_options("search"), checkpoint_dir=None)
+    cache = settings.teacher_cache
     campaign = Campaign(pipeline=pipeline, space=space, data=ctx.data, teacher=ctx.teacher,
-                        initial_student=copy.deepcopy(ctx.student), teacher_cache=cache, trainer_options=options,
+                        initial_student=copy.deepcopy(ctx.student), settings=settings,
                         runs=TrialRuns(ctx.tracker.client(), ctx.tracker.run_id), work_dir=ctx.run_dir / "search",
                         run_dir=ctx.run_dir, log=ctx.progress.info)
     storage = search.storage or f"sqlite:///{ctx.run_dir / 'search.db'}"
@@ -78,8 +79,7 @@ def run(ctx) -> None:
     ctx.pipeline = pipeline = with_export(pipeline.with_method(method, choice.params, choice.optimizer), choice.export)
     params = pipeline.distill.params.model_dump(mode="json")
     ctx.report["method"] = {"name": method, "params": params}
-    reusable = not search.retrain and get_method(method).fit_returns_student
-    checkpoint = campaign.local_checkpoint(best) if reusable else None
+    checkpoint = campaign.local_checkpoint(best) if not search.retrain else None
     if checkpoint is not None:
         ctx.artifacts["student_checkpoint"] = checkpoint
     summary["reused_checkpoint"] = checkpoint is not None

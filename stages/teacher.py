@@ -95,7 +95,7 @@ def train(ctx, teacher) -> None:
     cfg = ctx.pipeline.teacher.train
     scratch = get_method("none")
     trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
-                      seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, **ctx.trainer_options("teacher"))
+                      seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, settings=ctx.trainer_options("teacher"))
     torch.manual_seed(ctx.pipeline.seed)
     scratch(scratch.Params(), student=teacher, teacher=None, num_classes=ctx.data.num_classes,
             input_shape=ctx.data.input_shape).fit(trainer, label="teacher")

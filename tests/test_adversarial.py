@@ -14,7 +14,7 @@ from kdpipe.methods import get_method
 from kdpipe.methods.adversarial import Discriminator
 from kdpipe.models.zoo import CNN
 from kdpipe.taps import Outputs
-from kdpipe.train import Batch, Trainer, make_optimizer
+from kdpipe.train import Batch, Trainer, TrainerSettings, make_optimizer
 
 
 def build(digits, **params):
@@ -149,7 +149,8 @@ def test_the_discriminator_and_its_optimizer_are_checkpointed_and_resumed(digits
     """D is an update of the one loop: its weights and Adam state are in the phase checkpoint, and a resumed
     fit continues from them (before, a resumed run restarted D from scratch)."""
     method = build(digits, hidden=32, blocks=1)
-    Trainer(digits, epochs=1, batch_size=128, optimizer=OptimizerConfig(), seed=0, checkpoint_dir=tmp_path).run(
+    Trainer(digits, epochs=1, batch_size=128, optimizer=OptimizerConfig(), seed=0,
+            settings=TrainerSettings(checkpoint_dir=tmp_path)).run(
         [next(method.phases(Trainer(digits, epochs=1, batch_size=128, optimizer=OptimizerConfig(), seed=0)))])
     saved = torch.load(next(tmp_path.glob("*.pt")), weights_only=True)
     d_state = saved["modules"][0]
@@ -157,7 +158,8 @@ def test_the_discriminator_and_its_optimizer_are_checkpointed_and_resumed(digits
     assert len(saved["optimizers"]) == 2 and saved["optimizers"][0]["state"]  # Adam moments of D
     assert saved["optimizers"][0]["param_groups"][0]["lr"] == method.params.d_lr
     fresh = build(digits, hidden=32, blocks=1)
-    trainer = Trainer(digits, epochs=1, batch_size=128, optimizer=OptimizerConfig(), seed=0, checkpoint_dir=tmp_path)
+    trainer = Trainer(digits, epochs=1, batch_size=128, optimizer=OptimizerConfig(), seed=0,
+                      settings=TrainerSettings(checkpoint_dir=tmp_path))
     trainer.run(fresh.phases(trainer))
     assert torch.equal(fresh.discriminator.stem.weight, method.discriminator.stem.weight)
 
@@ -177,4 +179,4 @@ def test_end_to_end_checkpoints_the_discriminator(workdir):
     report = read_report(result.stdout)
     assert report["status"] == "passed" and report["student"]["accuracy"] > 0.5
     checkpoint = torch.load(f"{report['run_dir']}/student.pt", weights_only=True)
-    assert "stem.weight" in checkpoint["extra"] and "fc.weight" in checkpoint["student"]
+    assert "discriminator.stem.weight" in checkpoint["state"] and "fc.weight" in checkpoint["student"]

@@ -18,7 +18,7 @@ from kdpipe.config import ModelConfig, OptimizerConfig
 from kdpipe.methods import get_method
 from kdpipe.models import build_model
 from kdpipe.teacher_cache import PASS_BATCH, TeacherOutputCache, largest_batch
-from kdpipe.train import Batch, Trainer, _tensors, prefetched
+from kdpipe.train import Batch, Trainer, TrainerSettings, _tensors, prefetched
 
 # Tensor calls that make the host wait for the device (on CUDA) to read a value back.
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero"}
@@ -42,7 +42,7 @@ def fit(data, batch_size: int, epochs: int = 1, compile_model: bool = False, met
     teacher = build_model(ModelConfig(arch="cnn", width=16, depth=2), "teacher", data.input_shape, data.num_classes)
     student = build_model(ModelConfig(arch="cnn", width=8, depth=2), "student", data.input_shape, data.num_classes)
     trainer = Trainer(data, epochs=epochs, batch_size=batch_size, optimizer=OptimizerConfig(lr=0.05), seed=0,
-                      compile_model=compile_model)
+                      settings=TrainerSettings(compile=compile_model))
     cls = get_method(method)
     cls(cls.Params(), student=student, teacher=teacher, num_classes=data.num_classes,
         input_shape=data.input_shape).fit(trainer)
@@ -102,7 +102,8 @@ def test_without_compile_every_sample_trains_and_nothing_is_reported(digits):
 
 
 def test_a_split_smaller_than_a_batch_is_one_static_batch_with_nothing_left_out(digits):
-    trainer = Trainer(digits, epochs=1, batch_size=4096, optimizer=OptimizerConfig(), seed=0, compile_model=True)
+    trainer = Trainer(digits, epochs=1, batch_size=4096, optimizer=OptimizerConfig(), seed=0,
+                      settings=TrainerSettings(compile=True))
     batches = list(trainer.step_batches(torch.Generator().manual_seed(0)))
     assert [len(b.y) for b in batches] == [len(digits.y_train)]
     assert trainer.static_batch_summary()["dropped_per_epoch"] == 0

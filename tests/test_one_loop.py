@@ -203,7 +203,7 @@ def test_before_epoch_is_called_for_every_epoch_run_resumed_ones_included(digits
     """A phase's before_epoch gets each epoch's number before it runs; after an interruption in epoch 3 the
     resumed phase calls it for epoch 3 only, so state scheduled by epoch (QAT's BatchNorm freeze) holds."""
     from kdpipe.config import OptimizerConfig
-    from kdpipe.train import Phase, Trainer
+    from kdpipe.train import Phase, Trainer, TrainerSettings
 
     method = get_method("none")
     student = prepare(PIPELINES / "digits.yaml", []).student
@@ -219,7 +219,8 @@ def test_before_epoch_is_called_for_every_epoch_run_resumed_ones_included(digits
                         input_shape=digits.input_shape).student_update(trainer, "student")
         return Phase("student", [update], 3, evaluate={"student": student}, before_epoch=interrupted_at_3)
 
-    options = dict(epochs=3, batch_size=64, optimizer=OptimizerConfig(), seed=0, checkpoint_dir=tmp_path)
+    options = dict(epochs=3, batch_size=64, optimizer=OptimizerConfig(), seed=0,
+                   settings=TrainerSettings(checkpoint_dir=tmp_path))
     first = Trainer(digits, **options)
     with pytest.raises(KeyboardInterrupt):
         first.run([phase(first)])

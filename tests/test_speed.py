@@ -9,7 +9,7 @@ from kdpipe.data import load_data
 from kdpipe.methods import get_method
 from kdpipe.models import build_model
 from kdpipe.teacher_cache import SpilledOutputs, TeacherOutputCache
-from kdpipe.train import Trainer
+from kdpipe.train import Trainer, TrainerSettings
 from conftest import PIPELINES, cli
 
 EPOCHS = 2
@@ -24,7 +24,7 @@ def distill(method: str, *, teacher_online: bool = False, cache: TeacherOutputCa
     history: list[dict[str, float]] = []
     trainer = Trainer(data, epochs=EPOCHS, batch_size=64, optimizer=OptimizerConfig(lr=0.05), seed=0,
                       on_epoch=lambda label, epoch, epochs, metrics: history.append(metrics),
-                      teacher_cache=cache, teacher_online=teacher_online)
+                      settings=TrainerSettings(teacher_cache=cache, teacher_online=teacher_online))
     cls = get_method(method)
     cls(cls.Params(**params), student=student, teacher=teacher, num_classes=data.num_classes,
         input_shape=data.input_shape).fit(trainer)

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 import kdpipe.teacher_cache
 import kdpipe.teacher_views
-import kdpipe.train
+import kdpipe.train.serving
 from kdpipe.config import DataConfig, ModelConfig, OptimizerConfig
 from kdpipe.data import load_data
 from kdpipe.methods import get_method
 from kdpipe.models import build_model
 from kdpipe.teacher_cache import PASS_BATCH, TeacherOutputCache, teacher_pass
-from kdpipe.train import Trainer
+from kdpipe.train import Trainer, TrainerSettings
 from conftest import FAST, PIPELINES, cli, read_report, sets, write_pipeline
 
 CROP_FLIP = [{"random_crop": {"padding": 4}}, "hflip"]
@@ -57,8 +57,8 @@ def models(data):
 
 
 def trainer(data, cache=None, **options):
-    return Trainer(data, epochs=1, batch_size=32, optimizer=OptimizerConfig(), seed=0, teacher_cache=cache,
-                   teacher_views=VIEWS, **options)
+    return Trainer(data, epochs=1, batch_size=32, optimizer=OptimizerConfig(), seed=0,
+                   settings=TrainerSettings(teacher_cache=cache, teacher_views=VIEWS, **options))
 
 
 def scored_inputs(teacher, data, **options):
@@ -234,7 +234,7 @@ def count_teacher_passes(monkeypatch):
         return run
 
     monkeypatch.setattr(kdpipe.teacher_views, "teacher_pass", counting("views"))
-    monkeypatch.setattr(kdpipe.train, "teacher_pass", counting("other"))
+    monkeypatch.setattr(kdpipe.train.serving, "teacher_pass", counting("other"))
     monkeypatch.setattr(kdpipe.teacher_cache, "teacher_pass", counting("other"))
     return calls
 

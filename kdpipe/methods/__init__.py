@@ -2,8 +2,10 @@
 
 A method declares its parameters as a pydantic model whose fields carry a default, a default search range
 (`search`) and, where a parameter acts only under some setting of another, that condition (`when`); the
-feature taps it needs; the modules it adds (regressors, discriminators, peers); and its training as phases
-of updates (kdpipe.train.Phase, Update), which the one training loop runs.
+feature taps it needs; and its training as phases of updates (kdpipe.train.Phase, Update), which the one
+training loop runs. A method is an nn.Module holding every module it trains (the student, and regressors,
+discriminators, peers, generations): its state_dict is the whole trained state, and `exported()` the module the
+pipeline exports.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def active_conditions(params: type[Params]) -> dict[str, dict[str, list]]:
     return {name: _extra(params, name)["when"] for name in params.model_fields if _extra(params, name).get("when")}
 
 
-class Method:
+class Method(nn.Module):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
@@ -70,15 +72,16 @@ class Method:
     # True for a method whose loss reads the teacher only through softmax(logits / T) (a shift-invariant use): with
     # augmented data it then learns from teacher views (kdpipe.teacher_views), which keep log-probabilities.
     teacher_soft_labels: ClassVar[bool] = False
-    # False for a method whose exported module is not `student` or is created while training (DML peers,
-    # Born-Again generations): a trained student cannot be loaded into a fresh instance.
-    fit_returns_student: ClassVar[bool] = True
 
     def __init__(self, params: Params, *, student: nn.Module, teacher: nn.Module | None, num_classes: int,
-                 input_shape: tuple[int, ...], taps=None):
+                 input_shape: tuple[int, ...], taps=None, seed: int = 0):
+        """`seed`: the pipeline's, from which a method builds the networks it adds (peers, generations)."""
+        super().__init__()
         self.params = params
         self.student = student
-        self.teacher = teacher
+        # The frozen teacher is read, never trained: outside the method's module tree and state.
+        object.__setattr__(self, "teacher", teacher)
+        self.seed = seed
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.taps = taps  # the pipeline's `distill.taps` section (TapsConfig) or None for the models' defaults
@@ -100,7 +103,7 @@ class Method:
         return []
 
     def extra_modules(self) -> nn.Module | None:
-        """Trainable modules the method adds (regressors, discriminators): trained and checkpointed, never exported."""
+        """The modules it trains besides the exported one (regressors, discriminators, other peers)."""
         return None
 
     def loss(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -128,6 +131,7 @@ class Method:
         return self.student
 
     def fit(self, trainer: Trainer, label: str = "student") -> nn.Module:
+        """Train every phase; returns `exported()`."""
         trainer.run(self.phases(trainer, label))
         return self.exported()
 

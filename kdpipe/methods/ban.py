@@ -71,17 +71,17 @@ class BornAgain(Method):
                "(variants ban, ban+l, cwtm, dkpp); export the last or the ensemble")
     Params = BANParams
     needs_teacher = False
-    fit_returns_student = False
 
     def __init__(self, params: Params, **kwargs):
         super().__init__(params, **kwargs)
-        self.generations: list[nn.Module] = []
+        self.generations = nn.ModuleList([self.student] + [fresh_copy(self.student, self.seed + 1 + g)
+                                                           for g in range(1, params.generations)])
 
     def extra_modules(self) -> nn.Module | None:
-        """The earlier generations, checkpointed when only the last one is exported."""
+        """The earlier generations, when only the last one is exported."""
         if self.params.export == "ensemble" or len(self.generations) < 2:
             return None
-        return nn.ModuleList(self.generations[:-1])
+        return self.generations[:-1]
 
     def generation_loss(self, logits: torch.Tensor, y: torch.Tensor, previous_logits: torch.Tensor | None,
                         generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -98,8 +98,6 @@ class BornAgain(Method):
         return total, {"soft_ce": soft.detach(), "ce": ce.detach()}
 
     def phases(self, trainer, label="student"):
-        self.generations = [self.student] + [fresh_copy(self.student, trainer.seed + 1 + g)
-                                             for g in range(1, self.params.generations)]
         dkpp_generator = torch.Generator().manual_seed(trainer.seed)
         previous = self.teacher
         for number, model in enumerate(self.generations, start=1):

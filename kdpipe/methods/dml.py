@@ -47,7 +47,6 @@ class DeepMutualLearning(Method):
     summary = "Deep Mutual Learning: K peers trained together, each on CE + KL to the others; exports one peer"
     Params = DMLParams
     needs_teacher = False
-    fit_returns_student = False
 
     @classmethod
     def check_pipeline(cls, pipeline) -> None:
@@ -61,8 +60,9 @@ class DeepMutualLearning(Method):
 
     def __init__(self, params: Params, **kwargs):
         super().__init__(params, **kwargs)
-        self.peers: list[nn.Module] = []
-        self.exported_index = 0
+        self.peers = nn.ModuleList(self.build_peers(self.seed))
+        # Chosen after training ('best'): a buffer, so that the method's state says which peer it exports.
+        self.register_buffer("exported_index", torch.tensor(0))
 
     def build_peers(self, seed: int) -> list[nn.Module]:
         """Peer 0 is the student; peer k is built from seed + 1 + k (the student's is seed + 1)."""
@@ -79,8 +79,8 @@ class DeepMutualLearning(Method):
         return [self.student, *others]
 
     def extra_modules(self) -> nn.Module | None:
-        """The peers that are not exported, checkpointed beside the exported one."""
-        rest = [p for k, p in enumerate(self.peers) if k != self.exported_index]
+        """The peers that are not exported."""
+        rest = [p for k, p in enumerate(self.peers) if k != int(self.exported_index)]
         return nn.ModuleList(rest) if rest else None
 
     def peer_loss(self, k: int, z_k: torch.Tensor, others: list[torch.Tensor], y: torch.Tensor):
@@ -120,7 +120,7 @@ class DeepMutualLearning(Method):
         return Update("peers", peers, loss)
 
     def phases(self, trainer, label="student"):
-        self.peers = peers = self.build_peers(trainer.seed)
+        peers = self.peers
         fixed = trainer.teacher(self.teacher, []) if self.teacher is not None else None
         if self.params.update == "sequential":
             updates = [self.sequential_update(k, fixed) for k in range(len(peers))]
@@ -133,10 +133,10 @@ class DeepMutualLearning(Method):
         trainer.run(self.phases(trainer, label))
         if self.params.export_peer == "best":
             scores = [trainer.val_accuracy(peer) for peer in self.peers]  # each peer holds its best epoch's weights
-            self.exported_index = max(range(len(self.peers)), key=lambda k: scores[k])
+            self.exported_index.fill_(max(range(len(self.peers)), key=lambda k: scores[k]))
         else:
-            self.exported_index = self.params.export_peer
+            self.exported_index.fill_(self.params.export_peer)
         return self.exported()
 
     def exported(self):
-        return self.peers[self.exported_index]
+        return self.peers[int(self.exported_index)]

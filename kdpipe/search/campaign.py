@@ -20,10 +20,9 @@ from torch import nn
 from kdpipe.methods import get_method
 from kdpipe.search.space import EXPORT, OPTIMIZER, SearchSpace, with_export
 from kdpipe.search.storage import describe_storage
-from kdpipe.teacher_cache import TeacherOutputCache
 from kdpipe.tracking import RunWriter
 from kdpipe.inference import accuracy
-from kdpipe.train import Trainer
+from kdpipe.train import Trainer, TrainerSettings, save_method
 
 DIRECTIONS = {"val_accuracy": "maximize", "latency_p50": "minimize"}
 # A trial's MLflow run status by how the trial ended (killed: its worker died; a resumed run closes it).
@@ -105,8 +104,8 @@ class Campaign:
     data: Any  # kdpipe.data.Splits, on the device
     teacher: nn.Module | None
     initial_student: nn.Module  # untrained: every trial starts from these weights
-    teacher_cache: TeacherOutputCache  # one instance for every trial: the teacher's outputs are computed once
-    trainer_options: dict[str, Any]  # further Trainer keywords (precision, compile)
+    # Its teacher_cache is one instance for every trial: the teacher's outputs are computed once.
+    settings: TrainerSettings
     runs: TrialRuns
     work_dir: Path  # trial checkpoints and ONNX files
     run_dir: Path  # the run directory this worker belongs to: a resumed run fails the trials it left running
@@ -136,12 +135,13 @@ class Campaign:
             params = method_cls.Params.model_validate(choice.params)
             student = copy.deepcopy(self.initial_student)
             method = method_cls(params, student=student, teacher=self.teacher, num_classes=self.data.num_classes,
-                                input_shape=self.data.input_shape, taps=self.pipeline.distill.taps)
+                                input_shape=self.data.input_shape, taps=self.pipeline.distill.taps,
+                                seed=self.pipeline.seed)
             cfg = self.pipeline.distill
             on_epoch = self._epoch_reporter(trial, run_id)
             trainer = Trainer(self.data, epochs=cfg.epochs, batch_size=self.pipeline.data.batch_size,
-                              optimizer=cfg.optimizer.model_copy(update=choice.optimizer), seed=self.pipeline.seed, teacher_cache=self.teacher_cache,
-                              on_epoch=on_epoch, **self.trainer_options)
+                              optimizer=cfg.optimizer.model_copy(update=choice.optimizer), seed=self.pipeline.seed,
+                              on_epoch=on_epoch, settings=self.settings)
             torch.manual_seed(self.pipeline.seed + 1)
             student = method.fit(trainer).eval()
             # With export keys in the space, the trial scores the model its quantization ships (space.with_export).
@@ -153,7 +153,7 @@ class Campaign:
                 quantized = pipeline if pipeline.export.quantize != "none" else None
             results = self._score(quantized, student, trial.number, on_epoch)
             self.runs.log_metrics(run_id, {f"final/{k}": v for k, v in results.items()})
-            self._keep_if_best(trial, student, method.extra_modules(), results["val_accuracy"])
+            self._keep_if_best(trial, method, results["val_accuracy"])
         except optuna.TrialPruned:
             self.runs.end(run_id, "pruned")
             raise
@@ -203,7 +203,7 @@ class Campaign:
         try:
             if mode == "qat":
                 fake_quantized, _ = fine_tune(quantized, student, self.teacher, self.data, self._calibration(),
-                                              {**self.trainer_options, "teacher_cache": self.teacher_cache}, on_epoch)
+                                              self.settings, on_epoch)
                 export_qdq(fake_quantized, x_val[:2], delivered, self.pipeline.export.opset, True)
             else:
                 export_onnx(copy.deepcopy(student).cpu(), x_val[:2], fp32, self.pipeline.export.opset, True)
@@ -230,12 +230,12 @@ class Campaign:
                                                             self.pipeline.data.batch_size, self.pipeline.seed)
         return self.calibration
 
-    def _keep_if_best(self, trial, student: nn.Module, extra: nn.Module | None, val_acc: float) -> None:
-        """Keep this worker's most accurate student on disk (as distill saves it), so distill can reuse it."""
+    def _keep_if_best(self, trial, method: nn.Module, val_acc: float) -> None:
+        """Keep this worker's most accurate trained method on disk (as distill saves it), so distill can reuse it."""
         if val_acc <= self.best_accuracy:
             return
         path = self.work_dir / f"trial-{trial.number}-student.pt"
-        torch.save({"student": student.state_dict(), **({"extra": extra.state_dict()} if extra else {})}, path)
+        save_method(method, path)
         if self.best_trial is not None:
             (self.work_dir / f"trial-{self.best_trial}-student.pt").unlink(missing_ok=True)
         self.best_accuracy, self.best_trial = val_acc, trial.number
