@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import FAST, cli, read_report, sets, write_pipeline
-from kdpipe.config import DataConfig, ModelConfig
+from kdpipe.config import ModelConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 from kdpipe.models import build_model
 from kdpipe.models.adapter import graph_inputs
@@ -29,8 +30,8 @@ MEAN, STD = [0.3, 0.35, 0.4], [0.3, 0.32, 0.35]  # per channel, different, so a 
 def test_graph_inputs_give_back_the_decoded_images(image_data):  # noqa: F811
     """Model-ready floats map back to exactly the 8-bit images they came from (read here without normalization)."""
     common = dict(source="imagefolder", path=image_data["splits"], channels=3)
-    normalized = load_data(DataConfig(**common, normalize={"mean": MEAN, "std": STD}), seed=0)
-    plain = load_data(DataConfig(**common), seed=0)
+    normalized = load_data(data_config(**common, normalize={"mean": MEAN, "std": STD}), seed=0)
+    plain = load_data(data_config(**common), seed=0)
     images = (plain.x_test * 255).round().to(torch.uint8)
     assert torch.equal(graph_inputs(normalized.x_test, normalized, "uint8"), images)
     assert graph_inputs(normalized.x_test, normalized, "float") is normalized.x_test
@@ -70,9 +71,9 @@ def test_uint8_graph_predicts_what_the_float_graph_does_end_to_end(workdir, imag
     assert report["quantization"]["qat"]["parity"]["agreement"] >= 0.99
 
     # The same student exported the float way: both graphs in onnxruntime, on the test split.
-    data = load_data(DataConfig(source="imagefolder", path=workdir / "pets", channels=3,
+    data = load_data(data_config(source="imagefolder", path=workdir / "pets", channels=3,
                                 normalize={"mean": MEAN, "std": STD}), seed=0)
-    plain = load_data(DataConfig(source="imagefolder", path=workdir / "pets", channels=3), seed=0)
+    plain = load_data(data_config(source="imagefolder", path=workdir / "pets", channels=3), seed=0)
     images = (plain.x_test * 255).round().to(torch.uint8).numpy()  # decoded images, no conversion applied
     student = build_model(ModelConfig(arch="cnn", width=8, depth=2), "student.model", data.input_shape, data.num_classes)
     student.load_state_dict(torch.load(run_dir / "student.pt", weights_only=True)["student"])
