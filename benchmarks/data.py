@@ -81,10 +81,10 @@ def run_baseline(root: Path, epochs: int, workers: int, device: torch.device, au
 
 
 def run_kdpipe(root: Path, epochs: int, workers: int, device: torch.device, augment: bool, storage: str) -> list[float]:
-    from kdpipe.config import DataConfig
+    from kdpipe.data.sources import data_config
     from kdpipe.data import load_data
 
-    cfg = DataConfig(source="imagefolder", path=root, image_size=SIZE, channels=3, normalize={"mean": MEAN, "std": STD},
+    cfg = data_config(source="imagefolder", path=root, image_size=SIZE, channels=3, normalize={"mean": MEAN, "std": STD},
                      augment=[{"random_crop": {"padding": PAD}}, "hflip"] if augment else [], storage=storage, workers=workers,
                      val_fraction=0.01, test_fraction=0.01, batch_size=BATCH)
     stamps = [time.perf_counter()]
@@ -129,10 +129,10 @@ def transforms_max_abs_diff(root: Path, count: int = 64) -> float:
 
 def profile_batches(root: Path, workers: int, device: torch.device) -> dict[str, float]:
     """ms per batch of one in-memory augmented epoch, step by step, as train_batches takes them."""
-    from kdpipe.config import DataConfig
+    from kdpipe.data.sources import data_config
     from kdpipe.data import load_data
 
-    cfg = DataConfig(source="imagefolder", path=root, image_size=SIZE, channels=3, normalize={"mean": MEAN, "std": STD},
+    cfg = data_config(source="imagefolder", path=root, image_size=SIZE, channels=3, normalize={"mean": MEAN, "std": STD},
                      augment=[{"random_crop": {"padding": PAD}}, "hflip"], storage="memory", workers=workers,
                      val_fraction=0.01, test_fraction=0.01, batch_size=BATCH)
     splits = load_data(cfg, seed=0, device=device).to(device)
@@ -159,7 +159,7 @@ def profile_batches(root: Path, workers: int, device: torch.device) -> dict[str,
 
 LOAD_AND_MEASURE = """
 import gc, json, os, sys
-from kdpipe.config import DataConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 import kdpipe.data.augment, PIL.Image, sklearn.datasets  # imports before the first reading
 
@@ -167,7 +167,7 @@ def resident():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-cfg = DataConfig.model_validate(json.loads(sys.argv[1]))
+cfg = data_config(**json.loads(sys.argv[1]))
 gc.collect()
 before = resident()
 splits = load_data(cfg, seed=0)
@@ -212,11 +212,11 @@ def main() -> None:
         results["transforms_max_abs_diff"] = transforms_max_abs_diff(root)
         results["profile_ms_per_batch"] = profile_batches(root, args.workers, device)
 
-        from kdpipe.config import DataConfig
+        from kdpipe.data.sources import data_config
         from kdpipe.data import load_data
 
         base = {"image_size": SIZE, "channels": 3, "val_fraction": 0.01, "test_fraction": 0.01, "workers": args.workers}
-        float_copy = load_data(DataConfig(source="imagefolder", path=root, **base), seed=0)
+        float_copy = load_data(data_config(source="imagefolder", path=root, **base), seed=0)
         npz = Path(tmp) / "images-float32.npz"
         np.savez(npz, x=np.concatenate([float_copy.to_input(float_copy.x_train).numpy(), float_copy.x_val.numpy(),
                                         float_copy.x_test.numpy()]),

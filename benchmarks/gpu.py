@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdpipe.config import DataConfig, ModelConfig, OptimizerConfig
+from kdpipe.config import ModelConfig, OptimizerConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 from kdpipe.losses import kd_loss
 from kdpipe.methods import get_method
@@ -53,7 +54,7 @@ def make_data(images: int, directory: Path, device: torch.device):
     rng = np.random.default_rng(0)
     path = directory / "random.npz"
     np.savez(path, x=rng.integers(0, 256, (total, 3, 32, 32), dtype=np.uint8), y=rng.integers(0, CLASSES, total))
-    return load_data(DataConfig(source="npz", path=path, val_fraction=0.1, test_fraction=0.1), seed=0).to(device)
+    return load_data(data_config(source="npz", path=path, val_fraction=0.1, test_fraction=0.1), seed=0).to(device)
 
 
 def student_model(data) -> torch.nn.Module:

@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from kdpipe import distributed
-from kdpipe.config import DataConfig, ModelConfig, OptimizerConfig
+from kdpipe.config import ModelConfig, OptimizerConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 from kdpipe.methods import get_method
 from kdpipe.models import build_model, count_params
@@ -60,7 +61,7 @@ def time_fit(method: str, epochs: int, device: str = "cpu", teacher_online: bool
     """Train once; the median epoch time (epochs 2..), and the total wall time from the start of `fit`."""
     from kdpipe.train import Trainer
 
-    data = load_data(DataConfig(), seed=0).to(torch.device(device))
+    data = load_data(data_config(), seed=0).to(torch.device(device))
     torch.manual_seed(0)
     teacher = build_model(TEACHER, "teacher", data.input_shape, data.num_classes).to(device)
     student = build_model(STUDENT, "student", data.input_shape, data.num_classes).to(device)
@@ -105,7 +106,7 @@ def image_folder(root: Path, images: int, *, val_fraction: float, test_fraction:
     from data import write_images  # benchmarks/data.py
 
     write_images(root, images)
-    return load_data(DataConfig(source="imagefolder", path=root, image_size=32, augment=AUGMENT,
+    return load_data(data_config(source="imagefolder", path=root, image_size=32, augment=AUGMENT,
                                 normalize={"mean": [0.5] * 3, "std": [0.25] * 3}, val_fraction=val_fraction,
                                 test_fraction=test_fraction, batch_size=AUG_BATCH), seed=0)
 
@@ -239,7 +240,7 @@ def main() -> None:
         augmented_speed(args.aug_images, args.aug_epochs, args.repeats, args.views, args.aug_teacher)
         return
 
-    data = load_data(DataConfig(), seed=0)
+    data = load_data(data_config(), seed=0)
     teacher = build_model(TEACHER, "teacher", data.input_shape, data.num_classes)
     student = build_model(STUDENT, "student", data.input_shape, data.num_classes)
     ratio = count_params(teacher) / count_params(student)

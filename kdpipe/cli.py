@@ -273,7 +273,8 @@ def taps(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], s
 
 @app.command()
 def schema() -> None:
-    """Print the JSON Schema of pipeline files."""
+    """Print the JSON Schema of pipeline files: every method's, source's and augmentation step's keys, plugins'
+    included (their names and packages under x-kdpipe-plugins)."""
     from kdpipe.pipeline import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
@@ -281,11 +282,13 @@ def schema() -> None:
 
 @app.command()
 def methods() -> None:
-    """List the distillation methods with their parameters, defaults and search ranges."""
-    from kdpipe.methods import active_conditions, registry, search_space
+    """List the distillation methods with their parameters, defaults and search ranges; a plugin's method names
+    the package it comes from."""
+    from kdpipe.methods import BUILT_IN, active_conditions, origin, registry, search_space
 
     for name, cls in sorted(registry().items()):
-        typer.echo(f"{name}: {cls.summary}")
+        source = "" if origin(name) == BUILT_IN else f" [plugin: {origin(name)}]"
+        typer.echo(f"{name}: {cls.summary}{source}")
         space, conditions = search_space(cls.Params), active_conditions(cls.Params)
         for pname, field in cls.Params.model_fields.items():
             rng = space.get(pname)

@@ -1,257 +1,39 @@
-"""The sections of the pipeline file as pydantic models, and validation errors as one-line InputErrors.
+"""The pipeline file's sections other than data (kdpipe.config_data): models, training, distill, export,
+validate, register and search.
 
 The top level (`Pipeline`, whose `distill` section is discriminated by method) and loading live in
-kdpipe.pipeline, above the methods; the sections here are below them, so methods can use them.
-Every error is an `InputError` whose key is the dotted YAML path, so the CLI can print
-`file: key: what was expected` and exit 2.
+kdpipe.pipeline, above the methods; the sections here are below them, so methods can use them. Names of
+installed things (zoo architectures, onnxruntime providers) are checked against registries kdpipe.pipeline
+passes in the validation context (kdpipe.config_base.known).
 """
 
 from __future__ import annotations
 
-import contextvars
-import difflib
 import re
-import reprlib
-import types
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
-                      model_serializer, model_validator)
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import (AfterValidator, BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
+from kdpipe.config_base import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Seed, Strict,
+                                known)
+from kdpipe.config_errors import describe, suggest
+from kdpipe.config_paths import EntryPointPath, LocalPath
 from kdpipe.errors import InputError
-from kdpipe.onnx_runtime import MIN_TIMED_RUNS
 
-Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
-Seed = Annotated[int, Field(ge=0, lt=1 << 32)]  # numpy's and Optuna's samplers take seeds below 2**32
-
-
-_VALIDATING_SECTION = contextvars.ContextVar("kdpipe_validating_section", default=False)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _no_boolean_as_number(cls, data: Any, handler) -> Any:
-        # pydantic's lax mode reads true as 1; in a pipeline file a boolean where a number belongs is a slip.
-        # The outermost model checks its whole input once it is validated: a nested one refusing would fail its
-        # member of a union (normalize: imagenet | {mean, std}), and the union's error would hide which key it was.
-        if _VALIDATING_SECTION.get():
-            return handler(data)
-        outermost = _VALIDATING_SECTION.set(True)
-        try:
-            model = handler(data)
-        finally:
-            _VALIDATING_SECTION.reset(outermost)
-        taken = _boolean_taken_as_number(data, model)
-        if taken is not None:
-            loc, number = taken
-            kind = "an integer" if isinstance(number, int) else "a number"
-            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
-                type=PydanticCustomError("bool_as_number", f"expected {kind}, not a boolean"), loc=loc, input=True)])
-        return model
-
-
-def _boolean_taken_as_number(raw: Any, value: Any, loc: tuple = ()) -> tuple[tuple, int | float] | None:
-    """Where validation turned a boolean of the input `raw` into a number of its result `value`, with that number:
-    the first such place, followed through mappings, models and lists; None when there is none."""
-    if isinstance(raw, bool):
-        return (loc, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    if isinstance(raw, dict) and isinstance(value, BaseModel):
-        fields = type(value).model_fields
-        names = {**{n: n for n in fields}, **{f.alias: n for n, f in fields.items() if f.alias}}
-        pairs = [(k, v, getattr(value, names[k])) for k, v in raw.items() if k in names]
-    elif isinstance(raw, dict) and isinstance(value, dict):
-        # Keys as well: a per-batch-size limit {true: 5} becomes {1: 5}.
-        keys = [(k, k, next(key for key in value if key == k)) for k in raw if isinstance(k, bool) and k in value]
-        pairs = keys + [(k, v, value[k]) for k, v in raw.items() if k in value]
-    elif isinstance(raw, (list, tuple)) and isinstance(value, (list, tuple)) and len(raw) == len(value):
-        pairs = list(zip(range(len(raw)), raw, value))
-    else:
-        return None
-    for key, item, validated in pairs:
-        found = _boolean_taken_as_number(item, validated, (*loc, key))
-        if found is not None:
-            return found
-    return None
-
-
-IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-UnitInterval = Annotated[float, Field(gt=0.0, le=1.0)]
-
-
-class Normalization(Strict):
-    mean: list[float] = Field(min_length=1)
-    std: list[PositiveFloat] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> Normalization:
-        if len(self.mean) != len(self.std):
-            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
-        return self
-
-
-class RandomCrop(Strict):
-    padding: NonNegativeInt = 4
-    padding_mode: Literal["constant", "reflect", "replicate"] = "constant"
-
-
-class HorizontalFlip(Strict):
-    p: Probability = 0.5
-
-
-class RandomResizedCrop(Strict):
-    scale: tuple[UnitInterval, UnitInterval] = (0.08, 1.0)
-    ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
-
-    @model_validator(mode="after")
-    def _check(self) -> RandomResizedCrop:
-        if self.scale[0] > self.scale[1] or self.ratio[0] > self.ratio[1]:
-            raise ValueError("expected [low, high] with low ≤ high for scale and ratio")
-        return self
-
-
-class ColorJitter(Strict):
-    brightness: NonNegativeFloat = 0.0
-    contrast: NonNegativeFloat = 0.0
-    saturation: NonNegativeFloat = 0.0
-    hue: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
-    p: Probability = 1.0
-
-
-class AugmentStep(Strict):
-    """One augmentation, written as a one-key mapping: `- hflip: {p: 0.5}` (or just `- hflip` for its defaults)."""
-
-    random_crop: RandomCrop | None = None
-    hflip: HorizontalFlip | None = None
-    random_resized_crop: RandomResizedCrop | None = None
-    color_jitter: ColorJitter | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _name_alone(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {value: {}}
-        if isinstance(value, dict):  # `- hflip:` with nothing after it reads as None: the defaults
-            return {k: ({} if v is None else v) for k, v in value.items()}
-        return value
-
-    @model_validator(mode="after")
-    def _one(self) -> AugmentStep:
-        if len(self.model_fields_set) != 1:
-            raise ValueError(f"expected one augmentation per list item, one of {', '.join(type(self).model_fields)}")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _as_written(self, handler) -> dict[str, Any]:
-        # Written back as the one-key mapping it was read from: the three unused keys would make it unreadable.
-        return {self.name: handler(self)[self.name]}
-
-    @property
-    def name(self) -> str:
-        return next(iter(self.model_fields_set))
-
-    @property
-    def params(self) -> BaseModel:
-        return getattr(self, self.name)
-
-
-SPLIT_FRACTIONS = ("val_fraction", "test_fraction")
-
-
-class DataConfig(Strict):
-    source: Literal["digits", "npz", "csv", "imagefolder", "hf"] = "digits"
-    path: Path | None = Field(None, description="npz/csv file; imagefolder: a folder with train/ (and optionally val/, "
-                                                "test/) or class folders directly; hf: a dataset saved with "
-                                                "save_to_disk or a parquet file. Relative to the pipeline file's folder")
-    image_column: str = Field("image", description="hf: the column holding the images")
-    label_column: str = Field("label", description="csv and hf: the column holding the class label")
-    split_column: str | None = Field(None, description="csv: a column saying train, val or test for each row; "
-                                                       "the splits are then used as given")
-    shape: list[PositiveInt] | None = Field(None, description="per-sample shape to reshape flat rows into, e.g. [1, 8, 8]")
-    layout: Literal["auto", "nchw", "nhwc"] = Field(
-        "auto", description="npz: the layout of 4-d image arrays; auto tells it from the shape and refuses to guess")
-    num_classes: PositiveInt | None = Field(None, description="number of classes; default: max label + 1 "
-                                                              "(labels must then cover 0..max)")
-    image_size: PositiveInt | list[PositiveInt] | None = Field(
-        None, description="imagefolder and hf: int or [H, W]; images are resized (shorter side) and center-cropped "
-                          "to it; null: every image must already have one size")
-    channels: Literal[1, 3] | None = Field(None, description="1 or 3: every image is converted to this; "
-                                                            "null: 3 for imagefolder and hf, as stored for arrays")
-    normalize: Literal["imagenet"] | Normalization | None = Field(
-        None, description="{mean: [...], std: [...]} per channel, or imagenet; the same on every split")
-    augment: list[AugmentStep] = Field(
-        default_factory=list, description="training batches only, per sample on the training device: random_crop, "
-                                          "hflip, random_resized_crop, color_jitter")
-    storage: Literal["auto", "memory", "stream"] = Field(
-        "auto", description="memory: decoded uint8 on the training device; stream: decoded by DataLoader workers "
-                            "every epoch (data larger than memory); auto: memory when it fits")
-    workers: Literal["auto"] | NonNegativeInt = Field("auto", description="image decoding processes; auto: one per "
-                                                                         "CPU core, at most 8")
-    val_fraction: Fraction = 0.15
-    test_fraction: Fraction = 0.2
-    batch_size: PositiveInt = 64
-
-    @field_validator("image_size")
-    @classmethod
-    def _height_width(cls, size: int | list[int] | None) -> int | list[int] | None:
-        if isinstance(size, list) and len(size) != 2:
-            raise ValueError(f"expected an int or [height, width], got {size}")
-        return size
-
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        if self.source != "digits" and self.path is None:
-            raise ValueError(f"source '{self.source}' needs a 'path' to its data")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must be < 1 to leave training data")
-        if self.image_size is not None and self.source not in ("imagefolder", "hf"):
-            raise ValueError(f"image_size applies to imagefolder and hf images, not to source '{self.source}'")
-        if self.split_column is not None and self.source != "csv":
-            raise ValueError("split_column applies to csv files")
-        if isinstance(self.normalize, Normalization) and self.channels and len(self.normalize.mean) != self.channels:
-            raise ValueError(f"normalize has {len(self.normalize.mean)} values per statistic for {self.channels} channels")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _fractions_as_given(self, handler) -> dict[str, Any]:
-        # A split fraction is written only when given: a default one applies only where the data give no such split
-        # (report.json's data.provenance says how each split was made), and where they give it, a fraction that is
-        # written is refused when read again, so the record of such a run could not be resumed.
-        return {k: v for k, v in handler(self).items() if k not in SPLIT_FRACTIONS or k in self.model_fields_set}
-
-    @property
-    def size(self) -> tuple[int, int] | None:
-        """image_size as (height, width)."""
-        if self.image_size is None:
-            return None
-        return tuple(self.image_size) if isinstance(self.image_size, list) else (self.image_size, self.image_size)
-
-    @property
-    def normalization(self) -> tuple[list[float], list[float]] | None:
-        if self.normalize is None:
-            return None
-        values = IMAGENET_NORMALIZATION if self.normalize == "imagenet" else self.normalize.model_dump()
-        return values["mean"], values["std"]
+MIN_TIMED_RUNS = 5  # percentiles from fewer calls say nothing; made even when the budget is spent
 
 
 class ModelConfig(Strict):
-    arch: str | None = Field(None, description="a zoo name (`kdpipe models` lists them), timm:NAME, torchvision:NAME "
+    arch: Annotated[str | None, LocalPath("model directory", prefix="hf:")] = Field(None, description="a zoo name (`kdpipe models` lists them), timm:NAME, torchvision:NAME "
                                                 "(the vision extra; random init, load weights with `weights`), or "
                                                 "hf:DIR (a local save_pretrained transformers image classifier)")
-    entrypoint: str | None = Field(None, description="'package.module:factory' or 'file.py:factory' returning an "
+    entrypoint: Annotated[str | None, EntryPointPath()] = Field(None, description="'package.module:factory' or 'file.py:factory' returning an "
                                                      "nn.Module (runs user code; the module is looked up in the "
                                                      "pipeline file's folder first)")
-    weights: Path | None = Field(None, description="weights to load: .safetensors or a torch state dict (read "
+    weights: Annotated[Path | None, LocalPath("weights file")] = Field(None, description="weights to load: .safetensors or a torch state dict (read "
                                                    "weights-only; {state_dict|model: ...} wrappers and module. "
                                                    "prefixes accepted)")
     reset_head: bool = Field(False, description="replace the classifier when the weights' class count differs "
@@ -271,21 +53,19 @@ class ModelConfig(Strict):
 
     @field_validator("arch")
     @classmethod
-    def _known_arch(cls, arch: str | None) -> str | None:
-        from kdpipe.models import ZOO
-        from kdpipe.models.external import PREFIXES
-
-        if arch is None or arch in ZOO:
+    def _known_arch(cls, arch: str | None, info: ValidationInfo) -> str | None:
+        zoo, prefixes = known(info, "architectures"), known(info, "model_libraries")
+        if arch is None or zoo is None or prefixes is None or arch in zoo:
             return arch
         prefix, sep, name = arch.partition(":")
-        if sep and f"{prefix}:" in PREFIXES:
+        if sep and f"{prefix}:" in prefixes:
             if not name:
                 raise ValueError(f"'{arch}' names no model after '{prefix}:'")
             return arch
         if sep:
-            raise ValueError(f"unknown model library '{prefix}:'{_suggest(prefix + ':', PREFIXES)}; expected one of "
-                             f"{', '.join(PREFIXES)}")
-        raise ValueError(f"unknown arch '{arch}'{_suggest(arch, ZOO)}; expected one of {', '.join(sorted(ZOO))}, "
+            raise ValueError(f"unknown model library '{prefix}:'{suggest(prefix + ':', prefixes)}; expected one of "
+                             f"{', '.join(prefixes)}")
+        raise ValueError(f"unknown arch '{arch}'{suggest(arch, zoo)}; expected one of {', '.join(sorted(zoo))}, "
                          f"or timm:NAME, torchvision:NAME, hf:DIR")
 
 
@@ -307,7 +87,7 @@ class TrainConfig(Strict):
 
 class TeacherConfig(Strict):
     model: ModelConfig
-    checkpoint: Path | None = Field(None, description="state dict to load; null: train the teacher (cached by content hash)")
+    checkpoint: Annotated[Path | None, LocalPath("checkpoint")] = Field(None, description="state dict to load; null: train the teacher (cached by content hash)")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
@@ -465,13 +245,11 @@ class ValidateConfig(Strict):
 
     @field_validator("providers")
     @classmethod
-    def _known_providers(cls, providers: str | list[str]) -> str | list[str]:
-        from kdpipe.onnx_runtime import known_providers
-
-        known = known_providers()
-        for name in [] if providers == "auto" else providers:
-            if known is not None and name not in known:
-                raise ValueError(f"unknown execution provider '{name}'{_suggest(name, known)}")
+    def _known_providers(cls, providers: str | list[str], info: ValidationInfo) -> str | list[str]:
+        names = known(info, "providers")
+        for name in [] if providers == "auto" or names is None else providers:
+            if name not in names:
+                raise ValueError(f"unknown execution provider '{name}'{suggest(name, names)}")
         return providers
 
     @model_validator(mode="after")
@@ -531,7 +309,7 @@ def registry_alias(alias: str, key: str) -> str:
     try:
         return _ALIAS.validate_python(alias)
     except ValidationError as exc:
-        raise InputError(key, _describe(exc.errors()[0], BaseModel, ())) from None
+        raise InputError(key, describe(exc.errors()[0], BaseModel, ())) from None
 
 
 class RegisterConfig(Strict):
@@ -597,142 +375,3 @@ class SearchConfig(Strict):
     @property
     def pruner_name(self) -> str:
         return self.pruner or ("median" if len(self.objective) == 1 else "none")
-
-
-# --- error messages -----------------------------------------------------------------------
-
-
-SHOWN_CHARS = 80  # an echoed value is cut to this length, so an error stays one readable line
-_SHORT_REPR = reprlib.Repr()
-_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 3, 8, 8
-_SHORT_REPR.maxstring = _SHORT_REPR.maxlong = _SHORT_REPR.maxother = SHOWN_CHARS
-
-
-def _shown(value: Any) -> str:
-    """repr(value) cut to SHOWN_CHARS; reprlib bounds the work too, whatever the size of `value`."""
-    text = _SHORT_REPR.repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
-
-
-def _suggest(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The BaseModel inside an annotation such as `X | None` or `Annotated[X, ...]`, if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType, Annotated, list):
-        for arg in typing.get_args(annotation):
-            found = _submodel(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _union_members(annotation: Any) -> list[type[BaseModel]]:
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType, Annotated):
-        return [m for arg in typing.get_args(annotation) for m in _union_members(arg)]
-    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
-
-
-def _tag_of(member: type[BaseModel]) -> str | None:
-    """The `method` literal of a discriminated union member (kdpipe.pipeline's distill sections)."""
-    field = member.model_fields.get("method")
-    args = typing.get_args(field.annotation) if field is not None else ()
-    return args[0] if len(args) == 1 else None
-
-
-def _strip_tags(model: type[BaseModel], loc: tuple) -> tuple[tuple, list[type[BaseModel] | None]]:
-    """`loc` without the union tags pydantic inserts (distill.kd.params → distill.params), and the model at each step."""
-    current: type[BaseModel] | None = model
-    kept, models = [], []
-    parts = list(loc)
-    while parts:
-        part = parts.pop(0)
-        if current is None:
-            kept.append(part)
-            continue
-        field = next((f for n, f in current.model_fields.items() if (f.alias or n) == part), None)
-        kept.append(part)
-        if field is None:
-            current = None
-            continue
-        members = _union_members(field.annotation)
-        tagged = {_tag_of(m): m for m in members if _tag_of(m) is not None}
-        if tagged and parts and parts[0] in tagged:
-            current = tagged[parts.pop(0)]
-        else:
-            current = _submodel(field.annotation)
-        models.append(current)
-    return tuple(kept), models
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Valid keys (by alias) of the mapping at `loc` (already stripped of tags) inside `model`, for 'did you mean'."""
-    current: type[BaseModel] | None = model
-    for part in loc:
-        if current is None:
-            return []
-        if isinstance(part, int):  # an item of a list of models: the item's model
-            continue
-        field = next((f for n, f in current.model_fields.items() if (f.alias or n) == part), None)
-        if field is None:
-            return []
-        current = _submodel(field.annotation)
-    return [f.alias or n for n, f in current.model_fields.items()] if current else []
-
-
-def _describe(err: dict, model: type[BaseModel], loc: tuple) -> str:
-    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
-    got = f", got {_shown(value)}"
-    if kind == "extra_forbidden":
-        valid = _fields_at(model, loc[:-1])
-        hint = _suggest(str(loc[-1]), valid)
-        return f"unknown key{hint}; valid keys here: {', '.join(valid)}" if valid else "unknown key; no keys are valid here"
-    if kind == "missing":
-        return "required key is missing"
-    bounds = {"greater_than": ">", "greater_than_equal": "≥", "less_than": "<", "less_than_equal": "≤"}
-    if kind in bounds:
-        limit = next(iter(ctx.values()))
-        return f"expected a value {bounds[kind]} {limit}{got}"
-    if kind in ("int_parsing", "int_type", "int_from_float"):
-        return f"expected an integer{got}"
-    if kind in ("float_parsing", "float_type"):
-        return f"expected a number{got}"
-    if kind in ("bool_parsing", "bool_type"):
-        return f"expected true or false{got}"
-    if kind == "union_tag_invalid":  # the distill section's method
-        tag, expected = str(ctx.get("tag")), [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
-        return f"unknown method '{tag}'{_suggest(tag, expected)}; expected one of {', '.join(sorted(expected))}"
-    if kind == "literal_error":
-        return f"expected one of {ctx.get('expected')}{got}"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"expected a mapping{got}"
-    if kind == "list_type":
-        return f"expected a list{got}"
-    if kind == "string_pattern_mismatch":
-        return f"expected a string matching {ctx.get('pattern')}{got}"
-    if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
-    return f"{err['msg'][0].lower()}{err['msg'][1:]}{got}"
-
-
-def _input_error(exc: ValidationError, model: type[BaseModel], prefix: tuple) -> InputError:
-    """The first validation error as an InputError naming its dotted key."""
-    errors = exc.errors()
-    # A union reports one error per member; the first member's is the useful one.
-    err = errors[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-    stripped, _ = _strip_tags(model, loc)
-    if err["type"] == "union_tag_invalid":
-        stripped += (str(err.get("ctx", {}).get("discriminator", "")).strip("'"),)
-    key = ".".join(str(p) for p in prefix + stripped)
-    if err["type"] == "extra_forbidden":  # the keys valid beside the unknown one: those of the model holding it
-        _, parents = _strip_tags(model, loc[:-1])
-        owner = parents[-1] if parents and parents[-1] is not None else model
-        return InputError(key, _describe(err, owner, (stripped[-1],)))
-    return InputError(key, _describe(err, model, stripped))

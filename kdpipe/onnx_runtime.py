@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdpipe.config import MIN_TIMED_RUNS
 from kdpipe.errors import InputError
 
 MISSING_ORT = "onnxruntime is not installed: pip install 'kdpipe[cpu]' (or 'kdpipe[gpu]' on a CUDA machine)"
@@ -142,7 +143,6 @@ def latency_stats(seconds: np.ndarray, batch_size: int) -> dict[str, float]:
             "throughput": float(batch_size / seconds.mean()), "runs": len(seconds)}
 
 
-MIN_TIMED_RUNS = 5  # percentiles from fewer calls say nothing; made even when the budget is spent
 
 
 def time_calls(call, warmup: int, runs: int, budget_s: float = float("inf")) -> np.ndarray:

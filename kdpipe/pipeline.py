@@ -1,14 +1,15 @@
-"""The pipeline file: its top level, whose `distill` section is a union discriminated by `method`, loading,
-and `--set` overrides.
+"""The pipeline file: its top level, whose `distill` section is a union discriminated by `method` and `data`
+section a union discriminated by `source`, loading, and `--set` overrides.
 
 Each registered method contributes one distill section, `{method: NAME, params: <its Params>, ...the shared
-keys}`, so `kdpipe schema` documents every method's parameters with their types, defaults and search ranges,
-and one validation pass checks a whole file.
+keys}`, and each registered source one data section, so `kdpipe schema` documents every method's parameters
+and every source's keys (plugins' included), and one validation pass checks a whole file. The registries of
+installed things the sections check names against (zoo, model libraries, onnxruntime providers) are passed
+here, in the validation context.
 """
 
 from __future__ import annotations
 
-import os
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -16,10 +17,16 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
-from kdpipe.config import (DataConfig, DistillBase, ExportConfig, RegisterConfig, SearchConfig, Seed, Strict,
-                           StudentConfig, TeacherConfig, ValidateConfig, _input_error, _shown)
+from kdpipe.config import (DistillBase, ExportConfig, RegisterConfig, SearchConfig, Seed, Strict, StudentConfig,
+                           TeacherConfig, ValidateConfig)
+from kdpipe.config_errors import input_error, shown
+from kdpipe.config_paths import resolve_paths
+from kdpipe.data.sources import DEFAULT_SOURCE, data_config, data_union
 from kdpipe.errors import InputError
 from kdpipe.methods import get_method, registry
+from kdpipe.models import ZOO
+from kdpipe.models.external import PREFIXES
+from kdpipe.plugins import GROUPS, loaded
 from kdpipe.search.space import resolve_space
 from kdpipe.search.storage import mask_credentials
 
@@ -38,6 +45,7 @@ def _distill_section(name: str, method_cls) -> type[DistillBase]:
 DISTILL_SECTIONS = {name: _distill_section(name, cls) for name, cls in sorted(registry().items())}
 DistillConfig = Annotated[Union[tuple(DISTILL_SECTIONS.values())], Field(discriminator="method")]
 _DISTILL = TypeAdapter(DistillConfig)
+DataSection = data_union()
 
 
 def distill_section(values: dict[str, Any]):
@@ -48,7 +56,7 @@ def distill_section(values: dict[str, Any]):
 class Pipeline(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     seed: Seed = 0
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataSection = Field(default_factory=data_config)
     teacher: TeacherConfig | None = None
     student: StudentConfig
     distill: DistillConfig = Field(default_factory=lambda: distill_section({"method": DEFAULT_METHOD}))
@@ -59,10 +67,11 @@ class Pipeline(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_method(cls, raw: Any) -> Any:
-        distill = raw.get("distill") if isinstance(raw, dict) else None
-        if isinstance(distill, dict) and "method" not in distill:
-            raw = {**raw, "distill": {"method": DEFAULT_METHOD, **distill}}
+    def _default_tags(cls, raw: Any) -> Any:
+        for key, tag, default in (("distill", "method", DEFAULT_METHOD), ("data", "source", DEFAULT_SOURCE)):
+            section = raw.get(key) if isinstance(raw, dict) else None
+            if isinstance(section, dict) and tag not in section:
+                raw = {**raw, key: {tag: default, **section}}
         return raw
 
     def with_method(self, method: str, params: dict[str, Any], optimizer: dict[str, Any] | None = None) -> Pipeline:
@@ -190,13 +199,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str], base_dir: Path | None = None) -> dict[str, Any]:
-    """Apply `key.path=value` overrides; values are parsed as YAML so `8`, `true` and `[1, 64]` get their types.
-    With `base_dir`, relative paths in the values resolve against it (the working directory, for --set)."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides; values are parsed as YAML so `8`, `true` and `[1, 64]` get their types."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise InputError("--set", f"expected key.path=value, got {_shown(item)}")
+            raise InputError("--set", f"expected key.path=value, got {shown(item)}")
         try:
             value = _parse_yaml(text)
         except yaml.YAMLError:
@@ -210,26 +218,46 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], base_dir: Path | 
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise InputError(key, f"--set cannot descend into '{part}', which holds {_shown(child)}")
+                raise InputError(key, f"--set cannot descend into '{part}', which holds {shown(child)}")
             node = child
-        if base_dir is not None:
-            value = resolve_paths(value, tuple(parts), base_dir, "the working directory (--set)")
         node[parts[-1]] = value
     return raw
+
+
+def resolve_file_paths(raw: dict[str, Any], folder: Path, origin: str, overrides: list[str] | None = None
+                       ) -> dict[str, Any]:
+    """`raw` with every path its schema marks (kdpipe.config_paths) made absolute: against `folder` (`origin` says
+    what it is), those under a key given by `overrides` (--set) against the working directory."""
+    given = [tuple(item.partition("=")[0].split(".")) for item in overrides or []]
+
+    def base(loc: tuple) -> tuple[Path, str]:
+        if any(loc[:len(key)] == key for key in given):
+            return Path.cwd(), "the working directory (--set)"
+        return folder, origin
+
+    return resolve_paths(Pipeline, raw, (), base)
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     """The pipeline file with `--set` overrides: relative paths in the file resolve against the file's folder,
     those given with --set against the working directory."""
-    raw = resolve_paths(read_yaml(Path(path)), (), Path(path).resolve().parent, "the pipeline file's folder")
-    return validate_pipeline(apply_overrides(raw, overrides or [], Path.cwd()))
+    raw = apply_overrides(read_yaml(Path(path)), overrides or [])
+    return validate_pipeline(resolve_file_paths(raw, Path(path).resolve().parent, "the pipeline file's folder",
+                                                overrides))
+
+
+def validation_context() -> dict[str, Any]:
+    """The registries the sections check names against (kdpipe.config_base.known)."""
+    from kdpipe.onnx_runtime import known_providers
+
+    return {"architectures": ZOO, "model_libraries": PREFIXES, "providers": known_providers()}
 
 
 def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
     try:
-        pipeline = Pipeline.model_validate(raw)
+        pipeline = Pipeline.model_validate(raw, context=validation_context())
     except ValidationError as exc:
-        raise _input_error(exc, Pipeline, ()) from None
+        raise input_error(exc, Pipeline, ()) from None
     _check_numbers(pipeline.model_dump(by_alias=True), ())
     _check_providers(pipeline.validation)
     get_method(pipeline.distill.method).check_pipeline(pipeline)
@@ -247,7 +275,7 @@ def _check_numbers(value: Any, loc: tuple) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(".".join(map(str, loc)), f"expected a finite number, got {value}")
     if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
-        raise InputError(".".join(map(str, loc)), f"expected an integer that fits in 64 bits, got {_shown(value)}")
+        raise InputError(".".join(map(str, loc)), f"expected an integer that fits in 64 bits, got {shown(value)}")
     if isinstance(value, dict):
         for k, v in value.items():
             _check_numbers(k, loc)
@@ -276,58 +304,7 @@ def provider_warnings(pipeline: Pipeline) -> list[str]:
             "(providers: auto picks what is available without a warning)" for p in missing_providers(pipeline.validation.providers)]
 
 
-# --- paths ----------------------------------------------------------------------------------
-
-FILE_KEYS = {("data", "path"): "data file", ("teacher", "checkpoint"): "checkpoint"}
-MODEL_SECTIONS = [("teacher", "model"), ("student", "model"), ("distill", "params", "peers", "*")]
-
-
-def resolve_path(value: str | Path, base_dir: Path) -> Path:
-    """A relative path taken relative to `base_dir`; an absolute one (or one starting with ~) as it is."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else Path(os.path.normpath(Path(base_dir) / path))
-
-
-def _in_model_section(loc: tuple) -> bool:
-    return any(len(loc) == len(s) + 1 and all(p == "*" or p == q for p, q in zip(s, loc)) for s in MODEL_SECTIONS)
-
-
-def _existing(value: str, key: str, noun: str, base_dir: Path, origin: str) -> Path:
-    path = resolve_path(value, base_dir)
-    if not path.exists():
-        where = "" if Path(value).expanduser().is_absolute() else f" (resolved against {base_dir}, {origin})"
-        raise InputError(key, f"{noun} not found: {value}{where}")
-    return path
-
-
-def resolve_paths(value: Any, loc: tuple, base_dir: Path, origin: str) -> Any:
-    """`value` (found at dotted location `loc`) with every path it holds made absolute against `base_dir`:
-    data.path, teacher.checkpoint, and in each model section weights, hf:DIR and the entry point's module.
-    Inputs that must exist are checked here, so a not-found error names the folder a relative path was taken in.
-    `origin` says what that folder is."""
-    key = ".".join(loc)
-    if isinstance(value, dict):
-        return {k: resolve_paths(v, (*loc, str(k)), base_dir, origin) for k, v in value.items()}
-    if isinstance(value, list):
-        return [resolve_paths(v, (*loc, str(i)), base_dir, origin) for i, v in enumerate(value)]
-    if not isinstance(value, str) or not value:
-        return value
-    if loc in FILE_KEYS:
-        return str(_existing(value, key, FILE_KEYS[loc], base_dir, origin))
-    if not _in_model_section(loc):
-        return value
-    if loc[-1] == "weights":
-        return str(_existing(value, key, "weights file", base_dir, origin))
-    if loc[-1] == "arch" and value.startswith("hf:"):
-        return "hf:" + str(_existing(value[3:], key, "model directory", base_dir, origin))
-    if loc[-1] == "entrypoint" and ":" in value:
-        module, _, factory = value.rpartition(":")
-        if module.endswith(".py"):
-            return f"{_existing(module, key, 'entry-point file', base_dir, origin)}:{factory}"
-        if ":" not in module:  # FOLDER:module:factory: the folder the module is looked up in first
-            return f"{base_dir}:{module}:{factory}"
-    return value
-
-
 def json_schema() -> dict[str, Any]:
-    return Pipeline.model_json_schema(by_alias=True)
+    """The pipeline file's JSON Schema; `x-kdpipe-plugins` names, per entry-point group, the plugins in it and the
+    packages they come from."""
+    return {**Pipeline.model_json_schema(by_alias=True), "x-kdpipe-plugins": {g: loaded(g) for g in GROUPS}}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.atomic import atomic_write
-from kdpipe.config import _shown
+from kdpipe.config_errors import shown
 from kdpipe.data import Splits
 from kdpipe.errors import InputError
 from kdpipe.fingerprint import fingerprint
@@ -63,13 +63,13 @@ def check_resumed(ledger: dict[str, Any], pipeline: Pipeline, data: Splits, run_
     now = run_record(pipeline, data)
     if now["pipeline_digest"] != ledger["pipeline_digest"]:
         was, edited = flatten(ledger["pipeline"]), flatten(now["pipeline"])
-        changed = [f"{key} {_shown(was.get(key))} → {_shown(edited.get(key))}"
+        changed = [f"{key} {shown(was.get(key))} → {shown(edited.get(key))}"
                    for key in dict.fromkeys([*was, *edited]) if was.get(key) != edited.get(key)]
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        raise InputError("pipeline.yaml", f"changed since the run started ({shown}); --resume continues the run as it "
+        listed = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise InputError("pipeline.yaml", f"changed since the run started ({listed}); --resume continues the run as it "
                                           f"began: undo the edit, or start a new run with kdpipe run "
                                           f"{run_dir / 'pipeline.yaml'}")
-    _check_same_data(ledger["data"], now["data"], "data.path" if pipeline.data.path else "data", run_dir)
+    _check_same_data(ledger["data"], now["data"], pipeline.data.input_key, run_dir)
 
 
 def _check_same_data(was: dict[str, Any], now: dict[str, Any], key: str, run_dir: Path) -> None:
@@ -97,11 +97,11 @@ def _data_changes(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
         added = [c for c in now["classes"] if c not in was["classes"]] if named else []
         gone = [c for c in was["classes"] if c not in now["classes"]] if named else []
         if added:
-            changes.append(f"classes added: {_shown(added)}")
+            changes.append(f"classes added: {shown(added)}")
         if gone:
-            changes.append(f"classes removed: {_shown(gone)}")
+            changes.append(f"classes removed: {shown(gone)}")
         if not (added or gone):
-            changes.append(f"classes {_shown(was['classes'])} → {_shown(now['classes'])}")
+            changes.append(f"classes {shown(was['classes'])} → {shown(now['classes'])}")
     changes += [f"{split} split {was['sizes'].get(split)} → {size} samples" for split, size in now["sizes"].items()
                 if was["sizes"].get(split) != size]
     return changes

@@ -32,10 +32,10 @@ def sets(*overrides: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def digits():
-    from kdpipe.config import DataConfig
+    from kdpipe.data.sources import data_config
     from kdpipe.data import load_data
 
-    return load_data(DataConfig(), 0)
+    return load_data(data_config(), 0)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import PIPELINES, cli
-from kdpipe.config import DataConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 from kdpipe.errors import InputError
 
@@ -24,7 +24,7 @@ def same_image_npz(tmp_path):
 
 
 def load(path, augment, **changes):
-    return load_data(DataConfig(source="npz", path=path, augment=augment, val_fraction=0.25, test_fraction=0.25,
+    return load_data(data_config(source="npz", path=path, augment=augment, val_fraction=0.25, test_fraction=0.25,
                                 **changes), seed=0)
 
 

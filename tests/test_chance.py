@@ -154,13 +154,14 @@ def test_a_reset_head_that_is_never_trained_is_an_input_error(workdir, given):
                          ids=["crop-flip", "resized-crop-jitter"])
 def test_the_views_estimate_that_bounds_teacher_views_is_their_size(augment):
     """distill.teacher_views is refused when views_nbytes exceeds the free memory: it must be the views' real size."""
-    from kdpipe.config import DataConfig, ModelConfig
+    from kdpipe.config import ModelConfig
+    from kdpipe.data.sources import data_config
     from kdpipe.data import load_data
     from kdpipe.models import build_model
     from kdpipe.teacher_cache import TeacherOutputCache
     from kdpipe.teacher_views import _nbytes, teacher_views, views_nbytes
 
-    data = load_data(DataConfig(augment=augment), seed=0)
+    data = load_data(data_config(augment=augment), seed=0)
     teacher = build_model(ModelConfig(arch="cnn", width=4, depth=1), "teacher", data.input_shape, data.num_classes)
     made = teacher_views(TeacherOutputCache(), teacher, data, views=2, topk=3, seed=0)
     assert views_nbytes(data, 2, 3) == _nbytes(made.state())

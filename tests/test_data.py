@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe.config import DataConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data, stratified_split
 from kdpipe.errors import InputError
 
 
 def test_split_is_deterministic_by_seed_and_disjoint():
-    a = load_data(DataConfig(), seed=3)
-    b = load_data(DataConfig(), seed=3)
-    c = load_data(DataConfig(), seed=4)
+    a = load_data(data_config(), seed=3)
+    b = load_data(data_config(), seed=3)
+    c = load_data(data_config(), seed=4)
     for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert a.fingerprint == b.fingerprint != c.fingerprint
@@ -36,7 +36,7 @@ def test_split_is_stratified():
 
 
 def test_digits_are_images_scaled_to_unit_range():
-    splits = load_data(DataConfig(), seed=0)
+    splits = load_data(data_config(), seed=0)
     assert splits.input_shape == (1, 8, 8)
     assert splits.num_classes == 10
     assert 0.0 <= splits.x_train.min() and splits.x_train.max() <= 1.0
@@ -46,7 +46,7 @@ def test_npz_with_own_test_split_and_flat_shape(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.random((90, 16)), y=np.arange(90) % 3,
              x_test=rng.random((30, 16)), y_test=np.arange(30) % 3)
-    splits = load_data(DataConfig(source="npz", path=tmp_path / "d.npz", shape=[1, 4, 4], val_fraction=0.2), seed=0)
+    splits = load_data(data_config(source="npz", path=tmp_path / "d.npz", shape=[1, 4, 4], val_fraction=0.2), seed=0)
     assert splits.input_shape == (1, 4, 4)
     assert splits.sizes() == {"train": 72, "val": 18, "test": 30}
     assert splits.num_classes == 3
@@ -55,7 +55,7 @@ def test_npz_with_own_test_split_and_flat_shape(tmp_path):
 def test_csv_with_label_column(tmp_path):
     rows = ["f0,f1,target"] + [f"{i / 10},{(i % 4) / 3},{i % 2}" for i in range(40)]
     (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
-    splits = load_data(DataConfig(source="csv", path=tmp_path / "d.csv", label_column="target"), seed=0)
+    splits = load_data(data_config(source="csv", path=tmp_path / "d.csv", label_column="target"), seed=0)
     assert splits.input_shape == (2,)
     assert splits.num_classes == 2
     assert sum(splits.sizes().values()) == 40
@@ -71,7 +71,7 @@ def images_nhwc(n: int, height: int = 6, width: int = 5, channels: int = 3, seed
 def test_uint8_nhwc_npz_is_stored_uint8_and_read_as_channels_first(tmp_path):
     x = images_nhwc(60)
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(60) % 3)
-    splits = load_data(DataConfig(source="npz", path=tmp_path / "d.npz"), seed=0)
+    splits = load_data(data_config(source="npz", path=tmp_path / "d.npz"), seed=0)
     assert splits.input_shape == (3, 6, 5)
     assert splits.x_train.dtype == torch.uint8 and splits.stored_dtype == torch.uint8
     assert splits.x_train.nbytes * 4 == splits.x_train.numel() * torch.float32.itemsize  # a quarter of float32
@@ -85,18 +85,18 @@ def test_uint8_nhwc_npz_is_stored_uint8_and_read_as_channels_first(tmp_path):
 
 def test_float_nhwc_is_detected_and_ambiguous_shapes_are_refused(tmp_path):
     np.savez(tmp_path / "nhwc.npz", x=np.random.default_rng(0).random((40, 32, 32, 3)), y=np.arange(40) % 2)
-    assert load_data(DataConfig(source="npz", path=tmp_path / "nhwc.npz"), seed=0).input_shape == (3, 32, 32)
+    assert load_data(data_config(source="npz", path=tmp_path / "nhwc.npz"), seed=0).input_shape == (3, 32, 32)
     np.savez(tmp_path / "ambiguous.npz", x=np.zeros((40, 3, 7, 3), dtype=np.float32), y=np.arange(40) % 2)
     with pytest.raises(InputError) as err:
-        load_data(DataConfig(source="npz", path=tmp_path / "ambiguous.npz"), seed=0)
+        load_data(data_config(source="npz", path=tmp_path / "ambiguous.npz"), seed=0)
     assert err.value.key == "data.layout" and "set layout to nchw or nhwc" in err.value.message
-    given = DataConfig(source="npz", path=tmp_path / "ambiguous.npz", layout="nhwc")
+    given = data_config(source="npz", path=tmp_path / "ambiguous.npz", layout="nhwc")
     assert load_data(given, seed=0).input_shape == (3, 3, 7)
 
 
 def test_channels_converts_array_images(tmp_path):
     np.savez(tmp_path / "d.npz", x=images_nhwc(40), y=np.arange(40) % 2)
-    grey = load_data(DataConfig(source="npz", path=tmp_path / "d.npz", channels=1), seed=0)
+    grey = load_data(data_config(source="npz", path=tmp_path / "d.npz", channels=1), seed=0)
     assert grey.input_shape == (1, 6, 5) and grey.stored_dtype == torch.uint8
 
 
@@ -104,13 +104,13 @@ def test_npz_validation_split_is_used_as_given(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.random((80, 16)), y=np.arange(80) % 4, x_val=rng.random((12, 16)),
              y_val=np.arange(12) % 4)
-    splits = load_data(DataConfig(source="npz", path=tmp_path / "d.npz", test_fraction=0.25), seed=0)
+    splits = load_data(data_config(source="npz", path=tmp_path / "d.npz", test_fraction=0.25), seed=0)
     assert splits.sizes() == {"train": 60, "val": 12, "test": 20}
     assert np.allclose(splits.x_val.numpy(), np.load(tmp_path / "d.npz")["x_val"])
     assert splits.provenance["splits"]["val"] == {"from": f"{tmp_path / 'd.npz'} x_val, y_val", "size": 12}
     assert "test_fraction 0.25" in splits.provenance["splits"]["test"]["from"]
     with pytest.raises(InputError) as err:
-        load_data(DataConfig(source="npz", path=tmp_path / "d.npz", val_fraction=0.1), seed=0)
+        load_data(data_config(source="npz", path=tmp_path / "d.npz", val_fraction=0.1), seed=0)
     assert err.value.key == "data.val_fraction" and "would be ignored" in err.value.message
 
 
@@ -118,11 +118,11 @@ def test_csv_split_column(tmp_path):
     rows = ["f0,f1,label,split"] + [f"{i / 10},{i % 3},{i % 2},{('train', 'train', 'val', 'test')[i % 4]}"
                                      for i in range(40)]
     (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
-    splits = load_data(DataConfig(source="csv", path=tmp_path / "d.csv", split_column="split"), seed=0)
+    splits = load_data(data_config(source="csv", path=tmp_path / "d.csv", split_column="split"), seed=0)
     assert splits.sizes() == {"train": 20, "val": 10, "test": 10} and splits.input_shape == (2,)
     (tmp_path / "bad.csv").write_text("f0,label,split\n1,0,train\n2,1,holdout\n")
     with pytest.raises(InputError, match="holds 'holdout'; expected train, val or test"):
-        load_data(DataConfig(source="csv", path=tmp_path / "bad.csv", split_column="split"), seed=0)
+        load_data(data_config(source="csv", path=tmp_path / "bad.csv", split_column="split"), seed=0)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
@@ -131,26 +131,26 @@ def test_non_finite_samples_are_an_input_error(tmp_path, value):
     x[7, 2] = value
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(40) % 2)
     with pytest.raises(InputError, match="1 non-finite values"):
-        load_data(DataConfig(source="npz", path=tmp_path / "d.npz"), seed=0)
+        load_data(data_config(source="npz", path=tmp_path / "d.npz"), seed=0)
 
 
 def test_sparse_labels_need_num_classes(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((100, 4)), y=(np.arange(100) % 10) * 100)
     with pytest.raises(InputError) as err:
-        load_data(DataConfig(source="npz", path=tmp_path / "d.npz"), seed=0)
+        load_data(data_config(source="npz", path=tmp_path / "d.npz"), seed=0)
     assert err.value.key == "data.num_classes" and "labels go up to 900 but 891 of 0..900 never occur" in err.value.message
-    assert load_data(DataConfig(source="npz", path=tmp_path / "d.npz", num_classes=901), seed=0).num_classes == 901
+    assert load_data(data_config(source="npz", path=tmp_path / "d.npz", num_classes=901), seed=0).num_classes == 901
 
 
 def test_single_class_data_is_an_input_error(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((40, 4)), y=np.zeros(40))
     with pytest.raises(InputError, match="single class"):
-        load_data(DataConfig(source="npz", path=tmp_path / "d.npz", num_classes=2), seed=0)
+        load_data(data_config(source="npz", path=tmp_path / "d.npz", num_classes=2), seed=0)
 
 
 def test_digits_stay_float_and_unconverted():
     """The default pipeline's fast path: float storage, inputs are the stored tensor rows themselves."""
-    splits = load_data(DataConfig(), seed=0)
+    splits = load_data(data_config(), seed=0)
     assert splits.stored_dtype == torch.float32 and splits.normalization is None and not splits.augmented
     index, x, _ = next(splits.train_batches(64, torch.Generator().manual_seed(0)))
     assert torch.equal(x, splits.x_train[index])
@@ -160,4 +160,4 @@ def test_digits_stay_float_and_unconverted():
 def test_too_few_samples_to_split(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((4, 3)), y=np.array([0, 1, 0, 1]))
     with pytest.raises(InputError, match="too few samples"):
-        load_data(DataConfig(source="npz", path=tmp_path / "d.npz"), seed=0)
+        load_data(data_config(source="npz", path=tmp_path / "d.npz"), seed=0)

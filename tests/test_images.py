@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from conftest import FAST, PIPELINES, cli, read_report, sets
-from kdpipe.config import DataConfig
+from kdpipe.data.sources import data_config
 from kdpipe.pipeline import load_pipeline
 from kdpipe.data import load_data
 
@@ -62,7 +62,7 @@ def count_files(folder: Path) -> int:
 
 def test_image_folder_with_given_splits_is_read_as_given(image_data):
     root = image_data["splits"]
-    splits = load_data(DataConfig(source="imagefolder", path=root, channels=1), seed=0)
+    splits = load_data(data_config(source="imagefolder", path=root, channels=1), seed=0)
     assert splits.sizes() == {s: count_files(root / s) for s in ("train", "val", "test")}
     assert splits.num_classes == 4 and splits.provenance["classes"] == CLASSES
     assert splits.input_shape == (1, 16, 16)
@@ -84,7 +84,7 @@ def test_image_folder_with_given_splits_is_read_as_given(image_data):
 
 
 def test_class_folders_of_mixed_formats_are_split_by_fraction(image_data):
-    cfg = DataConfig(source="imagefolder", path=image_data["flat"], image_size=[12, 14], channels=3,
+    cfg = data_config(source="imagefolder", path=image_data["flat"], image_size=[12, 14], channels=3,
                      val_fraction=0.2, test_fraction=0.2)
     splits = load_data(cfg, seed=0)
     assert sum(splits.sizes().values()) == 4 * PER_CLASS
@@ -116,8 +116,8 @@ def test_decoder_converts_modes_and_covers_the_size():
 
 def test_streamed_training_batches_equal_the_in_memory_ones(image_data):
     root = image_data["splits"]
-    memory = load_data(DataConfig(source="imagefolder", path=root, channels=1, storage="memory"), seed=0)
-    stream = load_data(DataConfig(source="imagefolder", path=root, channels=1, storage="stream", workers=2), seed=0)
+    memory = load_data(data_config(source="imagefolder", path=root, channels=1, storage="memory"), seed=0)
+    stream = load_data(data_config(source="imagefolder", path=root, channels=1, storage="stream", workers=2), seed=0)
     assert stream.x_train is None and stream.stored_dtype == torch.uint8
     assert stream.provenance["storage"] == "stream" and memory.provenance["storage"] == "memory"
     assert torch.equal(stream.x_val, memory.x_val) and torch.equal(stream.y_train, memory.y_train)
@@ -137,7 +137,7 @@ def test_streaming_fingerprint_follows_file_changes_without_decoding(tmp_path, i
 
     root = tmp_path / "copy"
     shutil.copytree(image_data["splits"], root)
-    cfg = DataConfig(source="imagefolder", path=root, channels=1, storage="stream", workers=0)
+    cfg = data_config(source="imagefolder", path=root, channels=1, storage="stream", workers=0)
     before = load_data(cfg, seed=0).fingerprint
     # Training images are decoded only when batches are drawn: loading touches no training pixel.
     from kdpipe.data import images
@@ -156,7 +156,7 @@ def test_streaming_fingerprint_follows_file_changes_without_decoding(tmp_path, i
 def test_auto_storage_streams_what_does_not_fit(monkeypatch, image_data):
     from kdpipe.data import storage
 
-    cfg = DataConfig(source="imagefolder", path=image_data["splits"], channels=1, workers=0)
+    cfg = data_config(source="imagefolder", path=image_data["splits"], channels=1, workers=0)
     assert load_data(cfg, seed=0).provenance["storage"] == "memory"
     monkeypatch.setattr(storage, "available_bytes", lambda device: 1000)  # far less than 240 × 256 bytes × 2
     assert load_data(cfg, seed=0).provenance["storage"] == "stream"
@@ -173,7 +173,7 @@ def hf_dataset(images_of=lambda pixels: Image.fromarray(pixels)):
 
 def test_hf_dataset_saved_to_disk(tmp_path):
     hf_dataset().save_to_disk(str(tmp_path / "saved"))
-    cfg = DataConfig(source="hf", path=tmp_path / "saved", image_column="img", label_column="digit", image_size=8)
+    cfg = data_config(source="hf", path=tmp_path / "saved", image_column="img", label_column="digit", image_size=8)
     splits = load_data(cfg, seed=0)
     assert sum(splits.sizes().values()) == 4 * PER_CLASS
     assert splits.input_shape == (3, 8, 8) and splits.x_train.dtype == torch.uint8
@@ -187,14 +187,14 @@ def test_hf_dataset_dict_gives_its_splits_and_parquet_reads_alike(tmp_path):
     held = parts["test"].train_test_split(test_size=0.5, seed=0)
     datasets.DatasetDict({"train": parts["train"], "validation": held["train"], "test": held["test"]}).save_to_disk(
         str(tmp_path / "dict"))
-    splits = load_data(DataConfig(source="hf", path=tmp_path / "dict", image_column="img", label_column="digit",
+    splits = load_data(data_config(source="hf", path=tmp_path / "dict", image_column="img", label_column="digit",
                                   channels=1), seed=0)
     assert splits.sizes() == {"train": 300, "val": 50, "test": 50}
     assert splits.provenance["splits"]["val"]["from"] == f"{tmp_path / 'dict'} split val (hf)"
     assert splits.input_shape == (1, 16, 16)
 
     parts["train"].to_parquet(str(tmp_path / "train.parquet"))
-    from_parquet = load_data(DataConfig(source="hf", path=tmp_path / "train.parquet", image_column="img",
+    from_parquet = load_data(data_config(source="hf", path=tmp_path / "train.parquet", image_column="img",
                                         label_column="digit", channels=1), seed=0)
     assert sum(from_parquet.sizes().values()) == 300 and from_parquet.provenance["classes"] == CLASSES
     assert from_parquet.x_val.mean().item() == pytest.approx(splits.x_train.float().mean().item() / 255, abs=0.05)
@@ -304,8 +304,8 @@ def test_image_folder_pipeline_with_augmentation_runs_end_to_end(workdir, image_
 def test_hf_images_stream_like_they_sit_in_memory(tmp_path):
     hf_dataset().save_to_disk(str(tmp_path / "saved"))
     common = dict(source="hf", path=tmp_path / "saved", image_column="img", label_column="digit", channels=1)
-    memory = load_data(DataConfig(**common, storage="memory"), seed=0)
-    stream = load_data(DataConfig(**common, storage="stream", workers=1), seed=0)
+    memory = load_data(data_config(**common, storage="memory"), seed=0)
+    stream = load_data(data_config(**common, storage="stream", workers=1), seed=0)
     (_, a, _), (_, b, _) = (next(s.train_batches(16, torch.Generator().manual_seed(0))) for s in (memory, stream))
     assert torch.equal(a, b)
 
@@ -315,7 +315,7 @@ def test_a_student_learns_from_augmented_image_batches(image_data):
     from kdpipe.config import ModelConfig
     from kdpipe.models import build_model
 
-    splits = load_data(DataConfig(source="imagefolder", path=image_data["splits"], channels=1,
+    splits = load_data(data_config(source="imagefolder", path=image_data["splits"], channels=1,
                                   normalize={"mean": [0.3], "std": [0.35]},
                                   augment=[{"random_crop": {"padding": 2}}, "hflip"]), seed=0)
     torch.manual_seed(0)

@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import FAST, cli, read_report, sets, write_pipeline
-from kdpipe.config import DataConfig, ModelConfig, _submodel, _union_members
+from kdpipe.config import ModelConfig
+from kdpipe.config_errors import submodel, union_members
+from kdpipe.data.sources import data_config
 from kdpipe.pipeline import Pipeline
 from kdpipe.errors import InputError
 from kdpipe.models import build_model
@@ -221,7 +223,7 @@ def _in_schema(key: str, model=Pipeline) -> bool:
     field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
     if field is None:
         return False
-    members = _union_members(field.annotation) or [_submodel(field.annotation)]
+    members = union_members(field.annotation) or [submodel(field.annotation)]
     if not rest or members == [None]:
         return True
     return any(_in_schema(rest, member) for member in members)
@@ -260,7 +262,7 @@ def test_every_model_and_data_error_key_is_a_schema_path(tmp_path):
                  dict(source="npz", path=tmp_path / "float_labels.npz"), dict(source="csv", path=tmp_path / "d.csv"),
                  dict(source="digits", shape=[3, 3]), dict(source="digits", num_classes=4)):
         with pytest.raises(InputError) as err:
-            load_data(DataConfig(**data), 0)
+            load_data(data_config(**data), 0)
         keys.append(err.value.key)
     assert len(keys) == 2 * len(_bad_model_configs(tmp_path)) + 1 + 6
     not_in_schema = [k for k in keys if not _in_schema(k)]

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from conftest import ROOT, cli, read_report, run_process, sets
-from kdpipe.pipeline import load_pipeline, resolve_path
+from kdpipe.config_paths import resolve_path
+from kdpipe.pipeline import load_pipeline
 from kdpipe.models.zoo import CNN
 
 USER_MODELS = """from kdpipe.models.zoo import CNN

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import cli, run_process, tracked_nothing
-from kdpipe.config import DataConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 from kdpipe.data.images import Decoder, DecodeError
 from test_images import assert_input_error, image_copy, image_data, image_pipeline  # noqa: F401 - fixtures
@@ -115,7 +115,7 @@ def test_folders_of_16_bit_and_float_images_load_as_their_8_bit_rendering(tmp_pa
                 path = tmp_path / encoding / name / f"{i}{suffix}"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(encode(pixels)).save(path)
-    loaded = {e: load_data(DataConfig(source="imagefolder", path=tmp_path / e, channels=1, workers=0), 0)
+    loaded = {e: load_data(data_config(source="imagefolder", path=tmp_path / e, channels=1, workers=0), 0)
               for e in encodings}
     for encoding in ("16-bit", "float"):
         for split in ("x_train", "x_val", "x_test"):
@@ -198,8 +198,8 @@ def saved_hf(folder: Path, **splits) -> Path:
     return folder
 
 
-def hf_config(path: Path) -> DataConfig:
-    return DataConfig(source="hf", path=path, image_column="img", label_column="label", channels=1, workers=0)
+def hf_config(path: Path):
+    return data_config(source="hf", path=path, image_column="img", label_column="label", channels=1, workers=0)
 
 
 def class_names(splits, y: torch.Tensor) -> list[str]:

@@ -20,9 +20,11 @@ from pydantic.fields import FieldInfo
 
 from conftest import (FAST, LENIENT, ONE_THREAD, PIPELINES, cli, read_report, read_until, run_process, sets, start_run,
                       write_pipeline)
-from kdpipe.config import ModelConfig, Normalization, RegisterConfig, StudentConfig, TeacherConfig
+from kdpipe.config import DistillBase, ModelConfig, RegisterConfig, StudentConfig, TeacherConfig
+from kdpipe.config_data import DataConfig, Normalization
+from kdpipe.data.sources import DEFAULT_SOURCE
 from kdpipe.errors import InputError
-from kdpipe.pipeline import DEFAULT_METHOD, Pipeline, load_pipeline, resolve_paths, validate_pipeline
+from kdpipe.pipeline import DEFAULT_METHOD, Pipeline, load_pipeline, resolve_file_paths, validate_pipeline
 from kdpipe.resume import check_resumed, run_record
 from kdpipe.runner import prepare
 
@@ -65,11 +67,7 @@ def _known_values(tmp: Path) -> dict[tuple[str, str], list]:
 
 def _contexts(tmp: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """(model, key) -> the keys a value of that key needs beside it to be valid at all."""
-    data_file = str(tmp / "factory.py")  # existence is all that loading checks; the run reads it
     return {
-        ("DataConfig", "source"): {"path": data_file},
-        ("DataConfig", "image_size"): {"source": "imagefolder", "path": data_file},
-        ("DataConfig", "split_column"): {"source": "csv", "path": data_file},
         ("ModelConfig", "entrypoint"): {"arch": None},
         ("ExportConfig", "deliver"): {"quantize": "static"},
         ("SearchConfig", "objective"): {"pruner": "none"},
@@ -97,10 +95,17 @@ def _numbers(kind: type, metadata: list) -> list:
     return [low, high, middle]
 
 
-def _tag(model: type[BaseModel]) -> str | None:
-    field = model.model_fields.get("method")
-    args = typing.get_args(field.annotation) if field is not None else ()
-    return args[0] if len(args) == 1 else None
+# A union member's tag key, the base class holding the keys every member shares, and the member exercising those.
+TAGS = {"method": (DistillBase, DEFAULT_METHOD), "source": (DataConfig, DEFAULT_SOURCE)}
+
+
+def _tag(model: type[BaseModel]) -> tuple[str, str] | None:
+    for key in TAGS:
+        field = model.model_fields.get(key)
+        args = typing.get_args(field.annotation) if field is not None else ()
+        if len(args) == 1:
+            return key, args[0]
+    return None
 
 
 def schema_values(annotation: Any, metadata: list, path: str, env: dict) -> typing.Iterator[tuple[str, Any]]:
@@ -144,11 +149,14 @@ def schema_values(annotation: Any, metadata: list, path: str, env: dict) -> typi
 
 def model_values(model: type[BaseModel], path: str, env: dict) -> typing.Iterator[tuple[str, dict]]:
     tag = _tag(model)
-    base = {**MINIMAL.get(model, {}), **({"method": tag} if tag else {})}
-    here = f"{path}[{tag}]" if tag else path
+    base = {**MINIMAL.get(model, {}), **({tag[0]: tag[1]} if tag else {})}
+    if "path" in model.model_fields and model.model_fields["path"].is_required():  # a data source's file
+        base["path"] = env["file"]
+    here = f"{path}[{tag[1]}]" if tag else path
     prefix = f"{here}." if here else ""
     yield here, base
-    shared = model.__base__.model_fields if tag and tag != DEFAULT_METHOD else {}  # exercised once, in kd's
+    # exercised once, in the default member's (kd's, digits')
+    shared = TAGS[tag[0]][0].model_fields if tag and tag[1] != TAGS[tag[0]][1] else {}
     for name, field in model.model_fields.items():
         if name in shared:
             continue
@@ -213,7 +221,7 @@ class Batch:
 
 def validate(raw: dict, folder: Path) -> Pipeline:
     # The given file is loaded from its data: YAML's reading of it is not what is tested here, the record's is.
-    return validate_pipeline(resolve_paths(raw, (), folder, "the test's folder"))
+    return validate_pipeline(resolve_file_paths(raw, folder, "the test's folder"))
 
 
 def test_every_schema_field_survives_write_load_write(tmp_path):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kdpipe.config import DataConfig, ModelConfig, OptimizerConfig
+from kdpipe.config import ModelConfig, OptimizerConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 from kdpipe.methods import get_method
 from kdpipe.models import build_model
@@ -17,7 +18,7 @@ EPOCHS = 2
 
 def distill(method: str, *, teacher_online: bool = False, cache: TeacherOutputCache | None = None, **params):
     """Per-epoch metrics of `method` distilling a fixed random cnn teacher into a fixed student on digits."""
-    data = load_data(DataConfig(), seed=0)
+    data = load_data(data_config(), seed=0)
     torch.manual_seed(0)
     teacher = build_model(ModelConfig(arch="cnn", width=16, depth=3), "teacher", data.input_shape, data.num_classes)
     student = build_model(ModelConfig(arch="cnn", width=8, depth=2), "student", data.input_shape, data.num_classes)

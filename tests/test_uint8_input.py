@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import FAST, cli, read_report, sets, write_pipeline
-from kdpipe.config import DataConfig, ModelConfig
+from kdpipe.config import ModelConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 from kdpipe.models import build_model
 from kdpipe.models.adapter import graph_inputs
@@ -30,8 +31,8 @@ def test_8bit_val_and_test_are_held_as_uint8_and_a_uint8_graph_gets_the_stored_b
     """Val/test of 8-bit images are stored as the decoded uint8 images (read here without normalization) and
     converted when read; a uint8 graph is fed those stored bytes themselves, a float graph the converted inputs."""
     common = dict(source="imagefolder", path=image_data["splits"], channels=3)
-    normalized = load_data(DataConfig(**common, normalize={"mean": MEAN, "std": STD}), seed=0)
-    plain = load_data(DataConfig(**common), seed=0)
+    normalized = load_data(data_config(**common, normalize={"mean": MEAN, "std": STD}), seed=0)
+    plain = load_data(data_config(**common), seed=0)
     assert normalized.stored_val.dtype == normalized.stored_test.dtype == torch.uint8
     assert torch.equal(normalized.stored_test, (plain.x_test * 255).round().to(torch.uint8))
     assert graph_inputs(normalized, "test", "uint8") is normalized.stored_test
@@ -75,9 +76,9 @@ def test_uint8_graph_predicts_what_the_float_graph_does_end_to_end(workdir, imag
     assert report["quantization"]["qat"]["parity"]["agreement"] >= 0.99
 
     # The same student exported the float way: both graphs in onnxruntime, on the test split.
-    data = load_data(DataConfig(source="imagefolder", path=workdir / "pets", channels=3,
+    data = load_data(data_config(source="imagefolder", path=workdir / "pets", channels=3,
                                 normalize={"mean": MEAN, "std": STD}), seed=0)
-    plain = load_data(DataConfig(source="imagefolder", path=workdir / "pets", channels=3), seed=0)
+    plain = load_data(data_config(source="imagefolder", path=workdir / "pets", channels=3), seed=0)
     images = (plain.x_test * 255).round().to(torch.uint8).numpy()  # decoded images, no conversion applied
     student = build_model(ModelConfig(arch="cnn", width=8, depth=2), "student.model", data.input_shape, data.num_classes)
     student.load_state_dict(torch.load(run_dir / "student.pt", weights_only=True)["student"])

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import kdpipe.teacher_cache
 import kdpipe.teacher_views
 import kdpipe.train.serving
-from kdpipe.config import DataConfig, ModelConfig, OptimizerConfig
+from kdpipe.config import ModelConfig, OptimizerConfig
+from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 from kdpipe.methods import get_method
 from kdpipe.models import build_model
@@ -45,7 +46,7 @@ def images_npz(tmp_path_factory):
 
 
 def load(path, augment):
-    return load_data(DataConfig(source="npz", path=path, augment=augment, val_fraction=0.2, test_fraction=0.2,
+    return load_data(data_config(source="npz", path=path, augment=augment, val_fraction=0.2, test_fraction=0.2,
                                 normalize={"mean": [0.5] * 3, "std": [0.25] * 3}), seed=0)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kdpipe.config import DataConfig
+from kdpipe.config_data import DataConfig
 from kdpipe.data.augment import Augmentation
 from kdpipe.data.images import Decoder
 from kdpipe.data.sources import SPLIT_NAMES, Part, Source, read_source
@@ -100,8 +100,8 @@ def _split(source: Source, cfg: DataConfig, seed: int) -> dict[str, Part]:
 def _num_classes(parts: dict[str, Part], cfg: DataConfig, classes: list[str] | None) -> int:
     all_labels = np.concatenate([p.y for p in parts.values()])
     if len(np.unique(parts["train"].y)) < 2:
-        raise InputError("data.path" if cfg.path else "data", f"the training split has a single class "
-                                                              f"({parts['train'].origin}): nothing to classify")
+        raise InputError(cfg.input_key, f"the training split has a single class ({parts['train'].origin}): "
+                                        "nothing to classify")
     highest = int(all_labels.max())
     if cfg.num_classes is not None:
         if highest >= cfg.num_classes:

@@ -11,26 +11,57 @@ samples at once (each step's `forward_parameters`), and `replay` applies any row
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
-from kdpipe.config import AugmentStep
+from kdpipe.config_data import AugmentStep, ColorJitter, HorizontalFlip, RandomCrop, RandomResizedCrop
 from kdpipe.errors import InputError
+from kdpipe.plugins import load_plugins
+
+
+@dataclass(frozen=True)
+class AugmentKind:
+    """A step of `data.augment`: its parameters (the step's keys in a pipeline file) and `build(params, (H, W))`,
+    a kornia augmentation that keeps the image size (teacher views draw and replay its parameters)."""
+
+    params: type[BaseModel]
+    build: Callable[[BaseModel, tuple[int, int]], nn.Module]
+
+
+def _kornia():
+    import kornia.augmentation
+
+    return kornia.augmentation
+
+
+BUILT_IN_STEPS = {
+    "random_crop": AugmentKind(RandomCrop, lambda p, size: _kornia().RandomCrop(size, padding=p.padding,
+                                                                                padding_mode=p.padding_mode)),
+    "hflip": AugmentKind(HorizontalFlip, lambda p, size: _kornia().RandomHorizontalFlip(p=p.p)),
+    "random_resized_crop": AugmentKind(RandomResizedCrop, lambda p, size: _kornia().RandomResizedCrop(
+        size, scale=tuple(p.scale), ratio=tuple(p.ratio))),
+    "color_jitter": AugmentKind(ColorJitter, lambda p, size: _kornia().ColorJitter(p.brightness, p.contrast,
+                                                                                   p.saturation, p.hue, p=p.p)),
+}
+
+
+@functools.cache
+def augment_steps() -> dict[str, AugmentKind]:
+    """The built-in steps and the plugins' (entry points kdpipe.augment), loaded once."""
+    steps = dict(BUILT_IN_STEPS)
+    for plugin in load_plugins("kdpipe.augment", steps, lambda _, v: isinstance(v, AugmentKind),
+                               "a kdpipe.data.augment.AugmentKind"):
+        steps[plugin.name] = plugin.value
+    return steps
 
 
 def _module(step: AugmentStep, size: tuple[int, int]) -> nn.Module:
-    import kornia.augmentation as K
-
-    p = step.params
-    if step.name == "random_crop":
-        return K.RandomCrop(size, padding=p.padding, padding_mode=p.padding_mode)
-    if step.name == "hflip":
-        return K.RandomHorizontalFlip(p=p.p)
-    if step.name == "random_resized_crop":
-        return K.RandomResizedCrop(size, scale=tuple(p.scale), ratio=tuple(p.ratio))
-    return K.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue, p=p.p)
+    return augment_steps()[step.name].build(step.params, size)
 
 
 @contextlib.contextmanager

@@ -4,22 +4,34 @@ A source gives either the whole data set (part "all", split later by the
 configured fractions) or some of its splits as given (parts "train", "val",
 "test"). Images stay undecoded here (`ImageRecords`), so streaming never
 decodes a file twice.
+
+Sources are a registry (`data_sources`): each names its data section (kdpipe.config_data) and its reader; a
+plugin adds one through the entry point group kdpipe.sources, and the data section of a pipeline file is the
+union of the sources' sections discriminated by `source` (`data_union`).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Union
 
 import numpy as np
+from pydantic import Field, TypeAdapter, create_model
 
-from kdpipe.config import DataConfig
+from kdpipe.config_data import (CsvData, DataConfig, DigitsData, HfData, ImageFolderData, NpzData,
+                                augment_step_model)
+from kdpipe.data.augment import augment_steps
 from kdpipe.data.images import list_class_folders
 from kdpipe.errors import InputError
 from kdpipe.fingerprint import fingerprint
+from kdpipe.plugins import load_plugins
 
 SPLIT_NAMES = ("train", "val", "test")
 HF_SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "val", "test": "test"}
@@ -104,25 +116,27 @@ class Source:
 
 
 def read_source(cfg: DataConfig) -> Source:
-    if cfg.source == "digits":
-        from sklearn.datasets import load_digits
+    return data_sources()[cfg.source].read(cfg)
 
-        digits = load_digits()
-        # 8×8 grey images with values 0..16, scaled to [0, 1].
-        return Source({"all": Part(digits.images[:, None, :, :] / 16.0, digits.target, "scikit-learn digits")})
-    path = Path(cfg.path)  # a pipeline file's relative path was resolved when it was loaded (kdpipe.pipeline)
+
+def _read_digits(cfg: DigitsData) -> Source:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 8×8 grey images with values 0..16, scaled to [0, 1].
+    return Source({"all": Part(digits.images[:, None, :, :] / 16.0, digits.target, "scikit-learn digits")})
+
+
+def data_path(cfg: DataConfig) -> Path:
+    """The source's `path`, which must exist (a pipeline file's relative path was resolved when it was loaded)."""
+    path = Path(cfg.path)
     if not path.exists():
         raise InputError("data.path", f"data file not found: {path} (resolved against {Path.cwd()}, the working directory)")
-    if cfg.source == "npz":
-        return _read_npz(path)
-    if cfg.source == "csv":
-        return _read_csv(path, cfg)
-    if cfg.source == "imagefolder":
-        return _read_image_folder(path)
-    return _read_hf(path, cfg)
+    return path
 
 
-def _read_npz(path: Path) -> Source:
+def _read_npz(cfg: NpzData) -> Source:
+    path = data_path(cfg)
     try:
         arrays = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy raises several types for a file that is not an npz
@@ -148,7 +162,8 @@ def _read_npz(path: Path) -> Source:
     return Source(parts)
 
 
-def _read_csv(path: Path, cfg: DataConfig) -> Source:
+def _read_csv(cfg: CsvData) -> Source:
+    path = data_path(cfg)
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
     if not rows:
@@ -179,8 +194,9 @@ def _read_csv(path: Path, cfg: DataConfig) -> Source:
     return Source(parts)
 
 
-def _read_image_folder(path: Path) -> Source:
+def _read_image_folder(cfg: ImageFolderData) -> Source:
     """path/train/<class>/… with optional val/ and test/, or path/<class>/… (split by the fractions)."""
+    path = data_path(cfg)
     if not path.is_dir():
         raise InputError("data.path", f"expected a folder of images, got the file {path}")
     if (path / "train").is_dir():
@@ -201,7 +217,7 @@ def _read_image_folder(path: Path) -> Source:
     return Source(parts, classes.classes, skipped)
 
 
-def _read_hf(path: Path, cfg: DataConfig) -> Source:
+def _read_hf(cfg: HfData) -> Source:
     """A `datasets` dataset saved with save_to_disk (a Dataset, or a DatasetDict whose train/validation/test are
     the splits), or one parquet file. Read from local files only; nothing is downloaded."""
     try:
@@ -209,6 +225,7 @@ def _read_hf(path: Path, cfg: DataConfig) -> Source:
         import pyarrow.parquet as pq
     except ImportError:
         raise InputError("data.source", "source hf needs the datasets package: pip install 'kdpipe[hf]'") from None
+    path = data_path(cfg)
     if path.is_file():
         try:
             table = pq.read_table(path, memory_map=True)
@@ -305,3 +322,57 @@ def _parquet_features(table) -> dict | None:
         return json.loads(meta)["info"]["features"] if meta else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
+# --- the sources registry --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """A value of `data.source`: its section (a DataConfig subclass, ArrayData or ImageData, whose `source` is
+    Literal[NAME]) and `read(section) -> Source`."""
+
+    config: type[DataConfig]
+    read: Callable[[Any], Source]
+
+
+BUILT_IN_SOURCES = {"digits": SourceKind(DigitsData, _read_digits), "npz": SourceKind(NpzData, _read_npz),
+                    "csv": SourceKind(CsvData, _read_csv), "imagefolder": SourceKind(ImageFolderData, _read_image_folder),
+                    "hf": SourceKind(HfData, _read_hf)}
+DEFAULT_SOURCE = "digits"
+
+
+def _names_itself(name: str, value: Any) -> bool:
+    if not (isinstance(value, SourceKind) and isinstance(value.config, type) and issubclass(value.config, DataConfig)):
+        return False
+    return typing.get_args(value.config.model_fields["source"].annotation) == (name,)
+
+
+@functools.cache
+def data_sources() -> dict[str, SourceKind]:
+    """The built-in sources and the plugins' (entry points kdpipe.sources), loaded once."""
+    sources = dict(BUILT_IN_SOURCES)
+    for plugin in load_plugins("kdpipe.sources", sources, _names_itself,
+                               "a kdpipe.data.sources.SourceKind whose config has source: Literal[its name]"):
+        sources[plugin.name] = plugin.value
+    return sources
+
+
+@functools.cache
+def data_sections() -> dict[str, type[DataConfig]]:
+    """Each source's data section, its `augment` list taking the registered augmentation steps."""
+    step = augment_step_model({name: kind.params for name, kind in augment_steps().items()})
+    augment = Field(default_factory=list, description=DataConfig.model_fields["augment"].description)
+    return {name: create_model(kind.config.__name__, __base__=kind.config, augment=(list[step], augment))
+            for name, kind in sorted(data_sources().items())}
+
+
+@functools.cache
+def data_union() -> Any:
+    """The data section: a union of the sources' sections discriminated by `source`."""
+    return Annotated[Union[tuple(data_sections().values())], Field(discriminator="source")]
+
+
+def data_config(**values: Any) -> DataConfig:
+    """A data section from plain data (source digits unless given); ValidationError when it is not one."""
+    return TypeAdapter(data_union()).validate_python({"source": DEFAULT_SOURCE, **values})

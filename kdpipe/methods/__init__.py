@@ -22,6 +22,7 @@ from torch import nn
 
 from kdpipe.config import Strict
 from kdpipe.errors import InputError
+from kdpipe.plugins import BUILT_IN, load_plugins, loaded
 from kdpipe.taps import Outputs, TapPair, forward_with_taps, pair_taps
 from kdpipe.train import Batch, Phase, Trainer, Update
 
@@ -187,16 +188,30 @@ def method(name: str):
     return register
 
 
+def _is_method(name: str, value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, Method)
+
+
 @functools.cache
-def _import_method_modules() -> None:
+def _discover() -> None:
+    """Every method module of kdpipe (even when one was imported directly before, kdpipe.methods.ban: not only the
+    first), then the plugins' methods (entry points kdpipe.methods), once."""
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
+    for plugin in load_plugins("kdpipe.methods", set(_REGISTRY), _is_method, "a kdpipe.methods.Method subclass"):
+        plugin.value.name = plugin.name
+        _REGISTRY.setdefault(plugin.name, plugin.value)  # @method(NAME) in the plugin's module may have put it there
 
 
 def registry() -> dict[str, type[Method]]:
-    # Every method module, even when one was imported directly before (kdpipe.methods.ban): not only the first.
-    _import_method_modules()
+    _discover()
     return _REGISTRY
+
+
+def origin(name: str) -> str:
+    """Where a method comes from: kdpipe, or the plugin's distribution and version."""
+    _discover()
+    return loaded("kdpipe.methods").get(name, BUILT_IN)
 
 
 def get_method(name: str) -> type[Method]:

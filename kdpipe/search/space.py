@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kdpipe.config import ChoicesSpec, ExportConfig, OptimizerConfig, RangeSpec, _input_error, _suggest
+from kdpipe.config import ChoicesSpec, ExportConfig, OptimizerConfig, RangeSpec
+from kdpipe.config_errors import input_error, suggest
 from kdpipe.errors import InputError
 from kdpipe.methods import active_conditions, get_method, registry, search_space
 
@@ -137,7 +138,7 @@ def resolve_space(pipeline) -> SearchSpace:
                 s = _parse_spec(s, f"search.space.{m}.{p}")
                 if p not in params_cls.model_fields:
                     fields = list(params_cls.model_fields)
-                    raise InputError(f"search.space.{m}.{p}", f"method '{m}' has no parameter '{p}'{_suggest(p, fields)}; "
+                    raise InputError(f"search.space.{m}.{p}", f"method '{m}' has no parameter '{p}'{suggest(p, fields)}; "
                                                               f"its parameters: {', '.join(fields) or 'none'}")
                 specs[p] = (s, f"search.space.{m}.{p}")
         dims[m] = {p: _resolve_spec(params_cls, search_space(params_cls).get(p), f"method '{m}'", p, s, key, base[m])
@@ -148,7 +149,7 @@ def resolve_space(pipeline) -> SearchSpace:
             names = sorted({f for m in methods for f in get_method(m).Params.model_fields} | set(known) | {"method"}
                            | {OPTIMIZER + f for f in OptimizerConfig.model_fields})
             raise InputError(f"search.space.{p}", f"no candidate method ({', '.join(methods)}) has a parameter '{p}'"
-                                                  f"{_suggest(p, names)}; valid keys: {', '.join(names)}")
+                                                  f"{suggest(p, names)}; valid keys: {', '.join(names)}")
     space = SearchSpace(methods, method_spec is not None, dims, base, optimizer, export, export_base)
     if "qat_epochs" in export and "qat" not in space.quantizations():
         raise InputError("search.space.export.qat_epochs", "acts only with export.quantize qat: set it, or search "
@@ -175,7 +176,7 @@ def _export_dims(entries: dict[str, Any], export_base: dict[str, Any]) -> dict[s
         key, param = f"search.space.{name}", name[len(EXPORT):]
         if param not in EXPORT_KEYS:
             raise InputError(key, f"the search sets {', '.join(EXPORT + k for k in EXPORT_KEYS)} of the export "
-                                  f"settings, not '{param}'{_suggest(param, EXPORT_KEYS)}")
+                                  f"settings, not '{param}'{suggest(param, EXPORT_KEYS)}")
         dims[param] = _resolve_spec(ExportConfig, None, "export", param, entries.pop(name), key,
                                     {**export_base, "deliver": "fp32"})
     return dims
@@ -193,7 +194,7 @@ def _parse_spec(value: Any, key: str) -> Any:
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        raise _input_error(exc, model, tuple(key.split("."))) from None
+        raise input_error(exc, model, tuple(key.split("."))) from None
 
 
 def _candidate_methods(spec: Any, pipeline) -> list[str]:
@@ -203,7 +204,7 @@ def _candidate_methods(spec: Any, pipeline) -> list[str]:
     methods = list(dict.fromkeys(spec.choices))
     for m in methods:
         if m not in known:
-            raise InputError("search.space.method", f"unknown method '{m}'{_suggest(str(m), known)}; "
+            raise InputError("search.space.method", f"unknown method '{m}'{suggest(str(m), known)}; "
                                                     f"expected some of {', '.join(sorted(known))}")
         try:
             known[m].check_pipeline(pipeline)
@@ -217,7 +218,7 @@ def _resolve_spec(model: type, declared: dict[str, Any] | None, owner: str, para
     """One parameter's range, each bound or choice validated by `model` (the method's Params, or OptimizerConfig)."""
     if param not in model.model_fields:
         fields = list(model.model_fields)
-        raise InputError(key, f"{owner} has no parameter '{param}'{_suggest(param, fields)}; its parameters: {', '.join(fields)}")
+        raise InputError(key, f"{owner} has no parameter '{param}'{suggest(param, fields)}; its parameters: {', '.join(fields)}")
     if spec == "auto":
         if declared is None:
             raise InputError(key, f"{owner} declares no search range for '{param}'; give {{low, high}} or {{choices}}")
