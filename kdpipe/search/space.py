@@ -124,40 +124,57 @@ def resolve_space(pipeline) -> SearchSpace:
     for m in methods:
         params_cls = get_method(m).Params
         base[m] = pipeline.distill.params.model_dump(mode="json") if m == own else params_cls().model_dump(mode="json")
-        if search.space == "auto":
-            specs = {p: ("auto", f"search.space.{p}") for p in search_space(params_cls)}
-        else:
-            specs = {p: (s, f"search.space.{p}") for p, s in entries.items() if p in params_cls.model_fields}
-        block = blocks.get(m)
-        if block == "auto":
-            specs.update({p: ("auto", f"search.space.{m}") for p in search_space(params_cls)})
-        elif block is not None:
-            if not isinstance(block, dict):
-                raise InputError(f"search.space.{m}", "expected auto or a mapping of the method's parameters to ranges")
-            for p, s in block.items():
-                s = _parse_spec(s, f"search.space.{m}.{p}")
-                if p not in params_cls.model_fields:
-                    fields = list(params_cls.model_fields)
-                    raise InputError(f"search.space.{m}.{p}", f"method '{m}' has no parameter '{p}'{suggest(p, fields)}; "
-                                                              f"its parameters: {', '.join(fields) or 'none'}")
-                specs[p] = (s, f"search.space.{m}.{p}")
+        specs = _method_specs(m, params_cls, search.space == "auto", entries, blocks.get(m))
         dims[m] = {p: _resolve_spec(params_cls, search_space(params_cls).get(p), f"method '{m}'", p, s, key, base[m])
                    for p, (s, key) in specs.items()}
+    _refuse_unknown(entries, methods, known)
+    space = SearchSpace(methods, method_spec is not None, dims, base, optimizer, export, export_base)
+    _check_space(space, search.sampler, own)
+    return space
 
-    for p, s in entries.items():
+
+def _method_specs(m: str, params_cls, auto: bool, entries: dict[str, Any], block: Any) -> dict[str, tuple[Any, str]]:
+    """Method `m`'s parameters to search, each with its spec and the key an error names: the space's shared
+    entries that `m` has, then its own block (auto, or a mapping of its parameters)."""
+    if auto:
+        specs = {p: ("auto", f"search.space.{p}") for p in search_space(params_cls)}
+    else:
+        specs = {p: (s, f"search.space.{p}") for p, s in entries.items() if p in params_cls.model_fields}
+    if block == "auto":
+        specs.update({p: ("auto", f"search.space.{m}") for p in search_space(params_cls)})
+    elif block is not None:
+        if not isinstance(block, dict):
+            raise InputError(f"search.space.{m}", "expected auto or a mapping of the method's parameters to ranges")
+        for p, s in block.items():
+            s = _parse_spec(s, f"search.space.{m}.{p}")
+            if p not in params_cls.model_fields:
+                fields = list(params_cls.model_fields)
+                raise InputError(f"search.space.{m}.{p}", f"method '{m}' has no parameter '{p}'{suggest(p, fields)}; "
+                                                          f"its parameters: {', '.join(fields) or 'none'}")
+            specs[p] = (s, f"search.space.{m}.{p}")
+    return specs
+
+
+def _refuse_unknown(entries: dict[str, Any], methods: list[str], known) -> None:
+    """A shared entry no candidate method has is a typo or a misplaced key: refused, naming the valid keys."""
+    for p in entries:
         if not any(p in get_method(m).Params.model_fields for m in methods):
             names = sorted({f for m in methods for f in get_method(m).Params.model_fields} | set(known) | {"method"}
                            | {OPTIMIZER + f for f in OptimizerConfig.model_fields})
             raise InputError(f"search.space.{p}", f"no candidate method ({', '.join(methods)}) has a parameter '{p}'"
                                                   f"{suggest(p, names)}; valid keys: {', '.join(names)}")
-    space = SearchSpace(methods, method_spec is not None, dims, base, optimizer, export, export_base)
+
+
+def _check_space(space: SearchSpace, sampler: str, own: str) -> None:
+    """Spaces that cannot run: qat_epochs without qat, nothing to search, a grid over ranges or methods."""
+    dims, optimizer, export = space.dims, space.optimizer, space.export
     if "qat_epochs" in export and "qat" not in space.quantizations():
         raise InputError("search.space.export.qat_epochs", "acts only with export.quantize qat: set it, or search "
                                                            "export.quantize with qat among its choices")
     if not space.method_searched and not dims[own] and not optimizer and not export:
         raise InputError("search.space", f"nothing to search: method '{own}' declares no search ranges; "
                                          "name parameters with {low, high} or {choices}, or search `method`")
-    if search.sampler == "grid":
+    if sampler == "grid":
         if space.method_searched:
             raise InputError("search.sampler", "the grid sampler cannot search `method` (each method has its own "
                                                "parameters); use tpe or random")
@@ -165,7 +182,6 @@ def resolve_space(pipeline) -> SearchSpace:
                         **{EXPORT + k: v for k, v in export.items()}}.items():
             if "choices" not in spec:
                 raise InputError(f"search.space.{p}", "the grid sampler needs {choices: [...]} for every parameter")
-    return space
 
 
 def _export_dims(entries: dict[str, Any], export_base: dict[str, Any]) -> dict[str, dict[str, Any]]:
