@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kdpipe.results import Gate
+
 # What makes a model score at chance, most often: said when the gate fails.
 CAUSES = {
     "teacher": "the images' decoding (blank, clipped or all alike), labels that do not belong to their images "
@@ -41,6 +43,11 @@ class ChanceLevel:
         outcomes = torch.arange(correct, self.size + 1, dtype=torch.float64)
         guessing = torch.distributions.Binomial(self.size, torch.tensor(self.rate, dtype=torch.float64))
         return torch.logsumexp(guessing.log_prob(outcomes), 0).exp().clamp(max=1.0).item()
+
+    def gate(self, name: str, accuracy: float, significance: float) -> Gate:
+        """The above-chance gate on one model's accuracy: its p-value against the significance level."""
+        p_value = self.p_value(accuracy)
+        return Gate(name, p_value, significance, p_value <= significance)
 
     def verdict(self, role: str, accuracy: float, significance: float) -> str:
         """The line that says a `role` (teacher, student) model's accuracy is not clearly above chance, and why."""

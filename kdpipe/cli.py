@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -49,6 +50,20 @@ def _fail(exc: BaseException, file: str | None, debug: bool) -> None:
     raise typer.Exit(getattr(exc, "exit_code", 3))
 
 
+@contextlib.contextmanager
+def exits(file: str | None, debug: bool, stage: str = "setup"):
+    """The one way a command ends badly: one line on stderr (no traceback unless --debug) and the exit code of the
+    error (DESIGN.md: Failure model); an error no check foresaw is a run-time failure in `stage` (exit 3)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (InputError, GateFailed, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
+        _fail(exc, file, debug)
+    except Exception as exc:  # noqa: BLE001 - e.g. an MLflow store that cannot be reached
+        _fail(StageFailed(stage, exc), file, debug)
+
+
 # What `kdpipe init` writes into the working directory, from the files installed with the package.
 INIT_FILES = {"pipeline.yaml": ("kdpipe.pipelines", "digits.yaml"), "mlflow.yaml": ("kdpipe", "mlflow.yaml")}
 
@@ -77,36 +92,35 @@ def run(
     mlflow_config: Annotated[Path | None, typer.Option("--mlflow-config", help="default: ./mlflow.yaml")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue an interrupted run from its run directory "
                                                                  "(runs/NAME/RUN_ID), in the same MLflow run")] = None,
-    until: Annotated[str | None, typer.Option("--until", metavar="STAGE", help="stop after this stage (teacher, search, "
-                                              "distill, export, validate, register); --resume continues later")] = None,
+    until: Annotated[str | None, typer.Option("--until", metavar="STAGE", help="stop after the stage of this name, "
+                                              "as the progress lines name them (an unknown name lists them); "
+                                              "--resume continues later")] = None,
     debug: DebugOption = False,
 ) -> None:
-    """Run the pipeline: teacher → distill → export → validate → register. Prints report.json's path last.
+    """Run the pipeline's stages, from training the teacher to registering the student. Prints report.json's path
+    last.
 
-    Under `torchrun --nproc-per-node N -m kdpipe run FILE` it trains with DistributedDataParallel; rank 0 prints.
-    SIGTERM or SIGINT ends the run as killed (report.json, MLflow status KILLED), exit 128 + the signal number.
+    Under `torchrun --nproc-per-node N -m kdpipe run FILE` every process trains on its share of each batch, their
+    gradients averaged after each step (no search: use `kdpipe search` workers); rank 0 alone then exports,
+    validates, registers and prints. SIGTERM or SIGINT ends the run as killed (report.json, MLflow status KILLED),
+    exit 128 + the signal number.
     """
     from kdpipe.runner import run_pipeline
 
     shown = str(resume if pipeline is None else pipeline)
-    try:
+    with exits(shown, debug):
         if (pipeline is None) == (resume is None):
             raise InputError("", "give a pipeline file, or --resume RUN_DIR to continue an interrupted run")
         if resume is not None and set_:
             raise InputError("--set", "a resumed run keeps its pipeline (run_dir/pipeline.yaml); --set cannot change it")
         report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, resume=resume,
                                            until=until)
-    except (InputError, GateFailed, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
-        _fail(exc, shown, debug)
-    except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
-        _fail(StageFailed("setup", exc), shown, debug)
-    if report_path is None:  # a torchrun rank other than 0: rank 0 reports
-        return
-    _report_outcome(report_path, report)
+        if report_path is not None:  # None: a torchrun rank other than 0, rank 0 reports
+            _report_outcome(report_path, report)
 
 
 def _report_outcome(report_path: Path, report: dict) -> None:
-    """One summary line on stderr, report.json's path on stdout; exit 1 naming the failed gates."""
+    """One summary line on stderr, report.json's path on stdout; GateFailed (exit 1) naming the failed gates."""
     if report["status"] == "stopped":
         typer.echo(f"stopped after {report['stopped_after']}; continue with: kdpipe run --resume {report_path.parent}",
                    err=True)
@@ -120,9 +134,7 @@ def _report_outcome(report_path: Path, report: dict) -> None:
     typer.echo(summary, err=True)
     typer.echo(str(report_path))
     if report["status"] != "passed":
-        failed = [name for name, g in report["gates"].items() if not g["passed"]]
-        typer.echo(f"gate failed: {', '.join(failed)}", err=True)
-        raise typer.Exit(1)
+        raise GateFailed(", ".join(name for name, g in report["gates"].items() if not g["passed"]))
 
 
 @app.command()
@@ -139,13 +151,9 @@ def validate(
     Writes the same report.json as `run` and prints its path last; exit 1 when a gate fails."""
     from kdpipe.runner import run_pipeline
 
-    try:
+    with exits(str(pipeline), debug):
         report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, onnx_model=model)
-    except (InputError, GateFailed, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
-        _fail(exc, str(pipeline), debug)
-    except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
-        _fail(StageFailed("setup", exc), str(pipeline), debug)
-    _report_outcome(report_path, report)
+        _report_outcome(report_path, report)
 
 
 @app.command()
@@ -164,15 +172,11 @@ def promote(
     from kdpipe.registry import promote as promote_version
     from kdpipe.tracking import load_tracking_config, mlflow_client
 
-    try:
+    with exits(None, debug, "promote"):
         registry_alias(alias, "--alias")
         tracking = load_tracking_config(mlflow_config)
         client = mlflow_client(tracking)
         verdict = promote_version(client, tracking.registry, model_name, str(version), alias, force)
-    except InputError as exc:
-        _fail(exc, None, debug)
-    except Exception as exc:  # registry unreachable, ...
-        _fail(StageFailed("promote", exc), None, debug)
     if not verdict.allowed:
         typer.echo(f"refused: '{alias}' stays on version {verdict.current}: {verdict.reason} (--force overrides)", err=True)
         raise typer.Exit(1)
@@ -198,12 +202,8 @@ def search(
     overrides = [*(set_ or []), f"search.storage={json.dumps(storage)}"]
     overrides += [f"search.study={json.dumps(study)}"] if study else []
     overrides += [f"search.trials={trials}"] if trials else []
-    try:
+    with exits(str(pipeline), debug):
         report_path, report = run_pipeline(pipeline, overrides, runs_dir, mlflow_config=mlflow_config, until="search")
-    except (InputError, GateFailed, StageFailed, TrackingUnreachable, RunInterrupted) as exc:
-        _fail(exc, str(pipeline), debug)
-    except Exception as exc:  # anything outside a stage (MLflow store unreachable, ...) is a run-time failure
-        _fail(StageFailed("setup", exc), str(pipeline), debug)
     found = report["search"]
     typer.echo(f"study {found['study']}: {found['n_trials']} trials ({found['n_complete']} complete, "
                f"{found['n_pruned']} pruned, {found['n_failed']} failed), best {found['best_value']} "
@@ -217,15 +217,11 @@ def check(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], 
     """Validate a pipeline file and the inputs it names, without running anything."""
     from kdpipe.cache_store import check_cache_dir
     from kdpipe.pipeline import provider_warnings
-    from kdpipe.runner import prepare
+    from kdpipe.prepare import prepare
 
-    try:
+    with exits(str(pipeline), debug, "check"):  # an input no check foresaw: still one line, never a traceback
         check_cache_dir(None, None)  # KDPIPE_CACHE_DIR when set; check takes no --runs-dir
         prepared = prepare(pipeline, set_ or [])
-    except InputError as exc:
-        _fail(exc, str(pipeline), debug)
-    except Exception as exc:  # an input no check foresaw: still one line, never a traceback
-        _fail(StageFailed("check", exc), str(pipeline), debug)
     for line in provider_warnings(prepared.pipeline):
         typer.echo(f"{pipeline}: {line}", err=True)
     sizes = prepared.data.sizes()
@@ -238,13 +234,11 @@ def taps(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], s
          debug: DebugOption = False) -> None:
     """List both models' module paths with their output shapes (for `distill.taps`), and the pairs the method uses."""
     from kdpipe.methods import FeatureMethod, get_method
-    from kdpipe.runner import prepare
+    from kdpipe.prepare import prepare
     from kdpipe.taps import output_shapes
 
-    try:
+    with exits(str(pipeline), debug, "taps"):
         prepared = prepare(pipeline, set_ or [], check_models=False)
-    except InputError as exc:
-        _fail(exc, str(pipeline), debug)
     shape_of = lambda s: "×".join(map(str, s)) if isinstance(s, tuple) else s  # noqa: E731
     typer.echo(f"per-sample output shapes for inputs of shape {shape_of(prepared.data.input_shape)}; "
                "* default tap, e embedding tap")
@@ -259,7 +253,7 @@ def taps(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], s
             mark = ("*" if path in defaults else " ") + ("e" if path == embedding else " ")
             typer.echo(f"  {path:<{width}}  {mark}  {shape_of(shape)}")
     cfg, method_cls = prepared.pipeline.distill, get_method(prepared.pipeline.distill.method)
-    try:
+    with exits(str(pipeline), debug, "taps"):
         if issubclass(method_cls, FeatureMethod) and prepared.teacher is not None:
             for pair in method_cls.tap_pairs(cfg.params, prepared.student, prepared.teacher,
                                              cfg.taps, prepared.data.input_shape):
@@ -267,8 +261,6 @@ def taps(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], s
         else:
             method_cls.check_models(prepared.pipeline, student=prepared.student, teacher=prepared.teacher,
                                     input_shape=prepared.data.input_shape)
-    except InputError as exc:
-        _fail(exc, str(pipeline), debug)
 
 
 @app.command()

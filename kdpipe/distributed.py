@@ -2,10 +2,15 @@
 
 `torchrun --nproc-per-node N -m kdpipe run FILE` starts N copies of the same
 command with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set.
-Every rank runs the same stages on the same data; the trainer shards each
-batch across ranks and DistributedDataParallel averages the gradients. Rank 0
-alone writes the run directory, talks to MLflow, exports, validates and
-registers. Without those variables everything here is a no-op for one process.
+Every rank runs the training stages (teacher, distill) on the same data and
+takes its share of each batch; the Trainer averages each update's gradients
+over the ranks with an all-reduce (no DistributedDataParallel wrapper) and,
+after each epoch, gives every rank rank 0's BatchNorm statistics. A search
+refuses to run under torchrun (`kdpipe search` workers share a study instead).
+Rank 0 alone writes the run directory and talks to MLflow; the stages marked
+`main_rank_only` (export, validate, register) run on rank 0 only, and the other
+ranks end after training. Without those variables everything here is a no-op
+for one process.
 """
 
 from __future__ import annotations

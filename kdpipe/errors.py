@@ -22,9 +22,15 @@ class InputError(Exception):
 
 
 class GateFailed(Exception):
-    """At least one deployment gate failed (exit 1)."""
+    """A gate failed (exit 1): raised by a stage whose failing gate ends the run there (the teacher at chance), with
+    the stage's `result` so that the run's record shows the gate; and by the CLI for a run that ended with a failed
+    gate, naming them."""
 
     exit_code = 1
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 class StageFailed(Exception):

@@ -42,6 +42,7 @@ from pydantic import Field
 from kdpipe.config import RegistryAlias, Strict
 from kdpipe.errors import InputError
 from kdpipe.locks import file_lock
+from kdpipe.results import ExportResult, Gate, ValidateResult
 
 TAG = "kdpipe."
 GATES_PASSED = TAG + "gates_passed"
@@ -68,12 +69,12 @@ def claim_tag(alias: str) -> str:
     return f"{TAG}claim.{alias}"
 
 
-def metrics_of(report: dict) -> dict[str, float]:
-    """The metrics a version is compared on, from a run's report."""
-    smallest = min(report["latency_ms"], key=int)
-    return {"test_accuracy": report["student"]["accuracy"],
-            "latency_p50_ms": report["latency_ms"][smallest]["p50"],
-            "size_mb": report["onnx"]["size_bytes"] / 1e6}
+def metrics_of(validated: ValidateResult) -> dict[str, float]:
+    """The metrics a version is compared on, from its validation."""
+    smallest = min(validated.latency_ms, key=int)
+    return {"test_accuracy": validated.accuracy,
+            "latency_p50_ms": validated.latency_ms[smallest]["p50"],
+            "size_mb": validated.size_bytes / 1e6}
 
 
 def git_commit(directory: Path) -> str:
@@ -91,22 +92,24 @@ def git_commit(directory: Path) -> str:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def version_tags(report: dict, gates: list, pipeline_name: str, resolved_file: Path, pipeline_file: Path) -> dict[str, str]:
-    """Tags that let a version be judged (and promoted) later without its run directory."""
+def version_tags(validated: ValidateResult, exported: ExportResult, gates: list[Gate], pipeline, run_dir: Path,
+                 pipeline_file: Path) -> dict[str, str]:
+    """Tags that let a version be judged (and promoted) later without its run directory. `pipeline` is the run's
+    resolved pipeline, recorded in RUN_DIR/pipeline.yaml."""
     tags = {
         GATES_PASSED: str(all(g.passed for g in gates)).lower(),
-        TAG + "pipeline": pipeline_name,
-        TAG + "pipeline_sha256": hashlib.sha256(resolved_file.read_bytes()).hexdigest(),
+        TAG + "pipeline": pipeline.name,
+        TAG + "pipeline_sha256": hashlib.sha256((Path(run_dir) / "pipeline.yaml").read_bytes()).hexdigest(),
         TAG + "git_commit": git_commit(pipeline_file.resolve().parent),
-        TAG + "method": report["method"]["name"],
-        TAG + "precision": report["onnx"].get("precision", "fp32"),
-        TAG + "quantization": report["onnx"].get("quantization", "none"),
-        TAG + "run_dir": report["run_dir"],
+        TAG + "method": pipeline.distill.method,
+        TAG + "precision": validated.precision,
+        TAG + "quantization": validated.quantization,
+        TAG + "run_dir": str(run_dir),
     }
-    if report["onnx"].get("input"):  # the input contract: what a caller of this version feeds it
-        tags[TAG + "input"] = report["onnx"]["input"]
+    if exported.input:  # the input contract: what a caller of this version feeds it
+        tags[TAG + "input"] = exported.input
     tags.update({f"{TAG}gate.{g.name}": json.dumps(g.as_dict()) for g in gates})
-    tags.update({metric_tag(k): repr(float(v)) for k, v in metrics_of(report).items()})
+    tags.update({metric_tag(k): repr(float(v)) for k, v in metrics_of(validated).items()})
     return tags
 
 

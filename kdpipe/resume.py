@@ -18,13 +18,18 @@ from kdpipe.tracking import flatten
 
 
 def read_ledger(run_dir: Path) -> dict[str, Any]:
-    """The stage ledger of a run directory, for --resume."""
+    """The stage ledger of a run directory, for --resume. InputError for one this kdpipe cannot continue: an earlier
+    release's ledger kept its finished stages' outcomes in a report, not as the results the stages now read."""
     try:
         ledger = json.loads((Path(run_dir) / "ledger.json").read_text())
         if not isinstance(ledger.get("finished"), list) or not ledger.get("mlflow_run_id"):
             raise ValueError
     except (OSError, ValueError, AttributeError):
         raise InputError("--resume", f"{run_dir} is not a kdpipe run directory: no readable ledger.json") from None
+    if ledger["finished"] and not isinstance(ledger.get("results"), dict):
+        raise InputError("--resume", f"{run_dir} was written by an earlier kdpipe, whose ledger.json keeps no stage "
+                                     f"results, so this kdpipe cannot resume it; start a new run with kdpipe run "
+                                     f"{Path(run_dir) / 'pipeline.yaml'}")
     return ledger
 
 
@@ -53,14 +58,15 @@ def write_record(run_dir: Path, pipeline: Pipeline) -> None:
         tmp.write_text(pipeline.record())
 
 
-def check_resumed(ledger: dict[str, Any], pipeline: Pipeline, data: Splits, run_dir: Path) -> None:
+def check_resumed(ledger: dict[str, Any], pipeline: Pipeline, data: Splits, run_dir: Path) -> dict[str, Any]:
     """InputError (exit 2, before any work) when RUN_DIR/pipeline.yaml or the data are not those the run started
-    with: the finished stages' results would not belong to them, and the record would lie about the model."""
+    with: the finished stages' results would not belong to them, and the record would lie about the model.
+    Returns the run's record now (`run_record`), which the ledger keeps from here on."""
+    now = run_record(pipeline, data)
     if "pipeline_digest" not in ledger:
         print(f"{run_dir}: note: ledger.json is from an earlier kdpipe, which kept no digests: pipeline.yaml and the "
               "data are not compared with those the run started with", file=sys.stderr)
-        return
-    now = run_record(pipeline, data)
+        return now
     if now["pipeline_digest"] != ledger["pipeline_digest"]:
         was, edited = flatten(ledger["pipeline"]), flatten(now["pipeline"])
         changed = [f"{key} {shown(was.get(key))} → {shown(edited.get(key))}"
@@ -70,6 +76,7 @@ def check_resumed(ledger: dict[str, Any], pipeline: Pipeline, data: Splits, run_
                                           f"began: undo the edit, or start a new run with kdpipe run "
                                           f"{run_dir / 'pipeline.yaml'}")
     _check_same_data(ledger["data"], now["data"], pipeline.data.input_key, run_dir)
+    return now
 
 
 def _check_same_data(was: dict[str, Any], now: dict[str, Any], key: str, run_dir: Path) -> None:

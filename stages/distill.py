@@ -8,7 +8,31 @@ from kdpipe.errors import InputError
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
 from kdpipe.inference import accuracy
+from kdpipe.results import DistillResult, SearchResult, Stage, TeacherResult
 from kdpipe.train import Trainer, load_method, save_method
+
+
+class Distill(Stage):
+    name = "distill"
+    needs = (TeacherResult,)
+    uses = (SearchResult,)  # the best trial's trained method, when the search kept it
+    produces = DistillResult
+
+    def run(self, ctx) -> DistillResult:
+        return run(ctx)
+
+    def restore(self, ctx, result: DistillResult) -> DistillResult:
+        """--resume after this stage finished: the trained method, and its exported student, from the run directory.
+        A student.pt of the previous release without the method's other networks (DML peers, BAN generations): the
+        stage runs again, its phases restored from their finished checkpoints."""
+        method = build(ctx)
+        try:
+            load_method(method, ctx.run_dir / "student.pt", ctx.device)
+        except InputError as exc:
+            ctx.progress.info(f"  {exc.message}: distill runs again from its phase checkpoints")
+            return run(ctx)
+        ctx.student = method.exported().eval()
+        return result
 
 
 def build(ctx):
@@ -17,10 +41,12 @@ def build(ctx):
                                   input_shape=ctx.data.input_shape, taps=cfg.taps, seed=ctx.pipeline.seed)
 
 
-def run(ctx) -> None:
+def run(ctx) -> DistillResult:
     cfg = ctx.pipeline.distill
     method = build(ctx)
-    trained = ctx.artifacts.get("student_checkpoint")  # the search's best trial, trained with these very params
+    search = ctx.results.get(SearchResult)
+    trained = search.student_checkpoint if search is not None else None  # the best trial, trained with these params
+    report = {}
     if trained is not None:
         load_method(method, trained, ctx.device)
         ctx.progress.info(f"  student reused from the search's best trial: {trained}")
@@ -29,30 +55,17 @@ def run(ctx) -> None:
                           seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, settings=ctx.trainer_options("distill"))
         torch.manual_seed(ctx.pipeline.seed + 1)
         method.fit(trainer)
-        ctx.report["distill"] = {"timing": trainer.timing_summary(), "optimizer_steps": trainer.optimizer_steps}
+        report["distill"] = {"timing": trainer.timing_summary(), "optimizer_steps": trainer.optimizer_steps}
         if trainer.teacher_modes:  # views | cached | online, with the reason, per teacher the method reads
-            ctx.report["distill"]["teacher_mode"] = "+".join(dict.fromkeys(m["mode"] for m in trainer.teacher_modes))
-            ctx.report["distill"]["teacher"] = trainer.teacher_modes
+            report["distill"]["teacher_mode"] = "+".join(dict.fromkeys(m["mode"] for m in trainer.teacher_modes))
+            report["distill"]["teacher"] = trainer.teacher_modes
         if trainer.static_batches:
-            ctx.report["distill"]["static_batches"] = trainer.static_batch_summary()
+            report["distill"]["static_batches"] = trainer.static_batch_summary()
     ctx.student = student = method.exported().eval()
     if ctx.is_main:
         save_method(method, ctx.run_dir / "student.pt")
     acc = accuracy(student, ctx.data.x_test, ctx.data.y_test)
     ctx.tracker.log_metrics({"student/test_accuracy_torch": acc})
-    ctx.report["student"] = {"params": count_params(student), "accuracy_torch": acc,
-                             "val_accuracy": accuracy(student, ctx.data.x_val, ctx.data.y_val)}
-
-
-def restore(ctx) -> None:
-    """--resume after this stage finished: the trained method, and its exported student, from the run directory.
-    A student.pt of the previous release without the method's other networks (DML peers, BAN generations): the
-    stage runs again, its phases restored from their finished checkpoints."""
-    method = build(ctx)
-    try:
-        load_method(method, ctx.run_dir / "student.pt", ctx.device)
-    except InputError as exc:
-        ctx.progress.info(f"  {exc.message}: distill runs again from its phase checkpoints")
-        run(ctx)
-        return
-    ctx.student = method.exported().eval()
+    report["student"] = {"params": count_params(student), "accuracy_torch": acc,
+                         "val_accuracy": accuracy(student, ctx.data.x_val, ctx.data.y_val)}
+    return DistillResult(report=report, accuracy_torch=acc)

@@ -8,6 +8,7 @@ onnxruntime settings; with `export.quantize`, an INT8 student is built as well.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from kdpipe.quantize import QuantizationFailed, quantize
 from kdpipe.inference import accuracy
 from kdpipe.qat import QUANTIZATION_KEY, export_qdq, fine_tune, prediction_parity
 from kdpipe.fingerprint import fingerprint
+from kdpipe.results import ExportResult, Gate, Stage, TeacherResult
 
 ODD_BATCH = 7  # an odd size that is neither 1 nor a power of two, to catch shape-specialized graphs
 
@@ -67,80 +69,102 @@ def export_teacher(ctx, example: torch.Tensor, graph_input: str) -> Path:
     return path
 
 
-def run(ctx) -> None:
+class Export(Stage):
+    name = "export"
+    needs = (TeacherResult,)
+    produces = ExportResult
+    main_rank_only = True
+    for_given_model = True
+
+    def run(self, ctx) -> ExportResult:
+        cfg = ctx.pipeline.export
+        given = ctx.given_onnx  # `kdpipe validate MODEL.onnx`: nothing to export or compare
+        # The teacher's graph takes what the delivered (or given) model takes, so both are fed the same test inputs.
+        graph_input = cfg.input if given is None else "uint8" if takes_uint8(given) else "float"
+        x_val = graph_inputs(ctx.data, "val", graph_input).cpu()  # the stored uint8 images for `input: uint8`
+        # Two samples: a batch of one would let the exporter specialize the batch dimension to 1.
+        example = torch.from_numpy(tile_batch(x_val.numpy(), 2))
+        batch_sizes = parity_batch_sizes(ctx) if cfg.dynamic_batch else [len(example)]
+        if given is None:
+            result = export_student(ctx, example, x_val, batch_sizes, graph_input)
+        else:
+            path = Path(given)
+            result = ExportResult(onnx_path=path, report={"onnx": {
+                "path": str(path), "opset": None, "size_bytes": path.stat().st_size, "dynamic_batch": None,
+                "parity_max_abs_diff": None, "parity_max_rel_diff": None, "parity_by_batch_size": {}}})
+        if ctx.teacher is not None:
+            teacher_path = export_teacher(ctx, example, graph_input)
+            teacher_diffs = parity(for_export(ctx.teacher, ctx.data, graph_input), teacher_path, x_val, batch_sizes)
+            ctx.teacher.to(ctx.device)
+            result = replace(result, teacher_onnx_path=teacher_path, report={**result.report, "teacher": {"onnx": {
+                "path": str(teacher_path), "size_bytes": teacher_path.stat().st_size,
+                "parity_max_abs_diff": max(d["max_abs_diff"] for d in teacher_diffs.values())}}})
+        if cfg.quantize != "none" and given is None:
+            result = export_int8(ctx, result, example, x_val, graph_input)
+        return result
+
+
+def export_student(ctx, example: torch.Tensor, x_val: torch.Tensor, batch_sizes: list[int],
+                   graph_input: str) -> ExportResult:
+    """student.onnx, with its parity against PyTorch as the parity_atol gate."""
     cfg = ctx.pipeline.export
-    given = ctx.artifacts.get("given_onnx")  # `kdpipe validate MODEL.onnx`: nothing to export or compare
-    # The teacher's graph takes what the delivered (or given) model takes, so both are fed the same test inputs.
-    graph_input = cfg.input if given is None else "uint8" if takes_uint8(given) else "float"
-    x_val = graph_inputs(ctx.data, "val", graph_input).cpu()  # the stored uint8 images for `input: uint8`
-    # Two samples: a batch of one would let the exporter specialize the batch dimension to 1.
-    example = torch.from_numpy(tile_batch(x_val.numpy(), 2))
-    batch_sizes = parity_batch_sizes(ctx) if cfg.dynamic_batch else [len(example)]
-    if given is None:
-        path = ctx.run_dir / "student.onnx"
-        student = ctx.student.to("cpu")
-        exported = for_export(student, ctx.data, graph_input)
-        contract = input_contract(ctx.data, graph_input)
-        export_onnx(exported, example, path, cfg.opset, cfg.dynamic_batch, {**contract, QUANTIZATION_KEY: "none"})
-        diffs = parity(exported, path, x_val, batch_sizes)
-        ctx.student = student.to(ctx.device)
-        worst_abs = max(d["max_abs_diff"] for d in diffs.values())
-        atol = ctx.pipeline.validation.gates.parity_atol or cfg.atol
-        ctx.add_gate("parity_atol", worst_abs, atol, worst_abs <= atol)
-        ctx.report["onnx"] = {"path": str(path), "opset": cfg.opset, "size_bytes": path.stat().st_size,
-                              "dynamic_batch": cfg.dynamic_batch, "input": contract["kdpipe.input"],
-                              "parity_max_abs_diff": worst_abs,
-                              "parity_max_rel_diff": max(d["max_rel_diff"] for d in diffs.values()),
-                              "parity_by_batch_size": {str(b): d for b, d in diffs.items()}}
-    else:
-        path = Path(given)
-        ctx.report["onnx"] = {"path": str(path), "opset": None, "size_bytes": path.stat().st_size,
-                              "dynamic_batch": None, "parity_max_abs_diff": None, "parity_max_rel_diff": None,
-                              "parity_by_batch_size": {}}
-    ctx.artifacts["onnx_path"] = path
+    path = ctx.run_dir / "student.onnx"
+    student = ctx.student.to("cpu")
+    exported = for_export(student, ctx.data, graph_input)
+    contract = input_contract(ctx.data, graph_input)
+    export_onnx(exported, example, path, cfg.opset, cfg.dynamic_batch, {**contract, QUANTIZATION_KEY: "none"})
+    diffs = parity(exported, path, x_val, batch_sizes)
+    ctx.student = student.to(ctx.device)
+    worst_abs = max(d["max_abs_diff"] for d in diffs.values())
+    atol = ctx.pipeline.validation.gates.parity_atol or cfg.atol
+    report = {"onnx": {"path": str(path), "opset": cfg.opset, "size_bytes": path.stat().st_size,
+                       "dynamic_batch": cfg.dynamic_batch, "input": contract["kdpipe.input"],
+                       "parity_max_abs_diff": worst_abs,
+                       "parity_max_rel_diff": max(d["max_rel_diff"] for d in diffs.values()),
+                       "parity_by_batch_size": {str(b): d for b, d in diffs.items()}}}
+    return ExportResult(onnx_path=path, input=contract["kdpipe.input"], report=report,
+                        gates=(Gate("parity_atol", worst_abs, atol, worst_abs <= atol),))
 
-    if ctx.teacher is not None:
-        teacher_path = export_teacher(ctx, example, graph_input)
-        teacher_diffs = parity(for_export(ctx.teacher, ctx.data, graph_input), teacher_path, x_val, batch_sizes)
-        ctx.teacher.to(ctx.device)
-        ctx.artifacts["teacher_onnx_path"] = teacher_path
-        ctx.report["teacher"]["onnx"] = {
-            "path": str(teacher_path), "size_bytes": teacher_path.stat().st_size,
-            "parity_max_abs_diff": max(d["max_abs_diff"] for d in teacher_diffs.values())}
 
-    if cfg.quantize != "none" and given is None:
-        int8_path = ctx.run_dir / "student.int8.onnx"
-        ptq_mode = "static" if cfg.quantize == "qat" else cfg.quantize  # qat is compared with static PTQ
-        calibration = graph_calibration = None
-        if ptq_mode == "static":
-            calibration = ctx.data.calibration_inputs(cfg.calibration_batches, ctx.pipeline.data.batch_size,
-                                                      ctx.pipeline.seed)
-            # Calibrated on what the graph takes: the quantizer leaves a uint8 input and its Cast as they are.
-            graph_calibration = calibration if graph_input != "uint8" else ctx.data.calibration_inputs(
-                cfg.calibration_batches, ctx.pipeline.data.batch_size, ctx.pipeline.seed, stored=True)
-        ctx.report["quantization"] = {
-            "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
-            "calibration_samples": sum(len(b) for b in calibration) if calibration else 0,
-            "calibration_method": calibration_method(cfg) if calibration else None}
-        if cfg.quantize == "qat":
-            export_qat(ctx, calibration, example, x_val, graph_input, contract)
-        try:
-            pre_process = quantize(path, int8_path, ptq_mode, graph_calibration, cfg.calibration_method,
-                                   cfg.calibration_percentile)
-        except QuantizationFailed as exc:
-            if cfg.deliver == "int8" and cfg.quantize != "qat":
-                raise  # the user asked for this INT8 model: the run fails (exit 3), one line naming the cause
-            # INT8 is optional under `best`: the FP32 model ships and the report says why.
-            ctx.report["quantization"].update({"path": None, "built": False, "error": str(exc), "delivered": "fp32",
-                                               "reason": f"INT8 build failed: {exc}"})
-            ctx.tracker.set_tags({"kdpipe.int8": "failed", "kdpipe.int8_error": str(exc)[:500]})
-            ctx.progress.info(f"  warning: INT8 build failed, delivering FP32: {exc}")
-            return
-        add_metadata(int8_path, {QUANTIZATION_KEY: ptq_mode})
-        ctx.report["quantization"].update({"built": True, "pre_process": pre_process, "parity": {
-            "int8": prediction_parity(exported, int8_path, x_val, "fp32 PyTorch student")}})
-        ctx.student.to(ctx.device)
-        ctx.artifacts["int8_onnx_path"] = int8_path
+def export_int8(ctx, result: ExportResult, example: torch.Tensor, x_val: torch.Tensor,
+                graph_input: str) -> ExportResult:
+    """student.int8.onnx (post-training quantization) and, with `quantize: qat`, student.qat.onnx."""
+    cfg = ctx.pipeline.export
+    int8_path = ctx.run_dir / "student.int8.onnx"
+    ptq_mode = "static" if cfg.quantize == "qat" else cfg.quantize  # qat is compared with static PTQ
+    calibration = graph_calibration = None
+    if ptq_mode == "static":
+        calibration = ctx.data.calibration_inputs(cfg.calibration_batches, ctx.pipeline.data.batch_size,
+                                                  ctx.pipeline.seed)
+        # Calibrated on what the graph takes: the quantizer leaves a uint8 input and its Cast as they are.
+        graph_calibration = calibration if graph_input != "uint8" else ctx.data.calibration_inputs(
+            cfg.calibration_batches, ctx.pipeline.data.batch_size, ctx.pipeline.seed, stored=True)
+    quantization = {
+        "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
+        "calibration_samples": sum(len(b) for b in calibration) if calibration else 0,
+        "calibration_method": calibration_method(cfg) if calibration else None}
+    if cfg.quantize == "qat":
+        quantization["qat"], qat_path = export_qat(ctx, calibration, example, x_val, graph_input)
+        result = replace(result, qat_onnx_path=qat_path)
+    result = replace(result, report={**result.report, "quantization": quantization})
+    try:
+        pre_process = quantize(result.onnx_path, int8_path, ptq_mode, graph_calibration, cfg.calibration_method,
+                               cfg.calibration_percentile)
+    except QuantizationFailed as exc:
+        if cfg.deliver == "int8" and cfg.quantize != "qat":
+            raise  # the user asked for this INT8 model: the run fails (exit 3), one line naming the cause
+        # INT8 is optional under `best`: the FP32 model ships and the report says why.
+        quantization.update({"path": None, "built": False, "error": str(exc), "delivered": "fp32",
+                             "reason": f"INT8 build failed: {exc}"})
+        ctx.tracker.set_tags({"kdpipe.int8": "failed", "kdpipe.int8_error": str(exc)[:500]})
+        ctx.progress.info(f"  warning: INT8 build failed, delivering FP32: {exc}")
+        return result
+    add_metadata(int8_path, {QUANTIZATION_KEY: ptq_mode})
+    exported = for_export(ctx.student.to("cpu"), ctx.data, graph_input)
+    quantization.update({"built": True, "pre_process": pre_process, "parity": {
+        "int8": prediction_parity(exported, int8_path, x_val, "fp32 PyTorch student")}})
+    ctx.student.to(ctx.device)
+    return replace(result, int8_onnx_path=int8_path)
 
 
 def calibration_method(cfg) -> str:
@@ -150,21 +174,20 @@ def calibration_method(cfg) -> str:
     return cfg.calibration_method
 
 
-def export_qat(ctx, calibration: list[np.ndarray], example: torch.Tensor, x_val: torch.Tensor, graph_input: str,
-               contract: dict[str, str]) -> None:
+def export_qat(ctx, calibration: list[np.ndarray], example: torch.Tensor, x_val: torch.Tensor,
+               graph_input: str) -> tuple[dict, Path]:
     """The student fine-tuned fake-quantized against the teacher (kdpipe.qat), exported as QDQ ONNX and compared
-    with its own fake-quantized PyTorch model on the validation split (`x_val`: as the graph takes it)."""
+    with its own fake-quantized PyTorch model on the validation split (`x_val`: as the graph takes it). Returns
+    report.json's quantization.qat and the graph's path."""
     cfg = ctx.pipeline.export
     path = ctx.run_dir / "student.qat.onnx"
     fake_quantized, trainer = fine_tune(ctx.pipeline, ctx.student, ctx.teacher, ctx.data, calibration,
                                         ctx.trainer_options("qat"), ctx.log_epoch)
     export_qdq(fake_quantized, example, path, cfg.opset, cfg.dynamic_batch,
                wrap=lambda model: for_export(model, ctx.data, graph_input))
-    add_metadata(path, {**contract, QUANTIZATION_KEY: "qat"})
+    add_metadata(path, {**input_contract(ctx.data, graph_input), QUANTIZATION_KEY: "qat"})
     x_test, y_test = ctx.data.x_test, ctx.data.y_test
-    ctx.report["quantization"]["qat"] = {
-        "path": str(path), "epochs": cfg.qat_epochs, "timing": trainer.timing_summary(),
-        "accuracy_torch": accuracy(fake_quantized, x_test.to(ctx.device), y_test.to(ctx.device)),
-        "parity": prediction_parity(for_export(fake_quantized, ctx.data, graph_input), path, x_val,
-                                    "fake-quantized PyTorch student")}
-    ctx.artifacts["qat_onnx_path"] = path
+    return {"path": str(path), "epochs": cfg.qat_epochs, "timing": trainer.timing_summary(),
+            "accuracy_torch": accuracy(fake_quantized, x_test.to(ctx.device), y_test.to(ctx.device)),
+            "parity": prediction_parity(for_export(fake_quantized, ctx.data, graph_input), path, x_val,
+                                        "fake-quantized PyTorch student")}, path

@@ -6,48 +6,56 @@ from __future__ import annotations
 from kdpipe.models.adapter import graph_inputs
 from kdpipe.onnx_export import takes_uint8
 from kdpipe.registry import alias_holder, promote, version_tags
+from kdpipe.results import ExportResult, RegisterResult, Stage, ValidateResult
 
 
-def run(ctx) -> None:
-    cfg = ctx.pipeline.registry
-    mlflow_report = ctx.report["mlflow"]
-    if not ctx.gates_passed:
-        failed = [g.name for g in ctx.gates if not g.passed]
-        mlflow_report["registry"] = f"not registered: gate failed: {', '.join(failed)}"
-        return
-    client = ctx.tracker.client()
-    earlier = registered_by_run(client, cfg.model_name, ctx.tracker.run_id) if cfg is not None else None
-    if earlier is not None:
-        # This run was killed in this stage after registering: --resume goes on with that version, not a second one.
-        version = str(earlier.version)
-        mlflow_report["model_uri"] = earlier.source
-        ctx.progress.info(f"  version {version} was registered by this run before it was interrupted; reusing it")
-    else:
-        # The signature's input dtype is the graph's: uint8 images for `export.input: uint8`, else float32.
-        graph_input = "uint8" if takes_uint8(ctx.artifacts["onnx_path"]) else "float"
-        example = graph_inputs(ctx.data, "val", graph_input)[:1].cpu().numpy()
-        info = ctx.tracker.log_onnx_model(ctx.artifacts["onnx_path"], "student", example,
-                                          ctx.report["validate"]["providers_used"])
-        mlflow_report["model_uri"] = info.model_uri
-        if cfg is None:
-            mlflow_report["registry"] = "not registered: the pipeline has no register section"
-            return
-        tags = version_tags(ctx.report, ctx.gates, ctx.pipeline.name, ctx.run_dir / "pipeline.yaml", ctx.pipeline_file)
-        version = ctx.tracker.register_model(info.model_uri, cfg.model_name, tags)
-    policy = ctx.tracker.config.registry
-    client.set_registered_model_alias(cfg.model_name, policy.candidate_alias, version)
-    verdict = promote(client, policy, cfg.model_name, version, cfg.alias)
-    # Read back rather than inferred from the verdict: a resumed run's version may have taken the alias before.
-    holder = alias_holder(client, cfg.model_name, cfg.alias)
-    holds = holder is not None and str(holder.version) == version
-    ctx.progress.info(f"  version {version} is '{policy.candidate_alias}'; "
-                      f"'{cfg.alias}' {'moves to it' if holds else 'stays'}: {verdict.reason}")
-    mlflow_report.update({
-        "model_name": cfg.model_name, "model_version": version,
-        "aliases": [policy.candidate_alias] + ([cfg.alias] if holds else []),
-        "alias": cfg.alias if holds else None,
-        "registry": verdict.reason,
-    })
+class Register(Stage):
+    name = "register"
+    needs = (ExportResult, ValidateResult)
+    produces = RegisterResult
+    main_rank_only = True
+
+    def run(self, ctx) -> RegisterResult:
+        cfg = ctx.pipeline.registry
+        if not ctx.results.gates_passed:
+            failed = [g.name for g in ctx.results.gates if not g.passed]
+            return RegisterResult(report={"mlflow": {"registry": f"not registered: gate failed: {', '.join(failed)}"}})
+        client = ctx.tracker.client()
+        earlier = registered_by_run(client, cfg.model_name, ctx.tracker.run_id) if cfg is not None else None
+        if earlier is not None:
+            # Killed in this stage after registering: --resume goes on with that version, not a second one.
+            version, model_uri = str(earlier.version), earlier.source
+            ctx.progress.info(f"  version {version} was registered by this run before it was interrupted; reusing it")
+        else:
+            model_uri = log_model(ctx)
+            if cfg is None:
+                return RegisterResult(model_uri=model_uri, report={"mlflow": {
+                    "model_uri": model_uri, "registry": "not registered: the pipeline has no register section"}})
+            tags = version_tags(ctx.results[ValidateResult], ctx.results[ExportResult], ctx.results.gates,
+                                ctx.pipeline, ctx.run_dir, ctx.pipeline_file)
+            version = ctx.tracker.register_model(model_uri, cfg.model_name, tags)
+        policy = ctx.tracker.config.registry
+        client.set_registered_model_alias(cfg.model_name, policy.candidate_alias, version)
+        verdict = promote(client, policy, cfg.model_name, version, cfg.alias)
+        # Read back rather than inferred from the verdict: a resumed run's version may have taken the alias before.
+        holder = alias_holder(client, cfg.model_name, cfg.alias)
+        holds = holder is not None and str(holder.version) == version
+        ctx.progress.info(f"  version {version} is '{policy.candidate_alias}'; "
+                          f"'{cfg.alias}' {'moves to it' if holds else 'stays'}: {verdict.reason}")
+        return RegisterResult(model_uri=model_uri, model_name=cfg.model_name, version=version, report={"mlflow": {
+            "model_uri": model_uri, "model_name": cfg.model_name, "model_version": version,
+            "aliases": [policy.candidate_alias] + ([cfg.alias] if holds else []),
+            "alias": cfg.alias if holds else None, "registry": verdict.reason}})
+
+
+def log_model(ctx) -> str:
+    """The delivered model as this run's MLflow model, with a signature; returns its URI."""
+    path = ctx.results[ValidateResult].onnx_path
+    # The signature's input dtype is the graph's: uint8 images for `export.input: uint8`, else float32.
+    graph_input = "uint8" if takes_uint8(path) else "float"
+    example = graph_inputs(ctx.data, "val", graph_input)[:1].cpu().numpy()
+    info = ctx.tracker.log_onnx_model(path, "student", example, ctx.results[ValidateResult].providers_used)
+    return info.model_uri
 
 
 def registered_by_run(client, model_name: str, run_id: str):

@@ -14,11 +14,25 @@ import os
 
 from kdpipe.errors import InputError
 from kdpipe.methods import get_method
+from kdpipe.results import SearchResult, Stage, TeacherResult
 from kdpipe.search import (DIRECTIONS, Campaign, TrialRuns, best_trial, fail_orphans, make_pruner, make_sampler,
                            open_study, resolve_space, save_plots, summarize, with_export)
 
 
-def run(ctx) -> None:
+class Search(Stage):
+    name = "search"
+    needs = (TeacherResult,)
+    produces = SearchResult
+
+    def applies(self, pipeline) -> bool:
+        return pipeline.search is not None
+
+    def run(self, ctx) -> SearchResult:
+        return run_campaign(ctx)
+
+
+def run_campaign(ctx) -> SearchResult:
+    """Run the campaign's missing trials; the result names the best trial's method and parameters."""
     import optuna
 
     pipeline = ctx.pipeline
@@ -41,13 +55,8 @@ def run(ctx) -> None:
     study = open_study(storage, search.study or pipeline.name, [DIRECTIONS[o] for o in search.objective],
                        pruner=make_pruner(search.pruner_name, pipeline.distill.epochs),
                        heartbeat_seconds=search.heartbeat_seconds)
-    if ctx.report.get("resumed"):
-        orphans = fail_orphans(study, None if search.storage is None else campaign.owner)
-        reason = "its worker was killed; the run was resumed"
-        closed = campaign.runs.close_running(reason) + campaign.runs.record_killed(study, orphans, reason)
-        if orphans or closed:
-            ctx.progress.info(f"  failed trial(s) {orphans} left running by the interrupted process; "
-                              f"closed {len(closed)} MLflow trial run(s)")
+    if ctx.resumed:
+        _close_orphans(ctx, study, campaign)
     # A private study replays exactly from the seed; a resumed one continues past the trials it holds instead of
     # drawing their points again; workers sharing a study must not all draw the same points.
     seed = (pipeline.seed if search.seed is None else search.seed) + len(study.trials)
@@ -62,10 +71,26 @@ def run(ctx) -> None:
     study.optimize(campaign, n_trials=max(0, trials), timeout=search.timeout, catch=(Exception,),
                    callbacks=[campaign.trial_line])
 
+    return _best(ctx, study, storage, space, campaign, cache)
+
+
+def _close_orphans(ctx, study, campaign) -> None:
+    """Trials the interrupted process left running fail, and their MLflow runs are closed."""
+    orphans = fail_orphans(study, None if ctx.pipeline.search.storage is None else campaign.owner)
+    reason = "its worker was killed; the run was resumed"
+    closed = campaign.runs.close_running(reason) + campaign.runs.record_killed(study, orphans, reason)
+    if orphans or closed:
+        ctx.progress.info(f"  failed trial(s) {orphans} left running by the interrupted process; "
+                          f"closed {len(closed)} MLflow trial run(s)")
+
+
+def _best(ctx, study, storage: str, space, campaign, cache) -> SearchResult:
+    """The campaign's summary and its best trial, which becomes the run's pipeline (`ctx.pipeline`)."""
+    pipeline = ctx.pipeline
+    search = pipeline.search
     summary = summarize(study, storage, search.objective)
     summary["teacher_forward_passes"] = cache.forward_passes
     summary["teacher_view_passes"] = cache.view_passes  # teacher views (augmented data): one pass per campaign
-    ctx.report["search"] = summary
     _log_campaign(ctx, study, summary)
     best = best_trial(study, search.objective)
     if best is None:
@@ -78,14 +103,12 @@ def run(ctx) -> None:
     # The runner records it (RUN_DIR/pipeline.yaml and the ledger's digest) when this stage has finished.
     ctx.pipeline = pipeline = with_export(pipeline.with_method(method, choice.params, choice.optimizer), choice.export)
     params = pipeline.distill.params.model_dump(mode="json")
-    ctx.report["method"] = {"name": method, "params": params}
     checkpoint = campaign.local_checkpoint(best) if not search.retrain else None
-    if checkpoint is not None:
-        ctx.artifacts["student_checkpoint"] = checkpoint
     summary["reused_checkpoint"] = checkpoint is not None
     ctx.tracker.log_params({"search": {"best": {"method": method, **params, "optimizer": choice.optimizer,
                                                 **({"export": choice.export} if choice.export else {})}}})
     ctx.tracker.set_tags({"kdpipe.method": method})
+    return SearchResult(report={"search": summary}, method=method, params=params, student_checkpoint=checkpoint)
 
 
 def _check_candidate_models(ctx, space) -> None:

@@ -3,6 +3,7 @@ the teacher_above_chance gate, which ends the run here when it fails."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import torch
 
@@ -14,6 +15,7 @@ from kdpipe.fingerprint import fingerprint, module_content, path_content
 from kdpipe.methods import get_method
 from kdpipe.models import count_params
 from kdpipe.inference import accuracy
+from kdpipe.results import Stage, TeacherResult
 from kdpipe.train import Trainer
 
 
@@ -43,55 +45,74 @@ def origin(model) -> dict:
     return found
 
 
-def run(ctx) -> None:
-    cfg = ctx.pipeline.teacher
-    if cfg is None:
-        ctx.report["teacher"] = None
-        return
-    teacher = ctx.teacher
-    if cfg.checkpoint is not None:
-        source = f"checkpoint {cfg.checkpoint}"
-    else:
-        key = cache_key(ctx)
-        cached = ctx.cache_dir / "teachers" / f"{key}.pt"
-        # Rank 0 verifies the entry (a corrupt one is removed and retrained); every rank takes its decision.
-        if distributed.broadcast_object(ctx.is_main and lookup(cached, lambda line: ctx.progress.info(f"  {line}"))):
-            teacher.load_state_dict(torch.load(cached, map_location=ctx.device, weights_only=True))
-            source = f"cache {cached}"
-            ctx.progress.info(f"  teacher loaded from cache {cached}")
+class Teacher(Stage):
+    name = "teacher"
+    produces = TeacherResult
+    for_given_model = True  # `kdpipe validate` compares the given model with the pipeline's teacher
+
+    def run(self, ctx) -> TeacherResult:
+        cfg = ctx.pipeline.teacher
+        if cfg is None:
+            return TeacherResult(report={"teacher": None})
+        teacher = ctx.teacher
+        report = {}
+        if cfg.checkpoint is not None:
+            source = f"checkpoint {cfg.checkpoint}"
         else:
-            train(ctx, teacher)
-            if ctx.is_main:
-                state = teacher.state_dict()
-                store(cached, lambda tmp: torch.save(state, tmp))
-            source = "trained"
+            key = cache_key(ctx)
+            cached = ctx.cache_dir / "teachers" / f"{key}.pt"
+            # Rank 0 verifies the entry (a corrupt one is removed and retrained); every rank takes its decision.
+            if distributed.broadcast_object(ctx.is_main and lookup(cached, lambda line: ctx.progress.info(f"  {line}"))):
+                teacher.load_state_dict(torch.load(cached, map_location=ctx.device, weights_only=True))
+                source = f"cache {cached}"
+                ctx.progress.info(f"  teacher loaded from cache {cached}")
+            else:
+                report["teacher_training"] = train(ctx, teacher)
+                if ctx.is_main:
+                    state = teacher.state_dict()
+                    store(cached, lambda tmp: torch.save(state, tmp))
+                source = "trained"
+        freeze(teacher)
+        if ctx.is_main:
+            torch.save(teacher.state_dict(), ctx.run_dir / "teacher.pt")
+        acc = accuracy(teacher, ctx.data.x_test, ctx.data.y_test)
+        ctx.tracker.log_metrics({"teacher/test_accuracy": acc})
+        report["teacher"] = {"source": source, "params": count_params(teacher), "accuracy": acc,
+                             "val_accuracy": accuracy(teacher, ctx.data.x_val, ctx.data.y_val)}
+        return above_chance(ctx, TeacherResult(report=report, accuracy=acc))
+
+    def restore(self, ctx, result: TeacherResult) -> TeacherResult:
+        """--resume after this stage finished: the teacher from the run directory, frozen."""
+        if ctx.teacher is not None:
+            ctx.teacher.load_state_dict(torch.load(ctx.run_dir / "teacher.pt", map_location=ctx.device,
+                                                   weights_only=True))
+            freeze(ctx.teacher)
+        return result
+
+
+def freeze(teacher) -> None:
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    if ctx.is_main:
-        torch.save(teacher.state_dict(), ctx.run_dir / "teacher.pt")
-    acc = accuracy(teacher, ctx.data.x_test, ctx.data.y_test)
-    ctx.tracker.log_metrics({"teacher/test_accuracy": acc})
-    ctx.report["teacher"] = {"source": source, "params": count_params(teacher), "accuracy": acc,
-                             "val_accuracy": accuracy(teacher, ctx.data.x_val, ctx.data.y_val)}
-    check_above_chance(ctx, acc)
 
 
-def check_above_chance(ctx, acc: float) -> None:
-    """The teacher_above_chance gate; failing, it ends the run here: a student distilled from a teacher at chance
-    is at chance too, so distilling it would only waste the time."""
+def above_chance(ctx, result: TeacherResult) -> TeacherResult:
+    """The teacher_above_chance gate; failing, it ends the run here (GateFailed): a student distilled from a teacher
+    at chance is at chance too, so distilling it would only waste the time."""
     significance = ctx.pipeline.validation.gates.above_chance
     if significance is None:
-        return
+        return result
     chance = ChanceLevel.of(ctx.data.y_test)
-    p_value = chance.p_value(acc)
-    ctx.report["teacher"]["chance_rate"] = chance.rate
-    ctx.add_gate("teacher_above_chance", p_value, significance, p_value <= significance)
-    if p_value > significance:
-        raise GateFailed(f"teacher_above_chance: {chance.verdict('teacher', acc, significance)}")
+    gate = chance.gate("teacher_above_chance", result.accuracy, significance)
+    result = replace(result, gates=(gate,), report={**result.report,
+                                                    "teacher": {**result.report["teacher"], "chance_rate": chance.rate}})
+    if not gate.passed:
+        raise GateFailed(f"teacher_above_chance: {chance.verdict('teacher', result.accuracy, significance)}", result)
+    return result
 
 
-def train(ctx, teacher) -> None:
+def train(ctx, teacher) -> dict:
+    """Train the teacher from scratch; returns report.json's teacher_training."""
     cfg = ctx.pipeline.teacher.train
     scratch = get_method("none")
     trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
@@ -99,14 +120,5 @@ def train(ctx, teacher) -> None:
     torch.manual_seed(ctx.pipeline.seed)
     scratch(scratch.Params(), student=teacher, teacher=None, num_classes=ctx.data.num_classes,
             input_shape=ctx.data.input_shape).fit(trainer, label="teacher")
-    ctx.report["teacher_training"] = {"timing": trainer.timing_summary()}
+    return {"timing": trainer.timing_summary()}
 
-
-def restore(ctx) -> None:
-    """--resume after this stage finished: the teacher from the run directory, frozen."""
-    if ctx.teacher is None:
-        return
-    ctx.teacher.load_state_dict(torch.load(ctx.run_dir / "teacher.pt", map_location=ctx.device, weights_only=True))
-    ctx.teacher.eval()
-    for p in ctx.teacher.parameters():
-        p.requires_grad_(False)

@@ -8,6 +8,7 @@ ratios are honest. The gates apply to the delivered model (`export.deliver`).
 from __future__ import annotations
 
 import platform
+from dataclasses import astuple
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from kdpipe.errors import InputError
 from kdpipe.fingerprint import fingerprint, sha256_file
 from kdpipe.models.adapter import graph_inputs
 from kdpipe.onnx_export import takes_uint8
+from kdpipe.results import ExportResult, Gate, Stage, ValidateResult
 from kdpipe.onnx_runtime import (available_providers, configured_session, fixed_batch_size, import_ort,
                                  measure_latency, predict, resolve_providers)
 
@@ -58,7 +60,7 @@ def measure_model(path, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
 def measure_teacher(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
     """measure_model for the frozen teacher, cached by content: its ONNX bytes, the test data and every setting
     that changes what is measured, on this machine. Reruns and campaign workers pay for it once."""
-    path = ctx.artifacts["teacher_onnx_path"]
+    path = ctx.results[ExportResult].teacher_onnx_path
     content = {"onnx_sha256": sha256_file(path), "data": ctx.data.fingerprint, "batch_sizes": cfg.batch_sizes,
                "providers": resolve_providers(cfg.providers), "threads": cfg.threads,
                "inter_op_threads": cfg.inter_op_threads, "graph_optimization": cfg.graph_optimization,
@@ -83,8 +85,7 @@ def gates_for(model: dict, teacher: dict | None, cfg,
     out = []
     acc = model["accuracy"]
     if gates.above_chance is not None:
-        p_value = chance.p_value(acc)
-        out.append(("above_chance", p_value, gates.above_chance, p_value <= gates.above_chance))
+        out.append(astuple(chance.gate("above_chance", acc, gates.above_chance)))
     if gates.accuracy_min is not None:
         out.append(("accuracy_min", acc, gates.accuracy_min, acc >= gates.accuracy_min))
     if gates.max_accuracy_drop_vs_teacher is not None and teacher is not None:
@@ -167,73 +168,92 @@ def as_report(model: dict) -> dict:
     return {**model, "latency_ms": {str(b): v for b, v in model["latency_ms"].items()}}
 
 
-def run(ctx) -> None:
-    cfg = ctx.pipeline.validation
-    requested = resolve_providers(cfg.providers)
-    _, dropped = available_providers(requested)
-    x_test = inputs_for(ctx.artifacts["onnx_path"], ctx.data)
-    y_test = ctx.data.y_test.cpu().numpy()
-    chance = ChanceLevel.of(ctx.data.y_test)
+class Validate(Stage):
+    name = "validate"
+    needs = (ExportResult,)
+    produces = ValidateResult
+    main_rank_only = True
+    for_given_model = True
 
-    fp32 = measure_model(ctx.artifacts["onnx_path"], cfg, x_test, y_test)
-    fallback = [p for p in requested if p not in fp32["providers_used"]]
-    for p in fallback:
-        why = "not available in this onnxruntime" if p in dropped else "could not be initialized"
-        ctx.progress.info(f"  warning: {p} was requested but is {why}; running on {', '.join(fp32['providers_used'])}")
-    teacher = None
-    if "teacher_onnx_path" in ctx.artifacts:
-        teacher = measure_teacher(ctx, cfg, x_test, y_test)
-        ctx.report["teacher"]["onnx"].update(as_report(teacher))
+    def run(self, ctx) -> ValidateResult:
+        cfg = ctx.pipeline.validation
+        export = ctx.results[ExportResult]
+        requested = resolve_providers(cfg.providers)
+        _, dropped = available_providers(requested)
+        x_test = inputs_for(export.onnx_path, ctx.data)
+        y_test = ctx.data.y_test.cpu().numpy()
+        chance = ChanceLevel.of(ctx.data.y_test)
 
-    delivered, measured = "fp32", fp32
-    qat = None
-    if "qat_onnx_path" in ctx.artifacts:
-        qat = measure_model(ctx.artifacts["qat_onnx_path"], cfg, x_test, y_test)
-        ctx.report["quantization"]["qat"].update(as_report(qat))
-    if "int8_onnx_path" in ctx.artifacts or qat is not None:
-        int8 = measure_model(ctx.artifacts["int8_onnx_path"], cfg, x_test, y_test) \
-            if "int8_onnx_path" in ctx.artifacts else None
-        delivered, reason = choose_delivery(ctx.pipeline.export.deliver, fp32, int8,
-                                            gates_for(int8, teacher, cfg, chance) if int8 else (),
-                                            ctx.pipeline.export.int8_max_accuracy_drop,
-                                            qat, gates_for(qat, teacher, cfg, chance) if qat else ())
-        measured = {"fp32": fp32, "int8": int8, "qat": qat}[delivered]
-        if int8 is not None:
-            ctx.report["quantization"].update({
-                "int8": as_report(int8),
-                "accuracy_drop": fp32["accuracy"] - int8["accuracy"],
-                "size_ratio": int8["size_bytes"] / fp32["size_bytes"],
-                "speedup_by_batch_size": {str(b): fp32["latency_ms"][b]["p50"] / int8["latency_ms"][b]["p50"]
-                                          for b in cfg.batch_sizes}})
-        ctx.report["quantization"].update({"fp32": as_report(fp32), "delivered": delivered, "reason": reason})
-        if qat is not None:
-            ctx.report["quantization"]["compared"] = side_by_side(ctx.report["quantization"], fp32, int8, qat)
-        ctx.progress.info(f"  delivering {delivered.upper()}: {reason}")
-        ctx.artifacts["onnx_path"] = {"fp32": ctx.artifacts["onnx_path"], "int8": ctx.artifacts.get("int8_onnx_path"),
-                                      "qat": ctx.artifacts.get("qat_onnx_path")}[delivered]
-
-    ctx.report.setdefault("student", {}).update(accuracy=measured["accuracy"], chance_rate=chance.rate)
-    ctx.report["onnx"].update({"path": measured["path"], "size_bytes": measured["size_bytes"],
-                               "precision": "fp32" if delivered == "fp32" else "int8",
-                               "quantization": quantization_of(delivered, ctx.pipeline.export.quantize)})
-    ctx.tracker.set_tags({"kdpipe.quantization": ctx.report["onnx"]["quantization"]})
-    ctx.report["latency_ms"] = {str(b): v for b, v in measured["latency_ms"].items()}
-    if teacher is not None:
-        ctx.report["speedup_vs_teacher"] = {str(b): teacher["latency_ms"][b]["p50"] / measured["latency_ms"][b]["p50"]
+        fp32 = measure_model(export.onnx_path, cfg, x_test, y_test)
+        fallback = [p for p in requested if p not in fp32["providers_used"]]
+        for p in fallback:
+            why = "not available in this onnxruntime" if p in dropped else "could not be initialized"
+            ctx.progress.info(f"  warning: {p} was requested but is {why}; running on {', '.join(fp32['providers_used'])}")
+        report: dict = {}
+        teacher = None
+        if export.teacher_onnx_path is not None:
+            teacher = measure_teacher(ctx, cfg, x_test, y_test)
+            report["teacher"] = {"onnx": as_report(teacher)}
+        delivered, measured, path = "fp32", fp32, export.onnx_path
+        if export.int8_onnx_path is not None or export.qat_onnx_path is not None:
+            delivered, measured, report["quantization"] = deliver(ctx, export, fp32, teacher, chance, x_test, y_test)
+            path = {"fp32": export.onnx_path, "int8": export.int8_onnx_path, "qat": export.qat_onnx_path}[delivered]
+        quantization = quantization_of(delivered, ctx.pipeline.export.quantize)
+        report["student"] = {"accuracy": measured["accuracy"], "chance_rate": chance.rate}
+        report["onnx"] = {"path": measured["path"], "size_bytes": measured["size_bytes"],
+                          "precision": "fp32" if delivered == "fp32" else "int8", "quantization": quantization}
+        ctx.tracker.set_tags({"kdpipe.quantization": quantization})
+        report["latency_ms"] = {str(b): v for b, v in measured["latency_ms"].items()}
+        if teacher is not None:
+            report["speedup_vs_teacher"] = {str(b): teacher["latency_ms"][b]["p50"] / measured["latency_ms"][b]["p50"]
                                             for b in cfg.batch_sizes}
-    ctx.report["validate"] = {
-        "providers_requested": cfg.providers, "providers_resolved": requested, "providers_used": measured["providers_used"],
-        "providers_dropped": dropped, "provider_fallback": fallback,
-        "io_binding": any(v["io_binding"] for v in measured["latency_ms"].values()),
-        "session": {"threads": cfg.threads, "inter_op_threads": cfg.inter_op_threads,
-                    "graph_optimization": cfg.graph_optimization, "warmup": cfg.warmup, "runs": cfg.runs,
-                    "budget_s": cfg.budget_s},
-    }
-    ctx.tracker.log_metrics({"student/test_accuracy": measured["accuracy"],
-                             **{f"latency_ms/p50_bs{b}": v["p50"] for b, v in measured["latency_ms"].items()},
-                             **{f"latency_ms/p99_bs{b}": v["p99"] for b, v in measured["latency_ms"].items()},
-                             **{f"throughput/bs{b}": v["throughput"] for b, v in measured["latency_ms"].items()}})
-    for name, value, limit, passed in gates_for(measured, teacher, cfg, chance):
-        ctx.add_gate(name, value, limit, passed)
-        if name == "above_chance" and not passed:
-            ctx.progress.info(f"  above_chance: {chance.verdict('student', measured['accuracy'], limit)}")
+        report["validate"] = {
+            "providers_requested": cfg.providers, "providers_resolved": requested,
+            "providers_used": measured["providers_used"], "providers_dropped": dropped, "provider_fallback": fallback,
+            "io_binding": any(v["io_binding"] for v in measured["latency_ms"].values()),
+            "session": {"threads": cfg.threads, "inter_op_threads": cfg.inter_op_threads,
+                        "graph_optimization": cfg.graph_optimization, "warmup": cfg.warmup, "runs": cfg.runs,
+                        "budget_s": cfg.budget_s},
+        }
+        ctx.tracker.log_metrics({"student/test_accuracy": measured["accuracy"],
+                                 **{f"latency_ms/p50_bs{b}": v["p50"] for b, v in measured["latency_ms"].items()},
+                                 **{f"latency_ms/p99_bs{b}": v["p99"] for b, v in measured["latency_ms"].items()},
+                                 **{f"throughput/bs{b}": v["throughput"] for b, v in measured["latency_ms"].items()}})
+        gates = tuple(Gate(*g) for g in gates_for(measured, teacher, cfg, chance))
+        for gate in gates:
+            if gate.name == "above_chance" and not gate.passed:
+                ctx.progress.info(f"  above_chance: {chance.verdict('student', measured['accuracy'], gate.limit)}")
+        return ValidateResult(report=report, gates=gates, onnx_path=path, accuracy=measured["accuracy"],
+                              latency_ms=report["latency_ms"], size_bytes=measured["size_bytes"],
+                              precision=report["onnx"]["precision"], quantization=quantization,
+                              providers_used=measured["providers_used"])
+
+
+def deliver(ctx, export: ExportResult, fp32: dict, teacher: dict | None, chance: ChanceLevel, x_test: np.ndarray,
+            y_test: np.ndarray) -> tuple[str, dict, dict]:
+    """Measure the INT8 candidates and choose the model to deliver; returns (fp32 | int8 | qat, the delivered
+    model as measured, report.json's quantization part)."""
+    cfg = ctx.pipeline.validation
+    quantization: dict = {}
+    qat = int8 = None
+    if export.qat_onnx_path is not None:
+        qat = measure_model(export.qat_onnx_path, cfg, x_test, y_test)
+        quantization["qat"] = as_report(qat)
+    if export.int8_onnx_path is not None:
+        int8 = measure_model(export.int8_onnx_path, cfg, x_test, y_test)
+    delivered, reason = choose_delivery(ctx.pipeline.export.deliver, fp32, int8,
+                                        gates_for(int8, teacher, cfg, chance) if int8 else (),
+                                        ctx.pipeline.export.int8_max_accuracy_drop,
+                                        qat, gates_for(qat, teacher, cfg, chance) if qat else ())
+    if int8 is not None:
+        quantization.update({
+            "int8": as_report(int8),
+            "accuracy_drop": fp32["accuracy"] - int8["accuracy"],
+            "size_ratio": int8["size_bytes"] / fp32["size_bytes"],
+            "speedup_by_batch_size": {str(b): fp32["latency_ms"][b]["p50"] / int8["latency_ms"][b]["p50"]
+                                      for b in cfg.batch_sizes}})
+    quantization.update({"fp32": as_report(fp32), "delivered": delivered, "reason": reason})
+    if qat is not None:
+        quantization["compared"] = side_by_side(export.report["quantization"], fp32, int8, qat)
+    ctx.progress.info(f"  delivering {delivered.upper()}: {reason}")
+    return delivered, {"fp32": fp32, "int8": int8, "qat": qat}[delivered], quantization

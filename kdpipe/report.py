@@ -1,0 +1,59 @@
+"""report.json and ledger.json, both rendered here from the run's own fields and the stages' results."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from kdpipe.results import Results, SearchResult
+from kdpipe.versions import versions
+
+LEDGER_LAYOUT = 2  # ledger.json with `results`; the earlier layout kept the report and artifacts instead
+
+
+def new_report(pipeline, run_dir: Path, run_id: str, data, device, tracking) -> dict[str, Any]:
+    """The run's own part of report.json, before any stage: what it runs, on what, and where it is tracked."""
+    return {
+        "status": "running",
+        "name": pipeline.name,
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "method": {"name": pipeline.distill.method, "params": pipeline.distill.params.model_dump(mode="json")},
+        "data": {"source": pipeline.data.source, **data.sizes(), "num_classes": data.num_classes,
+                 "provenance": data.provenance},
+        "device": str(device),
+        "versions": versions(),
+        "stage_seconds": {},
+        "mlflow": {"tracking_uri": tracking.tracking_uri, "experiment": tracking.experiment, "run_id": None,
+                   "model_name": None, "model_version": None, "alias": None},
+    }
+
+
+def render_report(base: dict[str, Any], results: Results, **ending: Any) -> dict[str, Any]:
+    """report.json: the run's part, each result's part merged in run order (a later stage adds to an earlier one's
+    keys: validate measures the models export wrote), the gates, and how the run ended (`ending`)."""
+    report = copy.deepcopy(base)
+    for result in results:
+        _merge(report, result.report)
+    search = results.get(SearchResult)
+    if search is not None:  # the method the search chose is the one distilled
+        report["method"] = {"name": search.method, "params": search.params}
+    report["gates"] = {g.name: g.as_dict() for g in results.gates}
+    report.update(ending)
+    return report
+
+
+def _merge(into: dict[str, Any], part: dict[str, Any]) -> None:
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def render_ledger(record: dict[str, Any], base: dict[str, Any], results: Results, stages: dict[type, str]) -> dict:
+    """ledger.json: `record` (finished stages, digests, MLflow run, cache), the run's part of the report and each
+    finished stage's result (`stages`: result type → stage name)."""
+    return {**record, "layout": LEDGER_LAYOUT, "report": base,
+            "results": {stages[type(r)]: r.to_json() for r in results}}
