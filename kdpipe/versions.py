@@ -6,9 +6,10 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 
 # (report key, distributions that provide it, first one installed wins): onnxruntime-gpu provides `onnxruntime`.
+# The README's table of supported versions names the same libraries; CI prints these for both of its environments.
 LIBRARIES = [("torch", ["torch"]), ("onnxruntime", ["onnxruntime", "onnxruntime-gpu"]), ("mlflow", ["mlflow"]),
              ("onnx", ["onnx"]), ("onnxscript", ["onnxscript"]), ("numpy", ["numpy"]), ("optuna", ["optuna"]),
-             ("pydantic", ["pydantic"])]
+             ("pydantic", ["pydantic"]), ("Pillow", ["Pillow"]), ("kornia", ["kornia"]), ("datasets", ["datasets"])]
 
 
 def _installed(distributions: list[str]) -> str | None:
