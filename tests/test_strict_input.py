@@ -8,10 +8,12 @@ import copy
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.version import Version
 from pydantic import ValidationError
 
 from conftest import PIPELINES
@@ -67,7 +69,11 @@ def test_model_names_kdpipe_refuses_are_exactly_those_mlflow_cannot_use(tmp_path
     clients = registry_clients(tmp_path, monkeypatch)
     broken = {n for n in MODEL_NAMES if any(mlflow_cannot_use(c, n, tmp_path) for c in clients)}
     refused = {n for n in MODEL_NAMES if refused_by_kdpipe(model_name=n)}
-    assert refused == broken, f"kdpipe refuses but MLflow can use: {refused - broken}; the reverse: {broken - refused}"
+    if Version(version("mlflow")) >= Version("3.11"):
+        assert refused == broken, f"kdpipe refuses but MLflow can use: {refused - broken}; the reverse: {broken - refused}"
+    else:  # MLflow < 3.11 stores names with ':' or that are not a plain path; kdpipe refuses them with every MLflow,
+        # so a registered name also works on a newer server
+        assert broken <= refused and refused - broken == {"team:digits", "..hidden"}, (refused, broken)
     assert {"team/digits", "what?", "it's", "50%"} <= refused  # the list holds names both sides refuse
 
 
