@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,9 @@ def path_content(path: Path) -> dict[str, str]:
 
 
 def module_content(name: str) -> dict[str, Any]:
-    """An imported module by what defines it: its source file's sha256 and its distributions' versions."""
-    module = sys.modules.get(name)
-    source = getattr(module, "__file__", None)
+    """A module by what defines it: its source file's sha256 and its distributions' versions."""
+    spec = importlib.util.find_spec(name)
+    source = spec.origin if spec is not None and spec.has_location else None
     top = name.split(".")[0]
     dists = importlib.metadata.packages_distributions().get(top, [])
     return {"module": name, "source": sha256_file(Path(source)) if source else None,

@@ -4,6 +4,7 @@ the teacher_above_chance gate, which ends the run here when it fails."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -40,9 +41,22 @@ def origin(model) -> dict:
     if (model.arch or "").startswith("hf:"):
         found["hf"] = path_content(model.arch[3:])
     if model.entrypoint is not None:
-        module = model.entrypoint.rpartition(":")[0]
-        found["entrypoint"] = path_content(module) if module.endswith(".py") else module_content(module)
+        found["entrypoint"] = entrypoint_content(model.entrypoint.rpartition(":")[0])
     return found
+
+
+def entrypoint_content(module: str) -> dict:
+    """'file.py', 'FOLDER:package.module' (the pipeline's folder, where a module is looked up first) or an installed
+    module, by the source that defines it."""
+    if module.endswith(".py"):
+        return path_content(module)
+    folder, _, dotted = module.rpartition(":")
+    if folder:
+        local = Path(folder, *dotted.split("."))
+        for candidate in (local.with_suffix(".py"), local):
+            if candidate.exists():
+                return path_content(candidate)
+    return module_content(dotted)
 
 
 class Teacher(Stage):

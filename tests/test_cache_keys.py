@@ -77,3 +77,16 @@ def test_a_corrupt_teacher_output_entry_is_detected_and_recomputed(spilled_cache
     reread = again.get(teacher, digits, [])
     assert torch.equal(reread.logits, expected.logits) and again.forward_passes == 0
     assert isinstance(reread, SpilledOutputs) == (budget_mb is not None)  # beyond the budget: left memory-mapped
+
+
+def test_an_entry_point_module_beside_the_pipeline_is_keyed_by_its_source(tmp_path):
+    """'module:factory' resolves to FOLDER:module:factory; editing FOLDER/module.py makes another teacher."""
+    from kdpipe.config import ModelConfig
+    from kdpipe.stages.teacher import origin
+
+    (tmp_path / "keyed_models.py").write_text("WIDTH = 8\n")
+    model = ModelConfig(entrypoint=f"{tmp_path}:keyed_models:net")
+    before = origin(model)
+    (tmp_path / "keyed_models.py").write_text("WIDTH = 16\n")
+    assert origin(model) != before
+    assert origin(ModelConfig(entrypoint="kdpipe.models.zoo:CNN"))["entrypoint"]["source"] is not None

@@ -136,6 +136,18 @@ def test_entrypoint_factories_with_fewer_arguments(tmp_path):
         assert build(entrypoint=f"{tmp_path}:user_models:{factory}")(torch.zeros(2, *DIGITS)).shape == (2, 10)
 
 
+def test_modules_of_one_name_in_two_folders_are_each_read_from_their_own(tmp_path):
+    """Two pipelines in one process (a notebook, the test suite) whose folders each hold a user_models.py: the
+    second is not handed the first one's module from Python's import cache."""
+    for name, width in (("a", 8), ("b", 16)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "same_name_models.py").write_text(
+            "from torch import nn\n"
+            f"def net(num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, {width}), nn.Linear({width}, num_classes))\n")
+    built = [build(entrypoint=f"{tmp_path / name}:same_name_models:net") for name in "ab"]
+    assert [model[1].out_features for model in built] == [8, 16]
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 

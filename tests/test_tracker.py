@@ -20,6 +20,8 @@ def test_two_trackers_on_different_stores_in_one_process_keep_apart(tmp_path, mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stores["caller"])
     mlflow.set_tracking_uri(stores["caller"])
     try:
+        # The caller's own experiment, set the fluent way: the trackers must leave it active.
+        caller_experiment = mlflow.set_experiment("caller's own").experiment_id
         trackers = {name: Tracker(TrackingConfig(tracking_uri=stores[name], experiment=f"exp-{name}",
                                                  system_metrics=False)) for name in ("a", "b")}
         run_ids = {name: t.start(f"run-{name}", {"kdpipe.which": name}) for name, t in trackers.items()}
@@ -51,7 +53,8 @@ def test_two_trackers_on_different_stores_in_one_process_keep_apart(tmp_path, mo
         assert mlflow.active_run() is None
         assert os.environ["MLFLOW_TRACKING_URI"] == stores["caller"]
         with mlflow.start_run() as run:
-            assert run.info.experiment_id == "0"  # MLflow's Default, in the caller's store
-        assert MlflowClient(stores["caller"]).get_run(run.info.run_id).info.experiment_id == "0"
+            assert run.info.experiment_id == caller_experiment
+        assert MlflowClient(stores["caller"]).get_run(run.info.run_id).info.experiment_id == caller_experiment
     finally:
+        mlflow.set_experiment(experiment_id="0")  # MLflow's Default, which every store has, for later tests here
         mlflow.set_tracking_uri(None)

@@ -4,6 +4,7 @@ weights (`weights:`, `teacher.checkpoint`)."""
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -80,6 +81,7 @@ def _import_entrypoint(module_name: str, key: str):
         folder, _, dotted = module_name.rpartition(":")
         if not folder:
             return importlib.import_module(dotted)
+        _forget_modules_from_elsewhere(dotted.partition(".")[0], Path(folder))
         sys.path.insert(0, folder)
         try:
             return importlib.import_module(dotted)
@@ -89,6 +91,18 @@ def _import_entrypoint(module_name: str, key: str):
         folder, _, dotted = module_name.rpartition(":")
         where = f" (looked in {folder} first, then on sys.path)" if folder else ""
         raise InputError(f"{key}.entrypoint", f"cannot import '{dotted}'{where}: {type(exc).__name__}: {exc}") from None
+
+
+def _forget_modules_from_elsewhere(top: str, folder: Path) -> None:
+    """Drop `top` (and its submodules) from the import cache when it was imported from another folder (an earlier
+    pipeline in this process with a module of the same name), so that the pipeline's own folder is the one read."""
+    found = importlib.machinery.PathFinder.find_spec(top, [str(folder)])
+    cached = sys.modules.get(top)
+    if found is None or cached is None or getattr(cached, "__spec__", None) is None \
+            or cached.__spec__.origin == found.origin:
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
 
 
 def _from_entrypoint(spec: str, key: str, input_shape, num_classes: int, kwargs: dict) -> nn.Module:
