@@ -274,13 +274,15 @@ def schema() -> None:
 
 @app.command()
 def methods() -> None:
-    """List the distillation methods with their parameters, defaults and search ranges; a plugin's method names
-    the package it comes from."""
+    """List the distillation methods with their family, paper and year, their parameters, defaults and search
+    ranges; a plugin's method names the package it comes from."""
     from kdpipe.methods import BUILT_IN, active_conditions, origin, registry, search_space
 
     for name, cls in sorted(registry().items()):
         source = "" if origin(name) == BUILT_IN else f" [plugin: {origin(name)}]"
         typer.echo(f"{name}: {cls.summary}{source}")
+        typer.echo(f"    family: {cls.family}" + (f"; paper: {cls.paper}" if cls.paper else "")
+                   + (f"; year: {cls.year}" if cls.year else ""))
         space, conditions = search_space(cls.Params), active_conditions(cls.Params)
         for pname, field in cls.Params.model_fields.items():
             rng = space.get(pname)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "kd_loss", "fitnet_loss", "at_loss", "nst_loss", "rkd_loss", "sp_loss", "dml_loss",
-    "cwtm_weights", "dkpp_targets", "adversarial_d_loss", "adversarial_g_loss",
+    "cwtm_weights", "dkpp_targets", "adversarial_d_loss", "adversarial_g_loss", "standardize_logits",
 ]
 
 KERNELS = ("linear", "polynomial", "gaussian")
@@ -224,3 +224,11 @@ def adversarial_g_loss(d_student: torch.Tensor, mode: str = "lsgan") -> torch.Te
     if mode == "lsgan":
         return (d_student - 1.0).pow(2).mean()
     raise ValueError(f"unknown gan mode '{mode}'; expected one of {', '.join(GAN_MODES)}")
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al. 2024): each row's (z − mean_c z) / (std_c z + eps), std with Bessel's
+    correction (divisor C − 1, as the reference computes it). Invariant to a·z + b per row (a > 0); a constant row
+    maps to 0, not NaN."""
+    mean = logits.mean(dim=-1, keepdim=True)
+    return (logits - mean) / (logits.std(dim=-1, keepdim=True) + eps)

@@ -63,9 +63,16 @@ def active_conditions(params: type[Params]) -> dict[str, dict[str, list]]:
     return {name: _extra(params, name)["when"] for name in params.model_fields if _extra(params, name).get("when")}
 
 
+FAMILIES = ("logit", "feature", "relation", "adversarial", "collaborative", "baseline")
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    # What `kdpipe methods` lists: the paper (authors year, title), its year and the method's family (FAMILIES).
+    paper: ClassVar[str] = ""
+    year: ClassVar[int | None] = None
+    family: ClassVar[str] = "logit"
     Params: ClassVar[type[Params]] = Params
     needs_teacher: ClassVar[bool] = True
     # False for a method whose teacher changes during training (its outputs must then be computed every step).
@@ -86,6 +93,13 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.taps = taps  # the pipeline's `distill.taps` section (TapsConfig) or None for the models' defaults
+        # The epoch being trained (from 1, as the papers count), set before each one by the phases' before_epoch:
+        # warm-ups and curricula (DKD, CTKD, ReviewKD) read it, and a resumed run sets it again.
+        self.epoch = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch of the method's phases, resumed epochs included."""
+        self.epoch = epoch
 
     @classmethod
     def check_pipeline(cls, pipeline) -> None:
@@ -125,7 +139,8 @@ class Method(nn.Module):
 
     def phases(self, trainer: Trainer, label: str = "student") -> Iterator[Phase]:
         """The method's training, phase by phase; the usual one: the student on `loss` for the pipeline's epochs."""
-        yield Phase(label, [self.student_update(trainer, label)], trainer.epochs, evaluate={label: self.student})
+        yield Phase(label, [self.student_update(trainer, label)], trainer.epochs, evaluate={label: self.student},
+                    before_epoch=self.start_epoch)
 
     def exported(self) -> nn.Module:
         """The module the pipeline exports once the phases ran."""

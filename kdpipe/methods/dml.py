@@ -44,6 +44,9 @@ def peer_count(params: DMLParams) -> int:
 
 @method("dml")
 class DeepMutualLearning(Method):
+    family = "collaborative"
+    paper = "Zhang et al. 2018, Deep Mutual Learning"
+    year = 2018
     summary = "Deep Mutual Learning: K peers trained together, each on CE + KL to the others; exports one peer"
     Params = DMLParams
     needs_teacher = False

@@ -14,6 +14,9 @@ class KDParams(Params):
 
 @method("kd")
 class HintonKD(Method):
+    family = "logit"
+    paper = "Hinton, Vinyals and Dean 2015, Distilling the Knowledge in a Neural Network"
+    year = 2015
     summary = "Hinton KD: (1 − alpha)·CE + alpha·kd_loss (T²·KL(p_t^T ‖ p_s^T)); alpha multiplies the KD term"
     Params = KDParams
     teacher_soft_labels = True  # kd_loss reads the teacher through softmax(z / T) alone

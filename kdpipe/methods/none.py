@@ -7,6 +7,7 @@ from kdpipe.methods import Method, method
 
 @method("none")
 class Scratch(Method):
+    family = "baseline"
     summary = "no distillation: the student learns from the labels alone (baseline)"
     needs_teacher = False
 
