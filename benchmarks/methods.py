@@ -7,15 +7,23 @@ every seed in-process through kdpipe.runner.run_pipeline with `--set seed=N`,
 and the `none` baseline on the same pipeline (method and params swapped out), then
 print one table:
 
-    method | student test accuracy mean ± std | vs scratch (`none`) | teacher accuracy | s/run
+    method | student test accuracy mean ± std | vs scratch (`none`) | teacher accuracy | s/run | epoch vs kd
 
 The accuracy is the distill stage's PyTorch accuracy on the test split; std is
-the sample standard deviation over seeds. Teachers are trained once per seed
+the sample standard deviation over seeds. "epoch vs kd" is the method's median
+training epoch (report.json distill.timing) over kd's, and "ms/step over kd" what
+each optimizer step costs beyond kd's (CRD's banks, MLKD's second view).
+
+`--data digits32` runs every pipeline on 32×32 RGB images instead of 8×8 digits:
+scikit-learn's digits written as a JPEG image folder (benchmarks/data.py), with
+random crop (padding 4) + horizontal flip on the training split, the same for
+every method (MLKD adds its own strong steps on its second view). Teachers are trained once per seed
 (before any timing) and reused from a temporary content-hash cache; runs and the
 MLflow store (sqlite) live in a temporary directory, removed at the end.
 
     .venv/bin/python benchmarks/methods.py                      # every method, seeds 0 1 2
     .venv/bin/python benchmarks/methods.py --methods kd nst --seeds 0 1 --epochs 10
+    .venv/bin/python benchmarks/methods.py --data digits32      # the 32×32 image folder with augmentation
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = ROOT / "pipelines"
 BASELINE = "none"
+# --data digits32: every digit as a 64×64 RGB JPEG, read at 32×32, augmented as the CIFAR recipe does.
+DIGITS32 = ["data.source=imagefolder", "data.image_size=32", "data.augment=[{random_crop: {padding: 4}}, hflip]",
+            "data.normalize={mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}"]
 
 
 @dataclass
@@ -52,6 +63,8 @@ class Runs:
     teacher: list[float] = field(default_factory=list)
     wall_seconds: list[float] = field(default_factory=list)
     distill_seconds: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # median training epoch of each run
+    steps_per_epoch: list[float] = field(default_factory=list)
     error: str | None = None
 
 
@@ -111,6 +124,9 @@ def measure(row: Runs, seeds: list[int], common: list[str], workdir: Path, log) 
             row.teacher.append(report["teacher"]["accuracy"])
         row.wall_seconds.append(seconds)
         row.distill_seconds.append(report["stage_seconds"]["distill"])
+        timing = report["distill"]["timing"]
+        row.epoch_seconds.append(timing["median_epoch_seconds"])
+        row.steps_per_epoch.append(timing["optimizer_steps"] / timing["epochs"])
         print(f"  {row.label:<12} seed {seed}: student {row.student[-1]:.4f}  ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
 
@@ -121,23 +137,55 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{scale * statistics.fmean(values):6.2f} ± {scale * std:4.2f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from kdpipe.pipeline import load_pipeline
-    from kdpipe.methods import registry
+def relative_epoch(row: Runs, kd: Runs | None) -> str:
+    if kd is None:
+        return "—"
+    return f"{statistics.fmean(row.epoch_seconds) / statistics.fmean(kd.epoch_seconds):.2f}×"
 
+
+def step_cost(row: Runs, kd: Runs | None) -> str:
+    """Milliseconds each optimizer step costs beyond kd's (the mean epoch over the mean steps per epoch)."""
+    if kd is None:
+        return "—"
+    per_step = statistics.fmean(row.epoch_seconds) / statistics.fmean(row.steps_per_epoch)
+    return f"{1e3 * (per_step - statistics.fmean(kd.epoch_seconds) / statistics.fmean(kd.steps_per_epoch)):+.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", help="methods to run (default: every registered method with a pipeline)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="override distill.epochs in every pipeline")
+    parser.add_argument("--data", choices=["pipeline", "digits32"], default="pipeline",
+                        help="pipeline: each file's own data (8×8 digits); digits32: the 32×32 image folder, augmented")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for every run, e.g. teacher.train.epochs=10 (repeatable)")
     args = parser.parse_args(argv)
+    from kdpipe.methods import registry
 
-    names = [m for m in args.methods or sorted(registry()) if m != BASELINE]  # the baseline always runs
-    unknown = sorted(set(names) - set(registry()))
+    unknown = sorted(set(args.methods or []) - set(registry()))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(registry()))}")
-    common = [*args.overrides, *([f"distill.epochs={args.epochs}"] if args.epochs is not None else [])]
+    with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
+        workdir = Path(tmp)
+        data = []
+        if args.data == "digits32":
+            from sklearn.datasets import load_digits
+
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from data import write_images  # benchmarks/data.py
+
+            data = [*DIGITS32, f"data.path={write_images(workdir / 'images', len(load_digits().target))}"]
+        return benchmark(args, data, workdir, argv)
+
+
+def benchmark(args, data: list[str], workdir: Path, argv: list[str] | None) -> int:
+    """Every row over the seeds in `workdir` (runs, caches, the MLflow store); prints the table."""
+    from kdpipe.methods import registry
+    from kdpipe.pipeline import load_pipeline
+
+    names = [m for m in args.methods or sorted(registry()) if m != BASELINE]  # the baseline always runs
+    common = [*data, *args.overrides, *([f"distill.epochs={args.epochs}"] if args.epochs is not None else [])]
 
     rows: list[Runs] = []
     skipped = []
@@ -170,35 +218,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no pipeline file (skipped): {', '.join(skipped)}")
     sys.stdout.flush()  # the header first, then the per-run lines on stderr
 
-    with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
-        workdir = Path(tmp)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
-        os.environ.pop("KDPIPE_CACHE_DIR", None)
-        with open(workdir / "progress.log", "w") as log:
-            # Train each (teacher setup, seed) once before any timing; the distill runs load it from the cache.
-            warmed = set()
-            for row in [*baselines.values(), *rows]:
-                for seed in args.seeds:
-                    overrides = [*common, *row.overrides, f"seed={seed}"]
-                    resolved = load_pipeline(row.pipeline, applicable(row.pipeline, overrides)).resolved()
-                    key = json.dumps([resolved["teacher"], resolved["data"], seed], sort_keys=True)
-                    if resolved["teacher"] is None or key in warmed:
-                        continue
-                    warmed.add(key)
-                    try:
-                        run_once(row.pipeline, overrides, "teacher", workdir, log)
-                    except Exception:  # reported when the row itself runs
-                        traceback.print_exc(file=log)
-            for row in [*baselines.values(), *rows]:
-                measure(row, args.seeds, common, workdir, log)
-            failed = [r for r in [*baselines.values(), *rows] if r.error]
-            if failed:
-                log.flush()
-                print((workdir / "progress.log").read_text()[-4000:], file=sys.stderr)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ.pop("KDPIPE_CACHE_DIR", None)
+    with open(workdir / "progress.log", "w") as log:
+        # Train each (teacher setup, seed) once before any timing; the distill runs load it from the cache.
+        warmed = set()
+        for row in [*baselines.values(), *rows]:
+            for seed in args.seeds:
+                overrides = [*common, *row.overrides, f"seed={seed}"]
+                resolved = load_pipeline(row.pipeline, applicable(row.pipeline, overrides)).resolved()
+                key = json.dumps([resolved["teacher"], resolved["data"], seed], sort_keys=True)
+                if resolved["teacher"] is None or key in warmed:
+                    continue
+                warmed.add(key)
+                try:
+                    run_once(row.pipeline, overrides, "teacher", workdir, log)
+                except Exception:  # reported when the row itself runs
+                    traceback.print_exc(file=log)
+        for row in [*baselines.values(), *rows]:
+            measure(row, args.seeds, common, workdir, log)
+        failed = [r for r in [*baselines.values(), *rows] if r.error]
+        if failed:
+            log.flush()
+            print((workdir / "progress.log").read_text()[-4000:], file=sys.stderr)
 
     print()
     header = f"{'method':<22} | {'student acc % (mean ± std)':>26} | {'vs none (pp)':>12} | {'teacher acc %':>13} | " \
-             f"{'wall s/run':>10} | {'distill s/run':>13}"
+             f"{'wall s/run':>10} | {'distill s/run':>13} | {'epoch vs kd':>11} | {'ms/step over kd':>15}"
+    kd = next((r for r in rows if r.label == "kd" and r.epoch_seconds), None)
     print(header)
     print("-" * len(header))
     for row in [*baselines.values(), *rows]:
@@ -210,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         if base is not None and base.student and row.student:
             delta = f"{100 * (statistics.fmean(row.student) - statistics.fmean(base.student)):+.2f}"
         print(f"{row.label:<22} | {mean_std(row.student):>26} | {delta:>12} | {mean_std(row.teacher):>13} | "
-              f"{statistics.fmean(row.wall_seconds):>10.1f} | {statistics.fmean(row.distill_seconds):>13.1f}")
+              f"{statistics.fmean(row.wall_seconds):>10.1f} | {statistics.fmean(row.distill_seconds):>13.1f} | "
+              f"{relative_epoch(row, kd):>11} | {step_cost(row, kd):>15}")
     print(f"\n{len(args.seeds)} seeds per row; std is the sample standard deviation; 'vs none' compares means with the "
           "scratch student of the same pipeline (same data, student, epochs, optimizer). Accuracy: PyTorch, test split.")
     return 1 if any(r.error for r in [*baselines.values(), *rows]) else 0
