@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="override distill.epochs in every pipeline")
     parser.add_argument("--data", choices=["pipeline", "digits32"], default="pipeline",
-                        help="pipeline: each file's own data (8×8 digits); digits32: the 32×32 image folder, augmented")
+                        help="pipeline: each file's own data (8×8 digits); "
+                             "digits32: the 32×32 image folder, augmented")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for every run, e.g. teacher.train.epochs=10 (repeatable)")
     args = parser.parse_args(argv)

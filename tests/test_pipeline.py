@@ -124,7 +124,7 @@ def test_schema_and_methods_commands():
     assert {"data", "teacher", "student", "distill", "export", "validate", "register"} <= set(schema["properties"])
     listing = cli("methods").stdout
     assert "kd: Hinton KD" in listing and "temperature = 4.0  search [1.0, 20.0] log" in listing
-    assert ("    family: logit; paper: Hinton, Vinyals and Dean 2015, Distilling the Knowledge in a Neural Network; "
+    assert ("    family: logit; paper: Hinton, Vinyals and Dean, Distilling the Knowledge in a Neural Network; "
             "year: 2015") in listing
     assert "    family: baseline\n" in listing  # `none`: no paper
     from kdpipe.methods import FAMILIES, registry

@@ -69,7 +69,7 @@ FAMILIES = ("logit", "feature", "relation", "adversarial", "collaborative", "bas
 class Method(nn.Module):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
-    # What `kdpipe methods` lists: the paper (authors year, title), its year and the method's family (FAMILIES).
+    # What `kdpipe methods` lists: the paper (authors, title), its year and the method's family (FAMILIES).
     paper: ClassVar[str] = ""
     year: ClassVar[int | None] = None
     family: ClassVar[str] = "logit"

@@ -79,8 +79,8 @@ class AdversarialParams(Params):
 @method("adversarial")
 class Adversarial(Method):
     family = "adversarial"
-    paper = ("Xu, Hsu and Huang 2018, "
-             "Training Shallow and Thin Networks for Acceleration via Knowledge Distillation with Conditional Adversarial Networks")
+    paper = ("Xu, Hsu and Huang, Training Shallow and Thin Networks for Acceleration via Knowledge Distillation "
+             "with Conditional Adversarial Networks")
     year = 2018
     summary = ("KD with conditional adversarial networks: adv_weight·GAN + l1_weight·mean|z_s − z_t| + ce_weight·CE "
                "(+ class_weight·class-head CE), a residual-MLP discriminator on logits")

@@ -39,7 +39,7 @@ def with_optional_kd(method, total, parts, student, teacher):
 @method("at")
 class AttentionTransfer(FeatureMethod):
     family = "feature"
-    paper = "Zagoruyko and Komodakis 2017, Paying More Attention to Attention"
+    paper = "Zagoruyko and Komodakis, Paying More Attention to Attention"
     year = 2017
     summary = ("attention transfer: CE + (weight/2)·Σ at_loss over stage-end pairs of equal resolution "
                "(+ kd_weight·kd_loss); weight is the paper's β")

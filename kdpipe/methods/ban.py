@@ -68,7 +68,7 @@ class BANParams(Params):
 @method("ban")
 class BornAgain(Method):
     family = "collaborative"
-    paper = "Furlanello et al. 2018, Born-Again Neural Networks"
+    paper = "Furlanello et al., Born-Again Neural Networks"
     year = 2018
     summary = ("Born-Again Networks: G generations of the student, each taught by the previous one "
                "(variants ban, ban+l, cwtm, dkpp); export the last or the ensemble")

@@ -45,7 +45,7 @@ def peer_count(params: DMLParams) -> int:
 @method("dml")
 class DeepMutualLearning(Method):
     family = "collaborative"
-    paper = "Zhang et al. 2018, Deep Mutual Learning"
+    paper = "Zhang et al., Deep Mutual Learning"
     year = 2018
     summary = "Deep Mutual Learning: K peers trained together, each on CE + KL to the others; exports one peer"
     Params = DMLParams

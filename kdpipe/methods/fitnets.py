@@ -52,7 +52,7 @@ def make_regressor(pair: TapPair) -> nn.Module:
 @method("fitnets")
 class FitNets(FeatureMethod):
     family = "feature"
-    paper = "Romero et al. 2015, FitNets: Hints for Thin Deep Nets"
+    paper = "Romero et al., FitNets: Hints for Thin Deep Nets"
     year = 2015
     summary = ("FitNets: stages 2 = hint stage (the student up to its middle stage's end + a regressor learn the "
                "teacher's middle stage, hint_epochs) then KD ((1 − alpha)·CE + alpha·kd_loss); "

@@ -15,7 +15,7 @@ class KDParams(Params):
 @method("kd")
 class HintonKD(Method):
     family = "logit"
-    paper = "Hinton, Vinyals and Dean 2015, Distilling the Knowledge in a Neural Network"
+    paper = "Hinton, Vinyals and Dean, Distilling the Knowledge in a Neural Network"
     year = 2015
     summary = "Hinton KD: (1 − alpha)·CE + alpha·kd_loss (T²·KL(p_t^T ‖ p_s^T)); alpha multiplies the KD term"
     Params = KDParams

@@ -25,7 +25,7 @@ class NSTParams(Params):
 @method("nst")
 class NeuronSelectivityTransfer(FeatureMethod):
     family = "feature"
-    paper = "Huang and Wang 2017, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer"
+    paper = "Huang and Wang, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer"
     year = 2017
     summary = "NST: CE + weight·Σ nst_loss (MMD², kernel linear|polynomial|gaussian) over tapped pairs (+ kd_weight·kd_loss)"
     Params = NSTParams

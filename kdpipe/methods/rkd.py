@@ -85,7 +85,7 @@ class RKDParams(Params):
 @method("rkd")
 class RKD(RelationMethod):
     family = "relation"
-    paper = "Park et al. 2019, Relational Knowledge Distillation"
+    paper = "Park et al., Relational Knowledge Distillation"
     year = 2019
     summary = "Relational KD: CE + distance_weight·ψ_D + angle_weight·ψ_A on the penultimate embeddings"
     Params = RKDParams

@@ -14,7 +14,7 @@ class SPParams(Params):
 @method("sp")
 class SimilarityPreserving(RelationMethod):
     family = "relation"
-    paper = "Tung and Mori 2019, Similarity-Preserving Knowledge Distillation"
+    paper = "Tung and Mori, Similarity-Preserving Knowledge Distillation"
     year = 2019
     summary = "similarity-preserving KD: CE + weight·‖G̃_t − G̃_s‖_F²/N² on the last convolutional activation maps"
     Params = SPParams
