@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+                      model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
 
 from kdpipe.config_base import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Seed, Strict,
@@ -24,6 +24,8 @@ from kdpipe.config_paths import EntryPointPath, LocalPath
 from kdpipe.errors import InputError
 
 MIN_TIMED_RUNS = 5  # percentiles from fewer calls say nothing; made even when the budget is spent
+MULTISTEP_GAMMA = 0.1  # the published CIFAR recipe's decay (RepDistiller, mdistiller)
+MULTISTEP_KEYS = ("milestones", "gamma")
 
 
 class ModelConfig(Strict):
@@ -77,7 +79,57 @@ class OptimizerConfig(Strict):
         True, description="sgd: Nesterov momentum (when momentum > 0). On by default as in the CIFAR distillation "
                           "recipes kdpipe's defaults follow; set false to port a plain-momentum recipe")
     weight_decay: NonNegativeFloat = 5.0e-4
-    scheduler: Literal["cosine", "none"] = "cosine"
+    scheduler: Literal["cosine", "multistep", "none"] = Field(
+        "cosine", description="after any warm-up: cosine to 0 over the epochs; multistep: the LR times gamma after "
+                              "each of milestones (the CIFAR recipe: 150, 180, 210 of 240); none: constant")
+    milestones: list[PositiveInt] | None = Field(
+        None, description="multistep: the epochs after which the LR is multiplied by gamma, strictly increasing, "
+                          "each within 1..epochs", json_schema_extra={"when": {"scheduler": ["multistep"]}})
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        None, description=f"multistep: the LR factor at each milestone; null: {MULTISTEP_GAMMA}",
+        json_schema_extra={"when": {"scheduler": ["multistep"]}})
+
+    @field_validator("milestones", "gamma")
+    @classmethod
+    def _multistep_only(cls, value: Any, info: ValidationInfo) -> Any:
+        scheduler = info.data.get("scheduler")
+        if value is not None and scheduler not in (None, "multistep"):
+            raise ValueError(f"acts only with scheduler multistep (scheduler is {scheduler}): remove it or set "
+                             f"scheduler: multistep")
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, milestones: list[int] | None) -> list[int] | None:
+        if milestones is not None and (not milestones or any(a >= b for a, b in zip(milestones, milestones[1:]))):
+            raise ValueError(f"expected strictly increasing epochs, got {milestones}")
+        return milestones
+
+    @model_validator(mode="after")
+    def _milestones_given(self) -> OptimizerConfig:
+        if self.scheduler == "multistep" and self.milestones is None:
+            raise ValueError("scheduler multistep needs milestones: the epochs after which the LR is multiplied by "
+                             "gamma, e.g. [150, 180, 210]")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _multistep_keys_when_set(self, handler) -> dict[str, Any]:
+        # Left out while unset, so the record, the resume digest and the teacher cache key of a pipeline without
+        # multistep stay those of the release before it.
+        return {k: v for k, v in handler(self).items() if k not in MULTISTEP_KEYS or v is not None}
+
+    @property
+    def decay_factor(self) -> float:
+        """multistep's gamma, its default filled in."""
+        return MULTISTEP_GAMMA if self.gamma is None else self.gamma
+
+
+def check_milestones(optimizer: OptimizerConfig, epochs: int, key: str) -> None:
+    """InputError naming `key` (…optimizer.milestones) when a milestone lies beyond the section's epochs."""
+    beyond = [m for m in optimizer.milestones or [] if m > epochs]
+    if beyond:
+        raise InputError(key, f"expected epochs within 1..{epochs} (the section's epochs), got {beyond[0]} in "
+                              f"{optimizer.milestones}")
 
 
 class TrainConfig(Strict):

@@ -209,3 +209,12 @@ class HfData(ImageData):
                                        "pipeline file's folder")
     image_column: str = Field("image", description="the column holding the images")
     label_column: str = Field("label", description="the column holding the class label")
+
+
+class CifarData(DataConfig):
+    source: Literal["cifar"] = Field(description="CIFAR-10 or CIFAR-100 as its python archive, extracted "
+                                                 "(torchvision's layout); its test batch is the test split")
+    path: DataPath = Field(description="the folder holding cifar-10-batches-py/ or cifar-100-python/, or that folder "
+                                       "itself; relative to the pipeline file's folder")
+    label: Literal["fine", "coarse"] = Field("fine", description="CIFAR-100: the 100 fine classes or the 20 coarse "
+                                                                 "superclasses; CIFAR-10 has only its 10 (fine)")

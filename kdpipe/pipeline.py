@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
 from kdpipe.config import (DistillBase, ExportConfig, RegisterConfig, SearchConfig, Seed, Strict, StudentConfig,
-                           TeacherConfig, ValidateConfig)
+                           TeacherConfig, ValidateConfig, check_milestones)
 from kdpipe.config_errors import input_error, shown
 from kdpipe.config_paths import resolve_paths
 from kdpipe.data.sources import DEFAULT_SOURCE, data_config, data_union
@@ -260,6 +260,10 @@ def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
         raise input_error(exc, Pipeline, ()) from None
     _check_numbers(pipeline.model_dump(by_alias=True), ())
     _check_providers(pipeline.validation)
+    check_milestones(pipeline.distill.optimizer, pipeline.distill.epochs, "distill.optimizer.milestones")
+    if pipeline.teacher is not None:
+        check_milestones(pipeline.teacher.train.optimizer, pipeline.teacher.train.epochs,
+                         "teacher.train.optimizer.milestones")
     get_method(pipeline.distill.method).check_pipeline(pipeline)
     if pipeline.search is not None:
         resolve_space(pipeline)  # raises InputError naming the search.space key

@@ -59,9 +59,10 @@ def test_paths_are_found_by_field_type_wherever_the_section_sits(tmp_path):
 
 @pytest.mark.parametrize("data, key, fragments", [
     ({"source": "npzz", "path": "d.npz"}, "data.source",
-     ["unknown source 'npzz' (did you mean 'npz'?); expected one of csv, digits, hf, imagefolder, npz"]),
+     ["unknown source 'npzz' (did you mean 'npz'?); expected one of cifar, csv, digits, hf, imagefolder, npz"]),
     ({"source": "digits", "path": "d.npz"}, "data.path",
-     ["path applies to source csv, hf, imagefolder, npz, not to source 'digits'; valid keys here: source, num_classes"]),
+     ["path applies to source cifar, csv, hf, imagefolder, npz, not to source 'digits'; valid keys here: source, "
+      "num_classes"]),
     ({"source": "npz", "path": "d.npz", "image_size": 8}, "data.image_size",
      ["image_size applies to source hf, imagefolder, not to source 'npz'; valid keys here: ", "shape, layout, path"]),
     ({"source": "csv", "path": "d.npz", "lable_column": "x"}, "data.lable_column",

@@ -1,4 +1,5 @@
-"""Datasets: built-in digits, npz and csv files, image folders and local `datasets` data; deterministic splits.
+"""Datasets: built-in digits, npz and csv files, image folders, CIFAR archives and local `datasets` data;
+deterministic splits.
 
 Data that fits in memory lives on the training device as tensors (images as
 uint8, converted per batch), so a training step is an index into them, with no
@@ -137,15 +138,16 @@ def _as_samples(x: np.ndarray, cfg: DataConfig, origin: str) -> np.ndarray:
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         if bad:
             raise InputError("data.path", f"{origin}: {bad} non-finite values (NaN or inf) in the samples")
-    if cfg.shape is not None:
-        per_sample = int(np.prod(cfg.shape))
+    shape, layout = getattr(cfg, "shape", None), getattr(cfg, "layout", "auto")  # ArrayData's keys; cifar has none
+    if shape is not None:
+        per_sample = int(np.prod(shape))
         if x[0].size != per_sample:
-            raise InputError("data.shape", f"shape {cfg.shape} holds {per_sample} values but each sample has {x[0].size}")
-        x = x.reshape(len(x), *cfg.shape)
+            raise InputError("data.shape", f"shape {shape} holds {per_sample} values but each sample has {x[0].size}")
+        x = x.reshape(len(x), *shape)
     elif x.ndim == 3:  # N×H×W: one channel
         x = x[:, None]
     elif x.ndim == 4:
-        x = x.transpose(0, 3, 1, 2) if _layout(x.shape, cfg.layout, origin) == "nhwc" else x
+        x = x.transpose(0, 3, 1, 2) if _layout(x.shape, layout, origin) == "nhwc" else x
     elif x.ndim != 2:
         raise InputError("data.path", f"{origin}: expected samples as N×D, N×H×W, N×C×H×W or N×H×W×C, got shape {x.shape}")
     if cfg.channels is not None and x.ndim == 4 and x.shape[1] != cfg.channels:

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import functools
 import json
+import pickle
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Annotated, Any, Union
 import numpy as np
 from pydantic import Field, TypeAdapter, create_model
 
-from kdpipe.config_data import (CsvData, DataConfig, DigitsData, HfData, ImageFolderData, NpzData,
+from kdpipe.config_data import (CifarData, CsvData, DataConfig, DigitsData, HfData, ImageFolderData, NpzData,
                                 augment_step_model)
 from kdpipe.data.augment import augment_steps
 from kdpipe.data.images import list_class_folders
@@ -324,6 +325,112 @@ def _parquet_features(table) -> dict | None:
         return None
 
 
+@dataclass(frozen=True)
+class CifarLayout:
+    """One CIFAR archive's files in its extracted folder, and the keys of its pickled dicts."""
+
+    folder: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    meta: str
+    labels: dict[str, tuple[bytes, bytes]]  # data.label → (the batches' label key, the meta's class-name key)
+
+
+CIFAR_LAYOUTS = (
+    CifarLayout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
+                {"fine": (b"labels", b"label_names")}),
+    CifarLayout("cifar-100-python", ("train",), ("test",), "meta",
+                {"fine": (b"fine_labels", b"fine_label_names"), "coarse": (b"coarse_labels", b"coarse_label_names")}),
+)
+CIFAR_IMAGE = (3, 32, 32)  # a row of b"data": 3072 bytes, the red, green and blue 32×32 planes in row-major order
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Only what the archive's pickles hold (dicts, lists, bytes, numpy arrays): unpickling anything else could run
+    code from the file."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                 for name in ("_reconstruct", "scalar"))}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR archive holds")
+        return super().find_class(module, name)
+
+
+def _cifar_layout(path: Path) -> tuple[Path, CifarLayout]:
+    """The extracted archive folder (`path` itself, or its cifar-10-batches-py/ or cifar-100-python/) and its layout."""
+    if not path.is_dir():
+        raise InputError("data.path", f"expected the folder of an extracted CIFAR python archive, got the file {path}")
+    inside = [layout for layout in CIFAR_LAYOUTS if (path / layout.meta).is_file()]
+    if inside:  # the meta file tells which archive a folder is: batches.meta CIFAR-10, meta CIFAR-100
+        return path, inside[0]
+    below = [layout for layout in CIFAR_LAYOUTS if (path / layout.folder).is_dir()]
+    if len(below) > 1:
+        raise InputError("data.path", f"{path} holds both {' and '.join(f'{b.folder}/' for b in below)}; set data.path "
+                                      f"to the one to read")
+    if not below:
+        raise InputError("data.path", f"{path} holds no CIFAR python archive: expected cifar-10-batches-py/ "
+                                      f"(data_batch_1..5, test_batch, batches.meta) or cifar-100-python/ (train, "
+                                      f"test, meta), or one of those folders itself")
+    return path / below[0].folder, below[0]
+
+
+def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
+    """A pickled dict of the archive with `keys` (bytes, as the original files hold them)."""
+    if not path.is_file():
+        raise InputError("data.path", f"{path} is missing: a CIFAR python archive has it")
+    try:
+        with path.open("rb") as handle:
+            loaded = _CifarUnpickler(handle, encoding="bytes").load()
+    except Exception as exc:  # a file that is not a pickle raises one of many types
+        raise InputError("data.path", f"cannot read {path} as a CIFAR python archive file: {exc}") from None
+    missing = [k for k in keys if not isinstance(loaded, dict) or k not in loaded]
+    if missing:
+        found = ", ".join(map(repr, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
+        raise InputError("data.path", f"{path}: expected a pickled dict with {', '.join(map(repr, keys))}; "
+                                      f"missing {missing[0]!r} (found: {found or 'nothing'})")
+    return loaded
+
+
+def _cifar_batches(folder: Path, files: tuple[str, ...], label_key: bytes, classes: int) -> Part:
+    """The images (N×3×32×32 uint8) and labels of the batch files, in order."""
+    images, labels = [], []
+    for name in files:
+        path = folder / name
+        batch = _unpickle(path, (b"data", label_key))
+        try:
+            data, y = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+        except (ValueError, TypeError) as exc:  # ragged or mixed lists
+            raise InputError("data.path", f"{path}: expected b'data' and {label_key!r} as arrays ({exc})") from None
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != np.prod(CIFAR_IMAGE):
+            raise InputError("data.path", f"{path}: expected b'data' as N×{np.prod(CIFAR_IMAGE)} uint8 rows, got "
+                                          f"{data.dtype} of shape {data.shape}")
+        if y.shape != (len(data),) or not np.issubdtype(y.dtype, np.integer) or ((y < 0) | (y >= classes)).any():
+            raise InputError("data.path", f"{path}: expected {len(data)} labels {label_key!r} in 0..{classes - 1}")
+        images.append(data.reshape(-1, *CIFAR_IMAGE))
+        labels.append(y)
+    return Part(np.concatenate(images), np.concatenate(labels), f"{folder} {', '.join(files)}")
+
+
+def _read_cifar(cfg: CifarData) -> Source:
+    """CIFAR-10/100's python archive as torchvision lays it out: the training batches (split by val_fraction) and
+    the test batch as the test split; class names from the meta file."""
+    folder, layout = _cifar_layout(data_path(cfg))
+    if cfg.label not in layout.labels:
+        raise InputError("data.label", f"{layout.folder} has only {', '.join(layout.labels)} labels, not {cfg.label}")
+    label_key, names_key = layout.labels[cfg.label]
+    meta_path = folder / layout.meta
+    names = _unpickle(meta_path, (names_key,))[names_key]
+    if not isinstance(names, list) or not names:
+        raise InputError("data.path", f"{meta_path}: expected {names_key!r} as a list of class names")
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    parts = {split: _cifar_batches(folder, files, label_key, len(classes))
+             for split, files in (("train", layout.train), ("test", layout.test))}
+    return Source(parts, classes)
+
+
 # --- the sources registry --------------------------------------------------------------------------
 
 
@@ -338,7 +445,7 @@ class SourceKind:
 
 BUILT_IN_SOURCES = {"digits": SourceKind(DigitsData, _read_digits), "npz": SourceKind(NpzData, _read_npz),
                     "csv": SourceKind(CsvData, _read_csv), "imagefolder": SourceKind(ImageFolderData, _read_image_folder),
-                    "hf": SourceKind(HfData, _read_hf)}
+                    "hf": SourceKind(HfData, _read_hf), "cifar": SourceKind(CifarData, _read_cifar)}
 DEFAULT_SOURCE = "digits"
 
 

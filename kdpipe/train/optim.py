@@ -1,5 +1,5 @@
-"""An update's optimizer, its LR schedule (warm-up, cosine) and its step: gradient accumulation, the fp16 scaler,
-averaging over ranks, clipping."""
+"""An update's optimizer, its LR schedule (warm-up, cosine, multistep) and its step: gradient accumulation, the
+fp16 scaler, averaging over ranks, clipping."""
 
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ def lr_factor(step: int, total: int, warmup: int, start_factor: float, cosine: b
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
 
 
+def multistep_factor(step: int, milestone_steps: list[int], gamma: float, warmup: int, start_factor: float) -> float:
+    """The LR multiplier at `step` of a multistep schedule: gamma once for every milestone reached (counted from the
+    first epoch, warm-up included, as the published recipe counts them), times the linear warm-up's factor."""
+    decay = gamma ** sum(step >= m for m in milestone_steps)
+    return decay * lr_factor(step, 0, warmup, start_factor, cosine=False)
+
+
 def make_optimizer(params, cfg, epochs: int, steps_per_epoch: int, *, warmup_steps: int = 0,
                    warmup_start_factor: float = 0.01, filter_bias_and_bn: bool = False):
     params = [p for p in params if p.requires_grad]
@@ -47,9 +54,15 @@ def make_optimizer(params, cfg, epochs: int, steps_per_epoch: int, *, warmup_ste
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     total = max(1, epochs * steps_per_epoch)
+    warmup = min(warmup_steps, total)
+    if cfg.scheduler == "multistep":
+        # Milestones are epochs; the schedule steps once per optimizer step. A LambdaLR's state is its step count,
+        # which the phase checkpoint holds, so a resumed run continues the same schedule.
+        milestone_steps = [m * steps_per_epoch for m in cfg.milestones]
+        return opt, torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: multistep_factor(step, milestone_steps, cfg.decay_factor, warmup, warmup_start_factor))
     cosine = cfg.scheduler == "cosine"
-    if warmup_steps > 0:
-        warmup = min(warmup_steps, total)
+    if warmup > 0:
         return opt, torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, total, warmup, warmup_start_factor, cosine))
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if cosine else None
