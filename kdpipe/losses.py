@@ -22,13 +22,14 @@ KERNELS = ("linear", "polynomial", "gaussian")
 GAN_MODES = ("bce", "lsgan")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            temperature: float | torch.Tensor = 4.0) -> torch.Tensor:
     """Hinton KD: T² · mean_n Σ_c p_t^T (log p_t^T − log p_s^T), i.e. T²·KL(p_t^T ‖ p_s^T) with "batchmean".
 
     The T² factor keeps the gradient's scale comparable across temperatures:
-    ∂/∂z_s = T·(p_s^T − p_t^T)/N.
+    ∂/∂z_s = T·(p_s^T − p_t^T)/N. A 0-dim tensor T (CTKD's learned τ) is not checked: that would wait for the device.
     """
-    if temperature <= 0:
+    if not torch.is_tensor(temperature) and temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
@@ -232,3 +233,84 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     maps to 0, not NaN."""
     mean = logits.mean(dim=-1, keepdim=True)
     return (logits - mean) / (logits.std(dim=-1, keepdim=True) + eps)
+
+
+# --- dkd, dist, ctkd (issue 20) ---
+__all__ += ["dkd_loss", "dist_loss", "grad_reverse"]
+
+# DKD's mask: z_g/T − 1000 makes exp underflow to 0, so p̂ puts no mass and no gradient on the target class; finite,
+# because −inf would give kl_div 0·∞ = NaN (METHODS.md, "DKD").
+DKD_TARGET_MASK = 1000.0
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
+             beta: float = 8.0, temperature: float | torch.Tensor = 4.0) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022): alpha·TCKD + beta·NCKD, each T²·"batchmean" KL.
+
+    TCKD compares the binary split b = [p_g, 1 − p_g] of p = softmax(z/T); NCKD the softmax p̂ over the classes
+    c ≠ g. log b comes from log-sum-exp (log p_g = z_g/T − LSE(z/T), log(1 − p_g) = LSE_{c≠g}(z/T) − LSE(z/T)), never
+    from the log of a sum of probabilities, which reaches log 0 in low precision. A 0-dim tensor T (CTKD's learned
+    τ) is not checked: that would wait for the device.
+    """
+    if not torch.is_tensor(temperature) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    s, t = student_logits / temperature, teacher_logits / temperature
+    is_target = F.one_hot(target, s.shape[1]).to(s.dtype)
+    n = s.shape[0]
+
+    def binary_log_probs(z: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(z, dim=1)
+        target_logit = z.gather(1, target[:, None]).squeeze(1)
+        others_lse = torch.logsumexp(z - DKD_TARGET_MASK * is_target, dim=1)
+        return torch.stack([target_logit - lse, others_lse - lse], dim=1)
+
+    tckd = F.kl_div(binary_log_probs(s), binary_log_probs(t), reduction="sum", log_target=True) / n
+    log_p_hat_s = F.log_softmax(s - DKD_TARGET_MASK * is_target, dim=1)
+    log_p_hat_t = F.log_softmax(t - DKD_TARGET_MASK * is_target, dim=1)
+    nckd = F.kl_div(log_p_hat_s, log_p_hat_t, reduction="sum", log_target=True) / n
+    return temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def _mean_pearson(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ρ(u_n, v_n) = ⟨u − ū, v − v̄⟩ / (‖u − ū‖·‖v − v̄‖ + 1e-8)."""
+    u = u - u.mean(dim=1, keepdim=True)
+    v = v - v.mean(dim=1, keepdim=True)
+    return ((u * v).sum(dim=1) / (u.norm(dim=1) * v.norm(dim=1) + 1e-8)).mean()
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 2.0, gamma: float = 2.0,
+              temperature: float = 4.0) -> torch.Tensor:
+    """DIST (Huang et al. 2022): τ²·(beta·inter + gamma·intra) on Y = softmax(z/τ), inter = 1 − mean Pearson
+    correlation of the rows (samples), intra = 1 − mean Pearson correlation of the columns (classes).
+
+    Dense outputs N×C×H×W are reshaped to (N·H·W)×C. The intra term is a statistic of the batch: at least 2 rows.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    classes = student_logits.shape[1]
+    student_logits = student_logits.movedim(1, -1).reshape(-1, classes)
+    teacher_logits = teacher_logits.movedim(1, -1).reshape(-1, classes)
+    if student_logits.shape[0] < 2:
+        raise ValueError("dist_loss correlates each class over the batch (the intra term) and needs at least 2 "
+                         f"samples, got {student_logits.shape[0]}")
+    y_s = F.softmax(student_logits / temperature, dim=1)
+    y_t = F.softmax(teacher_logits / temperature, dim=1)
+    inter = 1.0 - _mean_pearson(y_s, y_t)
+    intra = 1.0 - _mean_pearson(y_s.T, y_t.T)
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lambd: float) -> torch.Tensor:
+        ctx.lambd = lambd
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.lambd * grad, None
+
+
+def grad_reverse(x: torch.Tensor, lambd: float) -> torch.Tensor:
+    """Gradient reversal (CTKD): the identity forward; backward multiplies the upstream gradient by −lambd."""
+    return _GradReverse.apply(x, float(lambd))

@@ -110,7 +110,8 @@ def check_sizes(pipeline: Pipeline, data: Splits, device: torch.device) -> None:
                              f"smaller side, so that every crop keeps part of the image), got {step.params.padding}")
     cfg = pipeline.distill
     method = get_method(cfg.method)
-    if pipeline.teacher is None or cfg.teacher_cache == "off" or not (method.teacher_soft_labels and method.cache_teacher):
+    if (pipeline.teacher is None or cfg.teacher_cache == "off"
+            or not (method.reads_teacher_soft_labels(cfg.params) and method.cache_teacher)):
         return  # no teacher views are recorded: the teacher runs online (Trainer.teacher)
     per_view = views_nbytes(data, 1, cfg.teacher_topk)
     free = available_bytes(device)

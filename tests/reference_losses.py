@@ -244,3 +244,54 @@ def adversarial_g_loss(d_student, mode: str = "lsgan") -> float:
     if mode == "lsgan":
         return float(np.mean((d_s - 1.0) ** 2))
     raise ValueError(mode)
+
+
+# --- dkd, dist, ctkd, logit standardization (issue 20) ---
+
+
+def dkd_loss(z_s, z_t, target, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> float:
+    """TCKD and NCKD per sample from explicit probabilities: b = [p_g, 1 − p_g], p̂ = softmax over c ≠ g."""
+    z_s, z_t = _f64(z_s) / temperature, _f64(z_t) / temperature
+    n, c = z_s.shape
+    tckd = nckd = 0.0
+    for i in range(n):
+        g = int(target[i])
+        p_s, p_t = softmax(z_s[i : i + 1])[0], softmax(z_t[i : i + 1])[0]
+        b_s, b_t = [p_s[g], 1.0 - p_s[g]], [p_t[g], 1.0 - p_t[g]]
+        tckd += sum(b_t[k] * (math.log(b_t[k]) - math.log(b_s[k])) for k in range(2))
+        others = [j for j in range(c) if j != g]
+        q_s = softmax(z_s[i : i + 1, others])[0]
+        q_t = softmax(z_t[i : i + 1, others])[0]
+        nckd += sum(q_t[k] * (math.log(q_t[k]) - math.log(q_s[k])) for k in range(c - 1))
+    return temperature**2 * (alpha * tckd + beta * nckd) / n
+
+
+def pearson(u: np.ndarray, v: np.ndarray) -> float:
+    du, dv = u - u.mean(), v - v.mean()
+    return float(np.dot(du, dv)) / (math.sqrt(float(np.dot(du, du))) * math.sqrt(float(np.dot(dv, dv))) + 1e-8)
+
+
+def dist_inter_intra(z_s, z_t, temperature: float = 4.0) -> tuple[float, float]:
+    """(inter, intra) of DIST: 1 − mean Pearson of the rows, 1 − mean Pearson of the columns of softmax(z/τ)."""
+    y_s, y_t = softmax(_f64(z_s) / temperature), softmax(_f64(z_t) / temperature)
+    n, c = y_s.shape
+    inter = 1.0 - sum(pearson(y_s[i], y_t[i]) for i in range(n)) / n
+    intra = 1.0 - sum(pearson(y_s[:, j], y_t[:, j]) for j in range(c)) / c
+    return inter, intra
+
+
+def dist_loss(z_s, z_t, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0) -> float:
+    inter, intra = dist_inter_intra(z_s, z_t, temperature)
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def standardize_logits(z, eps: float = 1e-7) -> np.ndarray:
+    """Per row (z − mean)/(std + eps), std with divisor C − 1."""
+    z = _f64(z)
+    out = np.empty_like(z)
+    c = z.shape[1]
+    for i in range(z.shape[0]):
+        mean = sum(z[i]) / c
+        std = math.sqrt(sum((x - mean) ** 2 for x in z[i]) / (c - 1))
+        out[i] = (z[i] - mean) / (std + eps)
+    return out

@@ -31,7 +31,9 @@ def test_default_pipeline_end_to_end(workdir):
     run_dir = report_path.parent
 
     assert report["status"] == "passed"
-    assert report["method"] == {"name": "kd", "params": {"temperature": 4.0, "alpha": 0.9}}
+    assert report["method"] == {"name": "kd", "params": {
+        "logit_stand": False, "base_temperature": 2.0, "temperature": 4.0, "weights": "alpha", "alpha": 0.9,
+        "ce_weight": 0.1, "kd_weight": 9.0}}
     for name in ("kdpipe", "torch", "onnxruntime", "mlflow"):  # what produced this result
         assert report["versions"][name] == installed_version(name)
     assert report["teacher"]["params"] >= 10 * report["student"]["params"]

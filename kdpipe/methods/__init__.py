@@ -111,6 +111,12 @@ class Method(nn.Module):
     def check_models(cls, pipeline, *, student: nn.Module, teacher: nn.Module | None, input_shape: tuple[int, ...]) -> None:
         """Raise InputError for models this method cannot work with (runs in `prepare`, before any run starts)."""
 
+    @classmethod
+    def reads_teacher_soft_labels(cls, params: Params) -> bool:
+        """teacher_soft_labels, except under logit standardization (`logit_stand`): it standardizes the teacher's raw
+        logits, and standardized truncated log-probabilities (teacher views) are not standardized logits."""
+        return cls.teacher_soft_labels and not getattr(params, "logit_stand", False)
+
     def student_taps(self) -> list[str]:
         return []
 
@@ -126,8 +132,8 @@ class Method(nn.Module):
 
     def student_update(self, trainer: Trainer, label: str) -> Update:
         """The student (and the method's extra modules) trained on `loss` against the frozen teacher's outputs."""
-        teacher = (trainer.teacher(self.teacher, self.teacher_taps(), self.cache_teacher, self.teacher_soft_labels)
-                   if self.teacher else None)
+        teacher = (trainer.teacher(self.teacher, self.teacher_taps(), self.cache_teacher,
+                                   self.reads_teacher_soft_labels(self.params)) if self.teacher else None)
         student_taps = self.student_taps()
 
         def loss(batch: Batch, shared: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -14,9 +14,14 @@ from kdpipe.losses import standardize_logits
 from kdpipe.methods import Params, param
 
 
-class LogitStandParams(Params):
+class LogitStandSwitch(Params):
+    """The switch alone, for a method whose temperature LS keeps (CTKD's learned τ): no base_temperature."""
+
     logit_stand: bool = param(False, choices=[False, True],
                               description="standardize both logit rows before every softmax of the distillation term")
+
+
+class LogitStandParams(LogitStandSwitch):
     base_temperature: float = param(2.0, gt=0.0, low=1.0, high=4.0, when={"logit_stand": [True]},
                                     description="logit_stand: the temperature of the standardized logits")
 

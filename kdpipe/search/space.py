@@ -44,8 +44,9 @@ class SearchSpace:
 
     def suggest(self, trial) -> Choice:
         method = trial.suggest_categorical("method", self.methods) if self.method_searched else self.methods[0]
-        values = {**self.base[method], **_draw_all(trial, get_method(method).Params, self.dims[method],
-                                                   self.base[method], lambda name: self.key(method, name))}
+        params = get_method(method).Params
+        values = _inactive_at_default(params, {**self.base[method], **_draw_all(
+            trial, params, self.dims[method], self.base[method], lambda name: self.key(method, name))})
         optimizer = {name: _draw(trial, OPTIMIZER + name, spec, False) for name, spec in self.optimizer.items()}
         export = _draw_all(trial, ExportConfig, self.export, self.export_base, lambda name: EXPORT + name)
         return Choice(method, values, optimizer, export)
@@ -55,6 +56,7 @@ class SearchSpace:
         method = flat.get("method", self.methods[0])
         values = dict(self.base[method])
         values.update({name: flat[self.key(method, name)] for name in self.dims[method] if self.key(method, name) in flat})
+        values = _inactive_at_default(get_method(method).Params, values)
         return Choice(method, values, {name: flat[OPTIMIZER + name] for name in self.optimizer if OPTIMIZER + name in flat},
                       {name: flat[EXPORT + name] for name in self.export if EXPORT + name in flat})
 
@@ -87,6 +89,15 @@ def _draw_all(trial, model: type, dims: dict[str, dict[str, Any]], base: dict[st
         if all(values[other] in allowed for other, allowed in conditions.get(name, {}).items()):
             values[name] = drawn[name] = _draw(trial, key(name), dims[name], model.model_fields[name].annotation is int)
     return drawn
+
+
+def _inactive_at_default(model: type, values: dict[str, Any]) -> dict[str, Any]:
+    """A trial's parameters, each conditional one whose condition does not hold put back at its default: it acts on
+    nothing, and the file's value for the setting not drawn (kd's alpha once weights: separate is drawn) would read
+    as a contradiction when the run's record is checked again (`--resume`)."""
+    conditions, defaults = active_conditions(model), model().model_dump(mode="json")
+    return {name: value if all(values.get(other) in allowed for other, allowed in conditions.get(name, {}).items())
+            else defaults[name] for name, value in values.items()}
 
 
 def _draw(trial, key: str, spec: dict[str, Any], integer: bool) -> Any:
