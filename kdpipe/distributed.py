@@ -98,3 +98,19 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
 def barrier() -> None:
     if _current.enabled:
         dist.barrier()
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along dim 0 in rank order; the ranks' row counts may differ (a batch's
+    shares differ by one sample), so rows are padded to the largest count for the collective and trimmed after."""
+    if not _current.enabled:
+        return tensor
+    counts = torch.tensor([tensor.shape[0]], device=tensor.device)
+    all_counts = [torch.zeros_like(counts) for _ in range(_current.world_size)]
+    dist.all_gather(all_counts, counts)
+    sizes = [int(c.item()) for c in all_counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[:size] for g, size in zip(gathered, sizes)])

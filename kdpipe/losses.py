@@ -314,3 +314,57 @@ class _GradReverse(torch.autograd.Function):
 def grad_reverse(x: torch.Tensor, lambd: float) -> torch.Tensor:
     """Gradient reversal (CTKD): the identity forward; backward multiplies the upstream gradient by −lambd."""
     return _GradReverse.apply(x, float(lambd))
+# --- crd, pkt, vid (issue 20) ---
+__all__ += ["crd_nce_loss", "pkt_loss", "vid_loss"]
+
+
+def crd_nce_loss(probs: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss for one side (Tian et al. 2020). `probs`: N×(K+1) normalized scores P = exp(m·v/τ)/Z, the
+    positive first, then K negatives drawn from a uniform noise over `n_data` samples (q = K/n_data):
+    −(1/N)[Σ_n log(P_n0/(P_n0 + q + eps)) + Σ_{n,k≥1} log(q/(P_nk + q + eps))]."""
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(f"crd_nce_loss needs N×(K+1) scores with K ≥ 1, got {tuple(probs.shape)}")
+    q = (probs.shape[1] - 1) / n_data
+    positive, negatives = probs[:, 0], probs[:, 1:]
+    log_d1 = torch.log(positive / (positive + q + eps))
+    log_d0 = torch.log(q / (negatives + q + eps))
+    return -(log_d1.sum() + log_d0.sum()) / probs.shape[0]
+
+
+def _unit_rows_or_zero(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x / (x.norm(dim=1, keepdim=True) + eps)
+    return torch.nan_to_num(x, nan=0.0)
+
+
+def _cosine_distribution(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """PKT's conditional distribution: S = (x̂x̂ᵀ + 1)/2, diagonal kept, each row divided by its sum."""
+    x = _unit_rows_or_zero(x.flatten(1), eps)
+    similarity = (x @ x.T + 1.0) / 2.0
+    return similarity / similarity.sum(dim=1, keepdim=True)
+
+
+def pkt_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018): mean over the N² entries of
+    P_t·log((P_t + eps)/(P_s + eps)), P the cosine-similarity distribution of the batch (RepDistiller's form)."""
+    if student_emb.shape[0] != teacher_emb.shape[0]:
+        raise ValueError(f"pkt_loss: batch sizes differ ({student_emb.shape[0]} vs {teacher_emb.shape[0]})")
+    p_s = _cosine_distribution(student_emb, eps)
+    p_t = _cosine_distribution(teacher_emb, eps)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def vid_loss(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Variational information distillation (Ahn et al. 2019): the Gaussian negative log-likelihood
+    mean over N, C, H, W of ½[(μ − t)²/σ²_c + log σ²_c], without its constant (so it may be negative).
+
+    `log_scale` is α, one value per teacher channel (RepDistiller's name): σ²_c = softplus(α_c) + eps, which keeps
+    the variance positive. `pred_mean` μ is the regressed student map, shaped as `target` (N×C×H×W or N×C).
+    """
+    if pred_mean.shape != target.shape:
+        raise ValueError(f"vid_loss needs μ shaped as the target, got {tuple(pred_mean.shape)} and "
+                         f"{tuple(target.shape)}")
+    if log_scale.shape != (target.shape[1],):
+        raise ValueError(f"vid_loss needs one log_scale per target channel ({target.shape[1]}), got "
+                         f"{tuple(log_scale.shape)}")
+    variance = (F.softplus(log_scale) + eps).view(1, -1, *([1] * (target.ndim - 2)))
+    return (0.5 * ((pred_mean - target).pow(2) / variance + torch.log(variance))).mean()

@@ -295,3 +295,57 @@ def standardize_logits(z, eps: float = 1e-7) -> np.ndarray:
         std = math.sqrt(sum((x - mean) ** 2 for x in z[i]) / (c - 1))
         out[i] = (z[i] - mean) / (std + eps)
     return out
+# --- crd, pkt, vid (issue 20) ---
+
+
+def crd_nce_loss(probs, n_data: int, eps: float = 1e-7) -> float:
+    """−(1/N)[Σ_n log(P_n0/(P_n0 + q + eps)) + Σ_{n,k≥1} log(q/(P_nk + q + eps))], q = K/n_data."""
+    p = _f64(probs)
+    n, k_plus_1 = p.shape
+    q = (k_plus_1 - 1) / n_data
+    total = 0.0
+    for i in range(n):
+        total += math.log(p[i, 0] / (p[i, 0] + q + eps))
+        for k in range(1, k_plus_1):
+            total += math.log(q / (p[i, k] + q + eps))
+    return -total / n
+
+
+def _pkt_distribution(x, eps: float) -> np.ndarray:
+    x = _f64(x).reshape(len(x), -1)
+    n = len(x)
+    unit = np.zeros_like(x)
+    for i in range(n):
+        norm = math.sqrt(sum(v * v for v in x[i]))
+        unit[i] = x[i] / (norm + eps)
+    s = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            s[i, j] = (float(np.dot(unit[i], unit[j])) + 1.0) / 2.0
+    for i in range(n):
+        s[i] = s[i] / s[i].sum()
+    return s
+
+
+def pkt_loss(student_emb, teacher_emb, eps: float = 1e-7) -> float:
+    p_s, p_t = _pkt_distribution(student_emb, eps), _pkt_distribution(teacher_emb, eps)
+    n = len(p_s)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            total += p_t[i, j] * math.log((p_t[i, j] + eps) / (p_s[i, j] + eps))
+    return total / (n * n)
+
+
+def vid_loss(pred_mean, target, log_scale, eps: float = 1e-5) -> float:
+    """mean over N, C, H, W of ½[(μ − t)²/σ²_c + log σ²_c], σ²_c = log(1 + e^α_c) + eps."""
+    mu, t, alpha = _f64(pred_mean), _f64(target), _f64(log_scale)
+    n, c, h, w = t.shape
+    total = 0.0
+    for ch in range(c):
+        variance = math.log1p(math.exp(alpha[ch])) + eps
+        for i in range(n):
+            for y in range(h):
+                for x in range(w):
+                    total += 0.5 * ((mu[i, ch, y, x] - t[i, ch, y, x]) ** 2 / variance + math.log(variance))
+    return total / (n * c * h * w)
