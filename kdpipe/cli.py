@@ -241,7 +241,7 @@ def taps(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], s
         prepared = prepare(pipeline, set_ or [], check_models=False)
     shape_of = lambda s: "×".join(map(str, s)) if isinstance(s, tuple) else s  # noqa: E731
     typer.echo(f"per-sample output shapes for inputs of shape {shape_of(prepared.data.input_shape)}; "
-               "* default tap, e embedding tap")
+               "* default tap, e embedding tap, p pre-ReLU tap")
     for role, model in (("teacher", prepared.teacher), ("student", prepared.student)):
         if model is None:
             continue
@@ -249,8 +249,10 @@ def taps(pipeline: Annotated[Path, typer.Argument(help="pipeline YAML file")], s
         shapes = output_shapes(model, prepared.data.input_shape)
         width = max(map(len, shapes), default=0)
         defaults, embedding = getattr(model, "default_taps", []) or [], getattr(model, "embedding_tap", None)
+        preact = getattr(model, "preact_taps", []) or []
         for path, shape in shapes.items():
-            mark = ("*" if path in defaults else " ") + ("e" if path == embedding else " ")
+            mark = (("*" if path in defaults else " ") + ("e" if path == embedding else " ")
+                    + ("p" if path in preact else " "))
             typer.echo(f"  {path:<{width}}  {mark}  {shape_of(shape)}")
     cfg, method_cls = prepared.pipeline.distill, get_method(prepared.pipeline.distill.method)
     with exits(str(pipeline), debug, "taps"):

@@ -368,3 +368,48 @@ def vid_loss(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Ten
                          f"{tuple(log_scale.shape)}")
     variance = (F.softplus(log_scale) + eps).view(1, -1, *([1] * (target.ndim - 2)))
     return (0.5 * ((pred_mean - target).pow(2) / variance + torch.log(variance))).mean()
+# --- ReviewKD and OFD (issue 20) ---
+__all__ += ["hcl_loss", "ofd_loss", "ofd_margin"]
+
+
+def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+             levels: Sequence[int] = (4, 2, 1)) -> torch.Tensor:
+    """ReviewKD's hierarchical context loss, summed over the paired maps (N×C×H×W, equal shapes): per pair,
+    MSE plus, for each pool size l < H, w·MSE of both maps average-pooled to l×l with w = 0.5, 0.25, 0.125 over the
+    pools kept, divided by 1 + Σw."""
+    total = student_feats[0].new_zeros(())
+    for student, teacher in zip(student_feats, teacher_feats, strict=True):
+        level_loss, weight, weights = F.mse_loss(student, teacher), 1.0, 1.0
+        for size in levels:
+            if size >= student.shape[2]:
+                continue
+            weight /= 2
+            level_loss = level_loss + weight * F.mse_loss(F.adaptive_avg_pool2d(student, size),
+                                                          F.adaptive_avg_pool2d(teacher, size))
+            weights += weight
+        total = total + level_loss / weights
+    return total
+
+
+OFD_TAIL = 1e-3  # below this probability of a negative pre-ReLU value, the margin is −3s (the reference)
+
+
+def ofd_margin(bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """OFD's per-channel margin from the BatchNorm before the ReLU, taking its output as N(m, s²) with s = |γ|,
+    m = β: the expected value of the negative part, m − s·φ(m/s)/Φ(−m/s), or −3s where Φ(−m/s) ≤ 1e-3."""
+    scale, mean = bn.weight.detach().abs().double(), bn.bias.detach().double()
+    normal = torch.distributions.Normal(torch.zeros_like(scale), torch.ones_like(scale))
+    tail = normal.cdf(-mean / scale)
+    expected_negative = mean - scale * normal.log_prob(mean / scale).exp() / tail
+    return torch.where(tail > OFD_TAIL, expected_negative, -3 * scale).float()
+
+
+def ofd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """OFD's partial L2 (student_feat has passed the connector; margin per teacher channel): with t̃ = max(t, margin),
+    Σ (ŝ − t̃)² over the elements where ŝ > t̃ or t > 0, divided by N. The teacher map is average-pooled to the
+    student's H×W."""
+    if teacher_feat.shape[2:] != student_feat.shape[2:]:
+        teacher_feat = F.adaptive_avg_pool2d(teacher_feat, student_feat.shape[2:])
+    target = torch.maximum(teacher_feat, margin.reshape(1, -1, 1, 1).to(teacher_feat.dtype))
+    counted = (student_feat > target) | (teacher_feat > 0)
+    return ((student_feat - target).pow(2) * counted).sum() / student_feat.shape[0]

@@ -117,6 +117,17 @@ def declared_taps(model: nn.Module, role: str) -> list[str]:
     return list(taps)
 
 
+def declared_preact_taps(model: nn.Module, role: str, method: str) -> list[str]:
+    """The model's stage ends before their last ReLU (`preact_taps`), declared by the zoo models (with, in
+    `preact_bns`, the BatchNorm each of those ReLUs reads: kdpipe.models.cifar); other models must name layers."""
+    taps = getattr(model, "preact_taps", None)
+    if not taps:
+        raise InputError(f"distill.taps.{role}", f"method '{method}' taps the {role}'s stage ends before their ReLU, "
+                         f"but the {role} model declares none (preact_taps): name its layers here (`kdpipe taps FILE` "
+                         f"lists them); available: {', '.join(module_paths(model))}")
+    return list(taps)
+
+
 def by_relative_depth(positions: list[int], count: int, of: int) -> list[int]:
     """Map positions among `count` layers to positions among `of` layers at the same relative depth
     (the last maps to the last)."""
@@ -145,6 +156,25 @@ def pair_middle(student: Shaped, teacher: Shaped) -> list[tuple[int, int]]:
 def pair_last(student: Shaped, teacher: Shaped) -> list[tuple[int, int]]:
     """The last stage ends: the last convolutional activation maps (similarity-preserving KD)."""
     return [(len(student) - 1, len(teacher) - 1)]
+
+
+def pair_from_deepest(taps, student_defaults: Callable[[], list[str]],
+                      teacher_defaults: Callable[[], list[str]]) -> tuple[list[str], list[str]]:
+    """Student and teacher paths (shallow → deep) aligned from the deepest (ReviewKD, OFD): `distill.taps` (TapsConfig
+    or None) where given, else each side's defaults (asked only for a side not given); explicit lists pair by
+    position, a side taken from defaults keeps its deepest as many as the other side has."""
+    given_student, given_teacher = (taps.student, taps.teacher) if taps is not None else (None, None)
+    student = list(given_student) if given_student is not None else student_defaults()
+    teacher = list(given_teacher) if given_teacher is not None else teacher_defaults()
+    for role, given, own, other in (("student", given_student, student, teacher),
+                                    ("teacher", given_teacher, teacher, student)):
+        if given is not None and len(own) > len(other):
+            raise InputError(f"distill.taps.{role}", f"{len(own)} {role} taps, but the other model offers "
+                             f"{len(other)}; taps pair by position, so give as many of each")
+    if not student or not teacher:
+        raise InputError("distill.taps", "no layers to compare: name at least one student and one teacher layer")
+    count = min(len(student), len(teacher))
+    return student[len(student) - count:], teacher[len(teacher) - count:]
 
 
 def tap_shapes(model: nn.Module, paths: list[str], input_shape: tuple[int, ...], key: str) -> dict[str, tuple[int, ...]]:

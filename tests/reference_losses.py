@@ -349,3 +349,58 @@ def vid_loss(pred_mean, target, log_scale, eps: float = 1e-5) -> float:
                 for x in range(w):
                     total += 0.5 * ((mu[i, ch, y, x] - t[i, ch, y, x]) ** 2 / variance + math.log(variance))
     return total / (n * c * h * w)
+# --- ReviewKD and OFD (issue 20) ---
+
+
+def hcl_loss(student_feats, teacher_feats, levels=(4, 2, 1)) -> float:
+    """Σ over levels of [MSE + Σ_{kept pools l < H} w_l·MSE(pool_l)] / (1 + Σ w_l), w = 1/2, 1/4, 1/8 over the kept."""
+    total = 0.0
+    for s, t in zip(student_feats, teacher_feats):
+        s, t = _f64(s), _f64(t)
+        h = s.shape[2]
+        level = float(np.mean((s - t) ** 2))
+        weight_sum, w = 1.0, 1.0
+        for size in levels:
+            if size < h:
+                w = w / 2
+                diff = block_mean_pool(s, size, size) - block_mean_pool(t, size, size)
+                level += w * float(np.mean(diff**2))
+                weight_sum += w
+        total += level / weight_sum
+    return total
+
+
+def normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def normal_pdf(x: float) -> float:
+    return math.exp(-x * x / 2.0) / math.sqrt(2.0 * math.pi)
+
+
+def ofd_margin(gamma, beta) -> np.ndarray:
+    """Per channel: s = |γ|, m = β; m − s·φ(m/s)/Φ(−m/s) if Φ(−m/s) > 1e-3, else −3s."""
+    out = []
+    for g, b in zip(_f64(gamma), _f64(beta)):
+        s, m = abs(g), b
+        tail = normal_cdf(-m / s)
+        out.append(m - s * normal_pdf(m / s) / tail if tail > 1e-3 else -3.0 * s)
+    return np.array(out)
+
+
+def ofd_loss(student_feat, teacher_feat, margin) -> float:
+    """Σ over elements of (s − max(t, margin_c))² where s > max(t, margin_c) or t > 0, divided by N; the teacher is
+    block-mean pooled to the student's H×W first."""
+    s, t, margin = _f64(student_feat), _f64(teacher_feat), _f64(margin)
+    n, c, h, w = s.shape
+    if t.shape[2:] != s.shape[2:]:
+        t = block_mean_pool(t, h, w)
+    total = 0.0
+    for i in range(n):
+        for k in range(c):
+            for y in range(h):
+                for x in range(w):
+                    target = max(t[i, k, y, x], margin[k])
+                    if s[i, k, y, x] > target or t[i, k, y, x] > 0:
+                        total += (s[i, k, y, x] - target) ** 2
+    return total / n

@@ -8,7 +8,11 @@ the benchmark's definitions (RepDistiller's models/), so the parameter counts eq
 the numbers for 3×32×32 inputs and 100 classes, and checks the CIFAR ResNets against He et al.'s table).
 
 Every model takes any C×H×W input (global average pooling before the classifier), names its classifier `fc`,
-and declares `default_taps` (the end of each resolution stage, shallow → deep) and `embedding_tap`.
+and declares `default_taps` (the end of each resolution stage, shallow → deep) and `embedding_tap`. Each also
+declares `preact_taps`, the same stage ends before their last ReLU (ReviewKD's teacher, OFD), and all but
+ShuffleNetV2 `preact_bns`, the BatchNorm whose output that ReLU reads (OFD's teacher margins; in a residual
+block its last BN, as OFD's reference takes it). The ReLU after a pre-ReLU tap is never in-place: it would
+overwrite the tapped tensor.
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ def _pool() -> nn.Sequential:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
+def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1, relu: bool = True,
+            inplace: bool = True) -> nn.Sequential:
+    """Conv-BN(-ReLU); `inplace=False` where the BN's output is tapped (a pre-ReLU tap)."""
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
                                nn.BatchNorm2d(c_out)]
-    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+    return nn.Sequential(*layers, nn.ReLU(inplace=inplace)) if relu else nn.Sequential(*layers)
 
 
 # --- ResNet (CIFAR) -------------------------------------------------------------------------
 
 
 class BasicBlock(nn.Module):
-    """Two 3×3 conv-BN, added to the input (a 1×1 conv-BN projection when the shape changes), then ReLU."""
+    """Two 3×3 conv-BN, added to the input (a 1×1 conv-BN projection when the shape changes), then ReLU.
+    `preact` (parameterless, so state_dict keys are unchanged) gives the sum before that ReLU a module path."""
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -51,10 +58,12 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.preact = nn.Identity()
+        self.out_relu = nn.ReLU()  # not in-place: `preact`'s output may be tapped
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return self.out_relu(self.preact(self.bn2(self.conv2(out)) + self.shortcut(x)))
 
 
 class CifarResNet(nn.Module):
@@ -77,6 +86,8 @@ class CifarResNet(nn.Module):
         self.pool = _pool()
         self.fc = nn.Linear(channels, num_classes)
         self.default_taps = ["layer1", "layer2", "layer3"]
+        self.preact_taps = [f"layer{i}.{n - 1}.preact" for i in (1, 2, 3)]
+        self.preact_bns = [f"layer{i}.{n - 1}.bn2" for i in (1, 2, 3)]
         self.embedding_tap = "pool"
 
     def forward(self, x):
@@ -120,10 +131,13 @@ class WideResNet(nn.Module):
                                           for j in range(n)]))
             channels = out
         self.block1, self.block2, self.block3 = stages
-        self.post = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.post = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=False))  # post.0 is a pre-ReLU tap
         self.pool = _pool()
         self.fc = nn.Linear(channels, num_classes)
         self.default_taps = ["block1", "block2", "post"]
+        # A pre-activation stage ends without a ReLU; the next BN-ReLU (the next stage's first, or `post`) reads it:
+        # the pre-ReLU point is that BN's output (relu1 is not in-place), as in mdistiller's preact features.
+        self.preact_taps = self.preact_bns = ["block2.0.bn1", "block3.0.bn1", "post.0"]
         self.embedding_tap = "pool"
 
     def forward(self, x):
@@ -144,8 +158,9 @@ class VGG(nn.Module):
         stages = []
         for widths in blocks:
             layers: list[nn.Module] = []
-            for width in widths:
-                layers += [nn.Conv2d(channels, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            for i, width in enumerate(widths):
+                last = i == len(widths) - 1  # the block's last BN is a pre-ReLU tap: its ReLU is not in-place
+                layers += [nn.Conv2d(channels, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=not last)]
                 channels = width
             stages.append(nn.Sequential(*layers))
         self.block0, self.block1, self.block2, self.block3, self.block4 = stages
@@ -153,6 +168,7 @@ class VGG(nn.Module):
         self.pool = _pool()
         self.fc = nn.Linear(channels, num_classes)
         self.default_taps = ["block0", "block1", "block2", "block3", "block4"]
+        self.preact_taps = self.preact_bns = [f"block{i}.{3 * len(widths) - 2}" for i, widths in enumerate(blocks)]
         self.embedding_tap = "pool"
 
     def _down(self, x, larger_than: int = 1):
@@ -207,6 +223,11 @@ class MobileNetV2(nn.Module):
         self.fc = nn.Linear(1280, num_classes)
         # The last block of each resolution: 16×16, 8×8, 4×4, 2×2 for 32×32 inputs.
         self.default_taps = ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]
+        # Blocks end in a linear projection (no ReLU): the stage ends are already pre-ReLU; the BN is the last
+        # block's projection BN (for a residual block, the one before the sum).
+        self.preact_taps = list(self.default_taps)
+        self.preact_bns = [f"{tap}.{len(self.blocks[int(tap.split('.')[1])]) - 1}.conv.2.1"
+                           for tap in self.default_taps]
         self.embedding_tap = "pool"
 
     def forward(self, x):
@@ -222,17 +243,24 @@ def channel_shuffle(x, groups: int = 2):
 
 
 class ShuffleUnit(nn.Module):
-    """Half the channels pass through; the other half go 1×1 → 3×3 depthwise → 1×1; concatenated and shuffled."""
+    """Half the channels pass through; the other half go 1×1 → 3×3 depthwise → 1×1; concatenated and shuffled.
+
+    The branch's last ReLU is applied after the shuffle, to the whole map (`keep` is a unit's output, ≥ 0, so
+    the result is the same): the map before it is the unit's pre-ReLU output, tapped at the parameterless
+    `preact`."""
 
     def __init__(self, channels: int):
         super().__init__()
         half = channels // 2
         self.branch = nn.Sequential(conv_bn(half, half, 1), conv_bn(half, half, 3, groups=half, relu=False),
-                                    conv_bn(half, half, 1))
+                                    conv_bn(half, half, 1, inplace=False))
+        self.preact = nn.Identity()
 
     def forward(self, x):
         keep, change = x.chunk(2, dim=1)
-        return channel_shuffle(torch.cat([keep, self.branch(change)], 1))
+        conv, bn, relu = self.branch[2]
+        changed = bn(conv(self.branch[1](self.branch[0](change))))
+        return relu(self.preact(channel_shuffle(torch.cat([keep, changed], 1))))
 
 
 class ShuffleDownUnit(nn.Module):
@@ -266,6 +294,8 @@ class ShuffleNetV2(nn.Module):
         self.pool = _pool()
         self.fc = nn.Linear(1024, num_classes)
         self.default_taps = ["layer1", "layer2", "layer3"]
+        # No preact_bns: half of a unit's channels pass through without a BN, so OFD cannot take margins here.
+        self.preact_taps = [f"{layer}.{len(getattr(self, layer)) - 1}.preact" for layer in self.default_taps]
         self.embedding_tap = "pool"
 
     def forward(self, x):

@@ -1,7 +1,10 @@
 """The model zoo: small classifiers sized by width and depth.
 
 Each model exposes `default_taps` (feature maps at increasing depth, for the
-feature-based methods) and `embedding_tap` (the penultimate vector).
+feature-based methods) and `embedding_tap` (the penultimate vector); cnn and
+resnet also `preact_taps` (the same stage ends before their ReLU) and
+`preact_bns` (the BatchNorm that ReLU reads), see kdpipe.models.cifar. The mlp
+has no stage ends before a ReLU to offer: methods needing them refuse it.
 """
 
 from __future__ import annotations
@@ -45,12 +48,13 @@ class CNN(nn.Module):
             out = width * 2 ** min(i, 2)
             stride = 2 if i > 0 and size > 2 else 1
             size = (size + 1) // 2 if stride == 2 else size
-            blocks.append(conv_bn(channels, out, 3, stride))
+            blocks.append(conv_bn(channels, out, 3, stride, inplace=False))  # the BN's output is a pre-ReLU tap
             channels = out
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(channels, num_classes)
         self.default_taps = [f"blocks.{i}" for i in range(depth)]
+        self.preact_taps = self.preact_bns = [f"blocks.{i}.1" for i in range(depth)]
         self.embedding_tap = "pool"
 
     def forward(self, x):
