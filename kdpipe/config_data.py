@@ -56,6 +56,22 @@ class ColorJitter(Strict):
     p: Probability = 1.0
 
 
+class RandAugmentSettings(Strict):
+    """FixMatch-style RandAugment (kdpipe.data.strong): `ops` operations per image, each drawn with replacement
+    from the 14 of FixMatch's list, each at a magnitude drawn uniformly from its range."""
+
+    ops: Annotated[int, Field(ge=1, le=8)] = Field(2, description="operations applied per image (FixMatch: 2)")
+
+
+class CutoutSettings(Strict):
+    """A square of side U[0, max_fraction]·(image side) at a uniform centre (clipped at the border), filled with
+    `fill` (kdpipe.data.strong)."""
+
+    max_fraction: UnitInterval = Field(0.5, description="the largest side as a fraction of the image's shorter side")
+    fill: list[Annotated[float, Field(ge=0.0, le=255.0)]] | None = Field(
+        None, min_length=1, description="the fill as 8-bit values per channel; null: (125, 123, 114) for RGB, its "
+                                        "gray (122.6) for one channel")
+
 
 class AugmentStep(Strict):
     """One augmentation, written as a one-key mapping: `- hflip: {p: 0.5}` (or just `- hflip` for its defaults).
@@ -112,7 +128,12 @@ class DataConfig(Strict):
         None, description="{mean: [...], std: [...]} per channel, or imagenet; the same on every split")
     augment: list[AugmentStep] = Field(
         default_factory=list, description="training batches only, per sample on the training device: random_crop, "
-                                          "hflip, random_resized_crop, color_jitter, or a plugin's steps")
+                                          "hflip, random_resized_crop, color_jitter, randaugment, cutout, or a "
+                                          "plugin's steps")
+    strong_augment: list[AugmentStep] = Field(
+        default_factory=list, description="a second, strongly augmented view of each training image for the methods "
+                                          "that read two (mlkd): these steps run after `augment`'s on a view of its "
+                                          "own: randaugment, cutout, or any augment step")
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.2
     batch_size: PositiveInt = 64

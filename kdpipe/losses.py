@@ -413,3 +413,26 @@ def ofd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, margin: tor
     target = torch.maximum(teacher_feat, margin.reshape(1, -1, 1, 1).to(teacher_feat.dtype))
     counted = (student_feat > target) | (teacher_feat > 0)
     return ((student_feat - target).pow(2) * counted).sum() / student_feat.shape[0]
+# --- MLKD (issue 20) ---
+__all__ += ["batch_correlation_loss", "class_correlation_loss"]
+
+
+def batch_correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           temperature: float) -> torch.Tensor:
+    """MLKD's batch-level term: with P = softmax(z / T) (N×C), ‖P_t·P_tᵀ − P_s·P_sᵀ‖_F² / N (no T²)."""
+    p_s = F.softmax(student_logits.float() / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    return (p_t @ p_t.T - p_s @ p_s.T).pow(2).sum() / p_s.shape[0]
+
+
+def class_correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
+                           classes: torch.Tensor | None = None) -> torch.Tensor:
+    """MLKD's class-level term: with P = softmax(z / T) (N×C), ‖P_tᵀ·P_t − P_sᵀ·P_s‖_F² / C (no T²).
+
+    `classes` (a boolean mask over C): the term over those classes' columns of P alone, divided by their count (the
+    softmax still spans every class)."""
+    p_s = F.softmax(student_logits.float() / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    if classes is not None:
+        p_s, p_t = p_s[:, classes], p_t[:, classes]
+    return (p_t.T @ p_t - p_s.T @ p_s).pow(2).sum() / p_s.shape[1]

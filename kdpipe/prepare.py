@@ -99,18 +99,20 @@ def check_trainable(pipeline: Pipeline, data: Splits) -> None:
 def check_sizes(pipeline: Pipeline, data: Splits, device: torch.device) -> None:
     """Sizes the schema cannot bound without the data, found before any work (InputError, exit 2): each crop's
     padding against the images, the teacher views against the memory of the device that computes them."""
-    if data.augmentation is None:
+    if data.augmentation is None and data.strong_augmentation is None:
         return
     _, height, width = data.input_shape
-    for i, step in enumerate(pipeline.data.augment):
-        # Beyond the image's side a crop can miss the image altogether (and reflect padding cannot reach).
-        if step.name == "random_crop" and step.params.padding >= min(height, width):
-            raise InputError(f"data.augment.{i}.random_crop.padding",
-                             f"expected at most {min(height, width) - 1} for {height}×{width} images (less than their "
-                             f"smaller side, so that every crop keeps part of the image), got {step.params.padding}")
+    for key in ("augment", "strong_augment"):
+        for i, step in enumerate(getattr(pipeline.data, key)):
+            # Beyond the image's side a crop can miss the image altogether (and reflect padding cannot reach).
+            if step.name == "random_crop" and step.params.padding >= min(height, width):
+                raise InputError(f"data.{key}.{i}.random_crop.padding",
+                                 f"expected at most {min(height, width) - 1} for {height}×{width} images (less than "
+                                 f"their smaller side, so that every crop keeps part of the image), "
+                                 f"got {step.params.padding}")
     cfg = pipeline.distill
     method = get_method(cfg.method)
-    if (pipeline.teacher is None or cfg.teacher_cache == "off"
+    if (pipeline.teacher is None or cfg.teacher_cache == "off" or data.augmentation is None or method.two_views
             or not (method.reads_teacher_soft_labels(cfg.params) and method.cache_teacher)):
         return  # no teacher views are recorded: the teacher runs online (Trainer.teacher)
     per_view = views_nbytes(data, 1, cfg.teacher_topk)

@@ -404,3 +404,30 @@ def ofd_loss(student_feat, teacher_feat, margin) -> float:
                     if s[i, k, y, x] > target or t[i, k, y, x] > 0:
                         total += (s[i, k, y, x] - target) ** 2
     return total / n
+# --- MLKD (issue 20) ---
+
+
+def batch_correlation_loss(student_logits, teacher_logits, temperature: float) -> float:
+    """Σ_{i,j} (Σ_c P_t[i,c]·P_t[j,c] − Σ_c P_s[i,c]·P_s[j,c])² / N, P = softmax(z / T)."""
+    p_s, p_t = softmax(_f64(student_logits) / temperature), softmax(_f64(teacher_logits) / temperature)
+    n, c = p_s.shape
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            t_ij = sum(p_t[i, k] * p_t[j, k] for k in range(c))
+            s_ij = sum(p_s[i, k] * p_s[j, k] for k in range(c))
+            total += (t_ij - s_ij) ** 2
+    return total / n
+
+
+def class_correlation_loss(student_logits, teacher_logits, temperature: float) -> float:
+    """Σ_{a,b} (Σ_n P_t[n,a]·P_t[n,b] − Σ_n P_s[n,a]·P_s[n,b])² / C, P = softmax(z / T)."""
+    p_s, p_t = softmax(_f64(student_logits) / temperature), softmax(_f64(teacher_logits) / temperature)
+    n, c = p_s.shape
+    total = 0.0
+    for a in range(c):
+        for b in range(c):
+            t_ab = sum(p_t[m, a] * p_t[m, b] for m in range(n))
+            s_ab = sum(p_s[m, a] * p_s[m, b] for m in range(n))
+            total += (t_ab - s_ab) ** 2
+    return total / c

@@ -46,6 +46,7 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device | None = None) ->
     conversion = InputConversion(255.0 if stored["val"].dtype == np.uint8 else None,
                                  *(tuple(v) for v in normalization) if normalization else (None, None))
     augmentation = Augmentation(cfg.augment, sample_shape) if cfg.augment else None
+    strong = Augmentation(cfg.strong_augment, sample_shape, "data.strong_augment") if cfg.strong_augment else None
 
     def tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(stored[split]), torch.from_numpy(parts[split].y)
@@ -62,7 +63,7 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device | None = None) ->
     }
     splits = Splits(train if storage == "memory" else None, torch.from_numpy(parts["train"].y), stored_val, y_val,
                     stored_test, y_test, num_classes, _fingerprint(parts, stored, cfg, seed, num_classes),
-                    conversion, augmentation, train if storage == "stream" else None, provenance)
+                    conversion, augmentation, train if storage == "stream" else None, provenance, strong)
     return splits
 
 
@@ -204,6 +205,8 @@ def _fingerprint(parts: dict[str, Part], stored: dict[str, np.ndarray], cfg: Dat
     for split in SPLIT_NAMES:
         x = parts[split].x
         digest.add(stored[split] if split in stored else x.identity(), parts[split].y)
+    # strong_augment is not hashed: only the training of a two-view method reads it, and a teacher trained on the
+    # same data and `augment` keeps its cache entry.
     settings = cfg.model_dump(mode="json", include={"image_size", "channels", "normalize", "augment", "layout", "shape"})
     return digest.add([seed, cfg.val_fraction, cfg.test_fraction, num_classes, settings]).hexdigest()
 

@@ -19,7 +19,9 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from kdpipe.config_data import AugmentStep, ColorJitter, HorizontalFlip, RandomCrop, RandomResizedCrop
+from kdpipe.config_data import (AugmentStep, ColorJitter, CutoutSettings, HorizontalFlip, RandAugmentSettings,
+                                RandomCrop, RandomResizedCrop)
+from kdpipe.data.strong import Cutout, RandAugment
 from kdpipe.errors import InputError
 from kdpipe.plugins import load_plugins
 
@@ -47,6 +49,8 @@ BUILT_IN_STEPS = {
         size, scale=tuple(p.scale), ratio=tuple(p.ratio))),
     "color_jitter": AugmentKind(ColorJitter, lambda p, size: _kornia().ColorJitter(p.brightness, p.contrast,
                                                                                    p.saturation, p.hue, p=p.p)),
+    "randaugment": AugmentKind(RandAugmentSettings, lambda p, size: RandAugment(p)),
+    "cutout": AugmentKind(CutoutSettings, Cutout),
 }
 
 
@@ -106,13 +110,18 @@ class Augmentation:
     """The configured steps in order; each call draws its random parameters from a seed taken from `generator`,
     so a run's augmented batches repeat with its seed."""
 
-    def __init__(self, steps: list[AugmentStep], sample_shape: tuple[int, ...]):
+    def __init__(self, steps: list[AugmentStep], sample_shape: tuple[int, ...], key: str = "data.augment"):
+        """`key`: the pipeline's list the steps come from (data.augment or data.strong_augment), for errors."""
         if len(sample_shape) != 3:
-            raise InputError("data.augment", f"augmentation needs images (C×H×W samples), got samples of shape {sample_shape}")
+            raise InputError(key, f"augmentation needs images (C×H×W samples), got samples of shape {sample_shape}")
         channels, height, width = sample_shape
         for i, step in enumerate(steps):
             if step.name == "color_jitter" and channels != 3 and (step.params.saturation or step.params.hue):
-                raise InputError(f"data.augment.{i}.color_jitter", f"saturation and hue need 3 channels, the images have {channels}")
+                raise InputError(f"{key}.{i}.color_jitter",
+                                 f"saturation and hue need 3 channels, the images have {channels}")
+            if step.name == "cutout" and step.params.fill is not None and len(step.params.fill) != channels:
+                raise InputError(f"{key}.{i}.cutout.fill", f"expected {channels} value(s), one per channel of the "
+                                                           f"images, got {len(step.params.fill)}")
         self.steps = [step.name for step in steps]
         self.settings = [step.model_dump(mode="json", exclude_none=True) for step in steps]
         self.sample_shape = tuple(sample_shape)

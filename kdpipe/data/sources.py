@@ -467,10 +467,13 @@ def data_sources() -> dict[str, SourceKind]:
 
 @functools.cache
 def data_sections() -> dict[str, type[DataConfig]]:
-    """Each source's data section, its `augment` list taking the registered augmentation steps."""
+    """Each source's data section, its `augment` and `strong_augment` lists taking the registered augmentation
+    steps."""
     step = augment_step_model({name: kind.params for name, kind in augment_steps().items()})
     augment = Field(default_factory=list, description=DataConfig.model_fields["augment"].description)
-    return {name: create_model(kind.config.__name__, __base__=kind.config, augment=(list[step], augment))
+    strong = Field(default_factory=list, description=DataConfig.model_fields["strong_augment"].description)
+    return {name: create_model(kind.config.__name__, __base__=kind.config, augment=(list[step], augment),
+                               strong_augment=(list[step], strong))
             for name, kind in sorted(data_sources().items())}
 
 

@@ -80,6 +80,8 @@ class Splits:
     augmentation: Augmentation | None = None
     stream: StreamedImages | None = None
     provenance: dict = field(default_factory=dict)  # where each split came from, its size, storage, skipped files
+    # data.strong_augment: the steps making the second view of each image for the methods that read two (MLKD)
+    strong_augmentation: Augmentation | None = None
 
     @property
     def x_val(self) -> torch.Tensor:
@@ -112,8 +114,9 @@ class Splits:
         return torch.uint8 if self.stream is not None else self.x_train.dtype
 
     def to(self, device: torch.device) -> Splits:
-        if self.augmentation is not None:
-            self.augmentation.module.to(device)
+        for augmentation in (self.augmentation, self.strong_augmentation):
+            if augmentation is not None:
+                augmentation.module.to(device)
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
         return Splits(**moved)
 
@@ -138,6 +141,19 @@ class Splits:
             if self.augmentation is not None:
                 x = self.augmentation(x, generator)
             yield index, self.conversion.normalize(x), self.y_train[index]
+
+    def two_view_batches(self, batch_size: int, generator: torch.Generator, *, rank: int = 0, world_size: int = 1
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(index, weak inputs, strong inputs, labels) as train_batches, with two views of the same images: the weak
+        one through `augment`'s steps, the strong one through them again (drawn anew, as the reference's two
+        transforms of one image each draw their own crop) and then through `strong_augment`'s."""
+        indices = self._epoch_indices(batch_size, generator, rank, world_size)
+        for index, stored in zip(indices, self._stored(indices)):
+            images = self.conversion.unit(stored)
+            weak, strong = (images if self.augmentation is None else self.augmentation(images, generator)
+                            for _ in range(2))
+            strong = self.strong_augmentation(strong, generator)
+            yield index, self.conversion.normalize(weak), self.conversion.normalize(strong), self.y_train[index]
 
     def view_batches(self, batch_size: int, generator: torch.Generator, params: AugmentParams, views: int, *,
                      rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor,

@@ -80,6 +80,9 @@ class Method(nn.Module):
     # True for a method whose loss reads the teacher only through softmax(logits / T) (a shift-invariant use): with
     # augmented data it then learns from teacher views (kdpipe.teacher_views), which keep log-probabilities.
     teacher_soft_labels: ClassVar[bool] = False
+    # True for a method reading two views of each image (MLKD): its phases' batches carry the strong view too
+    # (Batch.x_strong, made by data.strong_augment's steps, which such a method requires and no other accepts).
+    two_views: ClassVar[bool] = False
 
     def __init__(self, params: Params, *, student: nn.Module, teacher: nn.Module | None, num_classes: int,
                  input_shape: tuple[int, ...], taps=None, seed: int = 0):
@@ -106,6 +109,12 @@ class Method(nn.Module):
         """Raise InputError for pipeline settings this method cannot work with."""
         if cls.needs_teacher and pipeline.teacher is None:
             raise InputError("teacher", f"method '{cls.name}' distills from a teacher: give a 'teacher' section")
+        if cls.two_views and not pipeline.data.strong_augment:
+            raise InputError("data.strong_augment", f"method '{cls.name}' reads a weak and a strong view of each "
+                                                    "image: give the strong view's steps (e.g. [randaugment, cutout])")
+        if not cls.two_views and pipeline.data.strong_augment:
+            raise InputError("data.strong_augment", f"method '{cls.name}' reads one view of each image: move the "
+                                                    "steps to data.augment, or leave data.strong_augment out")
 
     @classmethod
     def check_models(cls, pipeline, *, student: nn.Module, teacher: nn.Module | None, input_shape: tuple[int, ...]) -> None:
@@ -146,7 +155,7 @@ class Method(nn.Module):
     def phases(self, trainer: Trainer, label: str = "student") -> Iterator[Phase]:
         """The method's training, phase by phase; the usual one: the student on `loss` for the pipeline's epochs."""
         yield Phase(label, [self.student_update(trainer, label)], trainer.epochs, evaluate={label: self.student},
-                    before_epoch=self.start_epoch)
+                    before_epoch=self.start_epoch, two_views=self.two_views)
 
     def exported(self) -> nn.Module:
         """The module the pipeline exports once the phases ran."""

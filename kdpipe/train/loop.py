@@ -97,31 +97,41 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def batches(self, generator: torch.Generator) -> Iterator[Batch]:
+    def batches(self, generator: torch.Generator, two_views: bool = False) -> Iterator[Batch]:
+        """The epoch's batches; `two_views`: each with the strong view of its images too (Batch.x_strong)."""
         ranks = {"rank": self.dist.rank, "world_size": self.dist.world_size}
         views = self.serving.views
-        if views is not None:
-            source = self.data.view_batches(self.batch_size, generator, views.params, views.views, **ranks)
+        if two_views:
+            source = ((index, None, x, strong, y) for index, x, strong, y
+                      in self.data.two_view_batches(self.batch_size, generator, **ranks))
+        elif views is not None:
+            source = ((index, view, x, None, y) for index, view, x, y
+                      in self.data.view_batches(self.batch_size, generator, views.params, views.views, **ranks))
         else:
-            source = ((index, None, x, y) for index, x, y in self.data.train_batches(self.batch_size, generator, **ranks))
-        for index, view, x, y in source:
-            if self.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield Batch(index, x, y, view)
+            source = ((index, None, x, None, y)
+                      for index, x, y in self.data.train_batches(self.batch_size, generator, **ranks))
+        for index, view, x, strong, y in source:
+            x, strong = (self._memory_format(t) for t in (x, strong))
+            yield Batch(index, x, y, view, strong)
 
-    def step_batches(self, generator: torch.Generator) -> Iterator[Batch]:
+    def _memory_format(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is not None and self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def step_batches(self, generator: torch.Generator, two_views: bool = False) -> Iterator[Batch]:
         """The epoch's batches as the steps take them: all of one shape under compile: true (the partial batch, the
         last one, is never drawn), and on CUDA each prepared while the step before it runs."""
-        batches = self.batches(generator)
+        batches = self.batches(generator, two_views)
         if self.static_batches:
             batches = itertools.islice(batches, self.full_batches)
         return prefetched(batches, self.device)
 
     def teacher(self, teacher: nn.Module, taps: list[str], cacheable: bool = True,
-                soft_labels: bool = False) -> TeacherFn:
+                soft_labels: bool = False, two_views: bool = False) -> TeacherFn:
         """The frozen teacher's outputs for a batch, served as kdpipe.train.serving decides."""
         self._prepare(teacher)
-        return self.serving.serve(teacher, taps, cacheable, soft_labels)
+        return self.serving.serve(teacher, taps, cacheable, soft_labels, two_views)
 
     def _prepare(self, module: nn.Module) -> None:
         if self.channels_last:
@@ -242,7 +252,7 @@ class Trainer:
         for module in modules:
             module.train()
         meter = EpochMeter(self.device)
-        self._steps(updates, generator, meter, list(emas.values()))
+        self._steps(updates, generator, meter, list(emas.values()), phase.two_views)
         for module in modules:
             distributed.broadcast_buffers(module)  # rank 0's BatchNorm statistics everywhere: one model to validate
         metrics, samples, steps, nonfinite, seconds = meter.totals()
@@ -266,13 +276,13 @@ class Trainer:
         return metrics
 
     def _steps(self, updates: list[UpdateState], generator: torch.Generator, meter: EpochMeter,
-               emas: list[ModelEMA]) -> None:
+               emas: list[ModelEMA], two_views: bool = False) -> None:
         """Every batch through every update; an optimizer step every grad_accum_steps batches (and for the epoch's
         rest). Accumulated losses are weighted by batch size and divided by the samples of the step, so that k
         batches of b make the step one batch of k·b would."""
         accumulate = self.settings.grad_accum_steps
         group = samples = 0
-        for batch in self.step_batches(generator):
+        for batch in self.step_batches(generator, two_views):
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
             group, samples = group + 1, samples + len(batch.y)

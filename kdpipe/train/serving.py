@@ -28,11 +28,17 @@ class TeacherServing:
         self.views: TeacherViews | None = None  # once a teacher reads views, every batch replays them
         self.modes: list[dict[str, Any]] = []
 
-    def serve(self, teacher: nn.Module, taps: list[str], cacheable: bool, soft_labels: bool) -> TeacherFn:
+    def serve(self, teacher: nn.Module, taps: list[str], cacheable: bool, soft_labels: bool,
+              two_views: bool = False) -> TeacherFn:
         """Looked up in the cache (one pass over the training split per content key); with augmented inputs, read
         from teacher views when the method reads only the teacher's softmax (`soft_labels`, no taps); else computed
-        online, on exactly the student's batch. Online also when the method opts out (`cacheable=False`) or the
-        pipeline turns the cache off."""
+        online, on exactly the student's batch. Online also when the method opts out (`cacheable=False`), reads two
+        views of each image (`two_views`: the teacher function is then called on each), or the pipeline turns the
+        cache off."""
+        if two_views:
+            return self._online(teacher, taps, "two views per image: the method reads the teacher on a weak and a "
+                                               "strong view of each image at every step, drawn anew each time, "
+                                               "which neither the teacher cache nor teacher views keep")
         if not cacheable:
             return self._online(teacher, taps, "the method's teacher changes while it trains")
         if self.settings.teacher_online:

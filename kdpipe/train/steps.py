@@ -19,6 +19,7 @@ class Batch:
     x: torch.Tensor
     y: torch.Tensor
     view: torch.Tensor | None = None  # with teacher views: which recorded view of each image `x` is
+    x_strong: torch.Tensor | None = None  # in a two-view phase: the strongly augmented view of the same images
 
 
 # An update's loss: (batch, state shared by the updates of one step) -> (loss, named parts to report).
@@ -50,6 +51,8 @@ class Phase:
     # Called with each epoch's number (from 1) before it runs, resumed epochs included: a schedule of model state
     # that is a function of the epoch (QAT's BatchNorm freeze) holds across a kill.
     before_epoch: Callable[[int], None] | None = None
+    # Its batches carry a second, strongly augmented view of each image (Batch.x_strong; data.strong_augment).
+    two_views: bool = False
 
     def modules(self) -> list[nn.Module]:
         """Every module the phase trains or scores, once each, in a fixed order (the checkpoint's)."""
