@@ -95,6 +95,9 @@ def run(
     until: Annotated[str | None, typer.Option("--until", metavar="STAGE", help="stop after the stage of this name, "
                                               "as the progress lines name them (an unknown name lists them); "
                                               "--resume continues later")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", metavar="S,S,...", help="run once per seed as nested runs "
+                                              "of one parent run, reporting mean ± std (overrides the seeds: "
+                                              "key)")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run the pipeline's stages, from training the teacher to registering the student. Prints report.json's path
@@ -113,10 +116,24 @@ def run(
             raise InputError("", "give a pipeline file, or --resume RUN_DIR to continue an interrupted run")
         if resume is not None and set_:
             raise InputError("--set", "a resumed run keeps its pipeline (run_dir/pipeline.yaml); --set cannot change it")
-        report_path, report = run_pipeline(pipeline, set_ or [], runs_dir, mlflow_config=mlflow_config, resume=resume,
+        overrides = set_ or []
+        if seeds is not None:
+            overrides = [*overrides, *seeds_override(seeds, overrides, resume)]
+        report_path, report = run_pipeline(pipeline, overrides, runs_dir, mlflow_config=mlflow_config, resume=resume,
                                            until=until)
         if report_path is not None:  # None: a torchrun rank other than 0, rank 0 reports
             _report_outcome(report_path, report)
+
+
+def seeds_override(text: str, overrides: list[str], resume: Path | None) -> list[str]:
+    """`--seeds 0,1,2` as the override of the seeds: key it is; InputError where it contradicts another setting."""
+    from kdpipe.seeds import parse_seeds
+
+    if resume is not None:
+        raise InputError("--seeds", "a resumed run keeps the seeds it started with (run_dir/pipeline.yaml)")
+    if any(o.partition("=")[0] == "seeds" for o in overrides):
+        raise InputError("--seeds", "given twice: with --seeds and with --set seeds=; keep one")
+    return [f"seeds={json.dumps(parse_seeds(text))}"]
 
 
 def _report_outcome(report_path: Path, report: dict) -> None:
@@ -128,7 +145,8 @@ def _report_outcome(report_path: Path, report: dict) -> None:
         return
     student = report.get("student") or {}
     teacher = report.get("teacher") or {}
-    summary = f"status {report['status']}: student accuracy {student.get('accuracy', float('nan')):.4f}"
+    over = f" (mean over seeds {', '.join(map(str, report['seeds']['seeds']))})" if "seeds" in report else ""
+    summary = f"status {report['status']}{over}: student accuracy {student.get('accuracy', float('nan')):.4f}"
     if teacher:
         summary += f", teacher {teacher['accuracy']:.4f}"
     typer.echo(summary, err=True)

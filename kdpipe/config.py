@@ -164,6 +164,8 @@ class DistillBase(Strict):
 
     epochs: NonNegativeInt = 30
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    baseline: bool = Field(False, description="with seeds: also train the same student without distillation (method "
+                                              "none) per seed; the report gives the gain over it")
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     taps: TapsConfig | None = Field(None, description="feature taps by module path (`kdpipe taps FILE` lists them)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

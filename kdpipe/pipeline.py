@@ -55,7 +55,19 @@ def distill_section(values: dict[str, Any]):
 
 class Pipeline(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    seed: Seed = 0
+    seed: Seed = Field(0, description="the run's seed; with seeds and seed_scope student, the seed of what the seeds "
+                                      "share: the data split and the teacher")
+    seeds: list[Seed] | None = Field(None, description="distill once per seed, each a nested run of one parent run "
+                                                       "whose report gives every number's mean ± sample standard "
+                                                       "deviation (n − 1); `kdpipe run --seeds 0,1,2` overrides it")
+    seed_scope: Literal["student", "run"] = Field(
+        "student", description="with seeds: student, each seed trains its own student (initialization, batch order, "
+                               "augmentation, the method's draws) on the data split and teacher of `seed` (the "
+                               "teacher trained once, cached); run, each seed is a whole run's seed (its own data "
+                               "split and teacher)")
+    student_seed: Seed | None = Field(None, description="the student's seed (initialization, batch order, "
+                                                        "augmentation, the method's draws); default: seed. Each run "
+                                                        "of a multi-seed run sets it to its seed")
     data: DataSection = Field(default_factory=data_config)
     teacher: TeacherConfig | None = None
     student: StudentConfig
@@ -73,6 +85,11 @@ class Pipeline(Strict):
             if isinstance(section, dict) and tag not in section:
                 raw = {**raw, key: {tag: default, **section}}
         return raw
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of the student's training: student_seed, else seed."""
+        return self.seed if self.student_seed is None else self.student_seed
 
     def with_method(self, method: str, params: dict[str, Any], optimizer: dict[str, Any] | None = None) -> Pipeline:
         """A copy distilling with `method` and `params` (and optimizer keys), the other distill keys kept."""
@@ -265,9 +282,36 @@ def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
         check_milestones(pipeline.teacher.train.optimizer, pipeline.teacher.train.epochs,
                          "teacher.train.optimizer.milestones")
     get_method(pipeline.distill.method).check_pipeline(pipeline)
+    _check_seeds(pipeline)
     if pipeline.search is not None:
         resolve_space(pipeline)  # raises InputError naming the search.space key
     return pipeline
+
+
+def _check_seeds(pipeline: Pipeline) -> None:
+    """How seeds, seed, seed_scope, student_seed and distill.baseline go together (InputError, exit 2)."""
+    seeds = pipeline.seeds
+    if seeds is not None:
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise InputError("seeds", f"expected distinct seeds, got {shown(repeated[0])} more than once")
+        if len(seeds) < 2:
+            raise InputError("seeds", f"expected at least 2 seeds (the spread is a sample standard deviation, n − 1), "
+                                      f"got {shown(seeds)}; for one run, set seed: instead")
+        if pipeline.student_seed is not None:
+            raise InputError("student_seed", "contradicts seeds: each of the seeds is its run's student seed; remove "
+                                             "student_seed (seed: stays the seed of the shared data split and teacher)")
+        if pipeline.search is not None:
+            raise InputError("seeds", "a multi-seed run has no search: section; run the search first, then the seeds "
+                                      "with the method and parameters it chose")
+    elif pipeline.seed_scope != "student":
+        raise InputError("seed_scope", "acts only with seeds (kdpipe run --seeds or the seeds: key); remove it")
+    if pipeline.distill.baseline and seeds is None:
+        raise InputError("distill.baseline", "acts only with seeds (kdpipe run --seeds or the seeds: key): the gain "
+                                             "over the baseline is a mean over seeds")
+    if pipeline.distill.baseline and pipeline.distill.method == "none":
+        raise InputError("distill.baseline", "the method is none already, so the baseline would be the same runs; "
+                                             "set it to false")
 
 
 INT64 = 1 << 63

@@ -60,7 +60,7 @@ def prepare(pipeline_file: Path, overrides: list[str], check_models: bool = True
         teacher = build_model(pipeline.teacher.model, "teacher.model", data.input_shape, data.num_classes)
         if pipeline.teacher.checkpoint is not None:
             load_checkpoint(teacher, pipeline.teacher.checkpoint, "teacher.checkpoint")
-    torch.manual_seed(pipeline.seed + 1)
+    torch.manual_seed(pipeline.training_seed + 1)
     student = build_model(pipeline.student.model, "student.model", data.input_shape, data.num_classes)
     # Tap paths and shapes the method compares are checked here, with a dry pass, before any run starts.
     if check_models:

@@ -219,7 +219,7 @@ def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, cal
     # EMA would average the observers' ranges and the frozen BatchNorm statistics as if they were weights.
     settings = dataclasses.replace(settings, precision="fp32", compile=False, ema_decay=None, ema_export=False)
     trainer = Trainer(data, epochs=cfg.qat_epochs, batch_size=pipeline.data.batch_size, optimizer=optimizer,
-                      seed=pipeline.seed, on_epoch=on_epoch, settings=settings)
+                      seed=pipeline.training_seed, on_epoch=on_epoch, settings=settings)
     trainer.run([Phase("qat", [method.student_update(trainer, "qat")], cfg.qat_epochs,
                        evaluate={"qat": fake_quantized}, before_epoch=freeze_after_bn_epochs)])
     return freeze(fake_quantized), trainer

@@ -91,9 +91,21 @@ def stages_to_run(pipeline: Pipeline, until: str | None, given_model: bool) -> l
     return chosen
 
 
+@dataclass(frozen=True)
+class Nest:
+    """Where one seed's run of a multi-seed run (kdpipe.seeds) goes: its run directory inside the parent's, its MLflow
+    run nested under the parent's, and the command that continues the whole multi-seed run."""
+
+    run_dir: Path
+    run_id: str
+    parent_run_id: str
+    seed: int
+    resume_command: str
+
+
 def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cache_dir: Path | None = None,
                  mlflow_config: Path | None = None, until: str | None = None, resume: Path | None = None,
-                 onnx_model: Path | None = None) -> tuple[Path | None, dict[str, Any]]:
+                 onnx_model: Path | None = None, nest: Nest | None = None) -> tuple[Path | None, dict[str, Any]]:
     """Run every stage (through `until` when given); return (report path, report).
 
     The search stage runs only when the pipeline has a `search:` section.
@@ -104,10 +116,17 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
     The run directory is locked while a process works in it.
     Under torchrun every rank trains; ranks other than 0 return (None, report) after the training stages.
     `onnx_model`: validate this ONNX classifier against the pipeline's data and gates instead of training one.
+    A pipeline with `seeds`, or the run directory of one, runs as a multi-seed run (kdpipe.seeds); `nest` places
+    one of its seeds' runs.
     Raises InputError, GateFailed, StageFailed, TrackingUnreachable or RunInterrupted (SIGTERM, SIGINT).
     """
     if until is not None and until not in STAGE_NAMES:
         raise InputError("--until", f"expected one of {', '.join(STAGE_NAMES)}, got '{until}'")
+    if nest is None and onnx_model is None:
+        from kdpipe import seeds
+
+        if seeds.is_multi_seed(pipeline_file, overrides, resume):
+            return seeds.run_seeds(pipeline_file, overrides, runs_dir, cache_dir, mlflow_config, until, resume)
     check_cache_dir(cache_dir, runs_dir if resume is None else None)  # resumed: the one its ledger names, unless named
     with contextlib.ExitStack() as held:
         ledger: dict[str, Any] = {"finished": []}
@@ -116,6 +135,9 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
             if distributed.from_environment().is_main:
                 held.enter_context(lock_run_dir(resume))
             ledger = read_ledger(resume)  # as the last process that worked in it left it
+            if ledger.get("seeds_parent") and nest is None:
+                raise InputError("--resume", f"{resume} is one run of the multi-seed run {ledger['seeds_parent']}; "
+                                             f"continue that: kdpipe run --resume {ledger['seeds_parent']}")
             check_until(ledger, until, STAGE_NAMES)
             pipeline_file, overrides = Path(resume) / "pipeline.yaml", []
         prepared = prepare(pipeline_file, overrides)
@@ -130,7 +152,7 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
         try:
             with signals_interrupt_the_run():
                 run = _Run.open(prepared, pipeline_file, runs_dir, cache_dir, tracking, resume, ledger, env, held,
-                                mlflow_config)
+                                mlflow_config, nest)
                 return run.go(stages_to_run(prepared.pipeline, until, onnx_model is not None),
                               until if until not in (None, STAGE_NAMES[-1]) and onnx_model is None else None,
                               onnx_model)
@@ -184,11 +206,12 @@ class _Run:
     stage: str = "setup"  # the part of the run in progress, named in the report when the run ends badly
     tracker: Any = None
     ctx: RunContext | None = None
+    nest: Nest | None = None
 
     @classmethod
     def open(cls, prepared: Prepared, pipeline_file: Path, runs_dir: Path, cache_dir: Path | None, tracking,
              resume: Path | None, ledger: dict[str, Any], env: distributed.DistEnv, held: contextlib.ExitStack,
-             mlflow_config: Path | None) -> _Run:
+             mlflow_config: Path | None, nest: Nest | None = None) -> _Run:
         """The run directory (made and locked, or the resumed one) and the records the run starts from."""
         pipeline = prepared.pipeline
         if resume is not None:
@@ -201,6 +224,9 @@ class _Run:
             runs_dir = Path(runs_dir).resolve()
             run_id = distributed.broadcast_object(new_run_id())  # every rank uses rank 0's run directory
             run_dir = runs_dir / pipeline.name / run_id
+            if nest is not None:
+                run_dir, run_id = nest.run_dir, nest.run_id
+                ledger["seeds_parent"] = str(run_dir.parent)  # resumed through the parent only
             if env.is_main:
                 run_dir.mkdir(parents=True)
                 held.enter_context(lock_run_dir(run_dir))
@@ -214,7 +240,8 @@ class _Run:
                          or runs_dir / ".cache")
         command = f"kdpipe run --resume {run_dir}" + (f" --mlflow-config {mlflow_config}" if mlflow_config else "")
         return cls(prepared, Path(pipeline_file), run_dir, run_id, cache_dir, ledger, base, results, tracking, env,
-                   Progress() if env.is_main else Progress(open(os.devnull, "w")), command, resume is not None)
+                   Progress() if env.is_main else Progress(open(os.devnull, "w")),
+                   nest.resume_command if nest is not None else command, resume is not None, nest=nest)
 
     def go(self, stages: list[Stage], stopped_after: str | None,
            onnx_model: Path | None) -> tuple[Path | None, dict[str, Any]]:
@@ -252,9 +279,11 @@ class _Run:
                 self.tracker = ResumedTracker(self.tracker, self.ledger["mlflow_run_id"])
         else:
             pipeline = self.prepared.pipeline
+            nested = {"mlflow.parentRunId": self.nest.parent_run_id, "kdpipe.seed": str(self.nest.seed)} \
+                if self.nest is not None else {}
             self.base["mlflow"]["run_id"] = self.tracker.start(
                 f"{pipeline.name}-{self.run_id}", {"kdpipe.version": __version__, "kdpipe.run_dir": str(self.run_dir),
-                                                   "kdpipe.method": pipeline.distill.method})
+                                                   "kdpipe.method": pipeline.distill.method, **nested})
             self.tracker.log_params(pipeline.resolved())
 
     def _context(self, onnx_model: Path | None) -> RunContext:

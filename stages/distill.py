@@ -38,7 +38,7 @@ class Distill(Stage):
 def build(ctx):
     cfg = ctx.pipeline.distill
     return get_method(cfg.method)(cfg.params, student=ctx.student, teacher=ctx.teacher, num_classes=ctx.data.num_classes,
-                                  input_shape=ctx.data.input_shape, taps=cfg.taps, seed=ctx.pipeline.seed)
+                                  input_shape=ctx.data.input_shape, taps=cfg.taps, seed=ctx.pipeline.training_seed)
 
 
 def run(ctx) -> DistillResult:
@@ -52,10 +52,14 @@ def run(ctx) -> DistillResult:
         ctx.progress.info(f"  student reused from the search's best trial: {trained}")
     else:
         trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
-                          seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, settings=ctx.trainer_options("distill"))
-        torch.manual_seed(ctx.pipeline.seed + 1)
+                          seed=ctx.pipeline.training_seed, on_epoch=ctx.log_epoch,
+                          settings=ctx.trainer_options("distill"))
+        torch.manual_seed(ctx.pipeline.training_seed + 1)
         method.fit(trainer)
         report["distill"] = {"timing": trainer.timing_summary(), "optimizer_steps": trainer.optimizer_steps}
+        # The exported weights are the best epoch's on validation; the last epoch's score is reported beside it.
+        epochs = {"val_accuracy_best_epoch": trainer.final_metrics.get("best_val_accuracy"),
+                  "val_accuracy_last_epoch": trainer.final_metrics.get("val_accuracy")}
         if trainer.teacher_modes:  # views | cached | online, with the reason, per teacher the method reads
             report["distill"]["teacher_mode"] = "+".join(dict.fromkeys(m["mode"] for m in trainer.teacher_modes))
             report["distill"]["teacher"] = trainer.teacher_modes
@@ -68,4 +72,6 @@ def run(ctx) -> DistillResult:
     ctx.tracker.log_metrics({"student/test_accuracy_torch": acc})
     report["student"] = {"params": count_params(student), "accuracy_torch": acc,
                          "val_accuracy": accuracy(student, ctx.data.x_val, ctx.data.y_val)}
+    if trained is None:
+        report["student"].update(epochs)
     return DistillResult(report=report, accuracy_torch=acc)

@@ -34,6 +34,7 @@ class Trainer:
                  on_epoch: EpochCallback | None = None, settings: TrainerSettings | None = None):
         self.data, self.epochs, self.batch_size, self.optimizer, self.seed = data, epochs, batch_size, optimizer, seed
         self.on_epoch = on_epoch or (lambda label, epoch, epochs, metrics: None)
+        self.final_metrics: dict[str, float] = {}  # what run() returned last (the distill stage reports it)
         self.settings = settings = settings or TrainerSettings()
         self.device = data.y_train.device
         self.precision = resolve_precision(settings.precision, self.device)
@@ -177,6 +178,7 @@ class Trainer:
         result: dict[str, float] = {}
         for number, phase in enumerate(phases):
             result = self._run_phase(number, phase)
+        self.final_metrics = result
         return result
 
     def _run_phase(self, number: int, phase: Phase) -> dict[str, float]:
