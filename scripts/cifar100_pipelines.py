@@ -17,7 +17,8 @@ import yaml
 OUT = Path(__file__).resolve().parent.parent / "pipelines" / "cifar100"
 EPOCHS, MILESTONES = 240, [150, 180, 210]  # RepDistiller train_student.py, mdistiller configs, CTKD script
 CIFAR100_NORMALIZATION = {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}
-KD_LS_SCALE = 9.1  # LS's kd: 0.1·CE + 9·KD = 9.1·[(1 − alpha)·CE + alpha·KD] with alpha = 9/9.1
+# MLKD's strong view: the weak view's crop and flip, then FixMatch RandAugment (2 ops) and Cutout up to half the side.
+MLKD_STRONG_AUGMENT = "[{randaugment: {ops: 2}}, {cutout: {max_fraction: 0.5}}]"
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,9 @@ RECIPES = {
                    "960 epochs for resnet32x4→shufflev2, milestones still 150/180/210",
                    epochs={"resnet32x4-shufflev2": 960}, lr={**MLKD_LR_REST, **MLKD_LR}),
     "kd+ls": Recipe("kd", per_pair([2.0, 2.0, 2.0, 3.0, 2.0], lambda t: {
-        "temperature": 4.0, "alpha": 9.0 / KD_LS_SCALE, "logit_stand": True, "base_temperature": t}),
-        "logit-standardization-KD", top1(76.62, 76.11, 71.43, 74.36, 75.56),
-        f"LS's 0.1·CE + 9·KD, written as kd's (1 − alpha)·CE + alpha·KD with alpha 9/9.1, lr × {KD_LS_SCALE} "
-        f"and weight decay / {KD_LS_SCALE} (the same SGD steps)",
-        lr={pair: round(p.lr * KD_LS_SCALE, 9) for pair, p in PAIRS.items()},
-        optimizer={"weight_decay": 5.0e-4 / KD_LS_SCALE}),
+        "temperature": 4.0, "weights": "separate", "ce_weight": 0.1, "kd_weight": 9.0, "logit_stand": True,
+        "base_temperature": t}),
+        "logit-standardization-KD", top1(76.62, 76.11, 71.43, 74.36, 75.56), "LS's 0.1·CE + 9·KD"),
     "dkd+ls": Recipe("dkd", per_pair(DKD_LS, lambda v: {
         "alpha": v[0], "beta": v[0] * v[1], "temperature": 4.0, "warmup": 20, "ce_weight": 1.0,
         "logit_stand": True, "base_temperature": v[2]}),
@@ -196,6 +194,7 @@ def pipeline(name: str, recipe: Recipe, pair_name: str) -> str:
         f"  batch_size: {recipe.batch_size}",
         f"  normalize: {flow(CIFAR100_NORMALIZATION)}",
         "  augment: [{random_crop: {padding: 4}}, hflip]",
+        *([f"  strong_augment: {MLKD_STRONG_AUGMENT}"] if recipe.method == "mlkd" else []),
         "teacher:",
         f"  model: {{arch: {pair.teacher}}}",
         "  checkpoint: null",

@@ -34,6 +34,15 @@ METHODS = {
     "adversarial": ("adversarial.yaml", []),
     "dml": ("dml.yaml", []),
     "ban": ("ban.yaml", ["distill.params.generations=2"]),
+    "dkd": ("dkd.yaml", []),
+    "dist": ("dist.yaml", []),
+    "ctkd": ("ctkd.yaml", []),
+    "mlkd": ("mlkd.yaml", []),
+    "crd": ("crd.yaml", []),
+    "pkt": ("pkt.yaml", []),
+    "vid": ("vid.yaml", []),
+    "reviewkd": ("reviewkd.yaml", []),
+    "ofd": ("ofd.yaml", []),
 }
 
 
