@@ -36,7 +36,10 @@ class Distill(Stage):
 
 
 def build(ctx):
+    """The method, its own modules (CRD's heads, ReviewKD's fusions, VID's variances) drawn from the training seed:
+    the same whether the teacher was trained in this process or read from the cache."""
     cfg = ctx.pipeline.distill
+    torch.manual_seed(ctx.pipeline.training_seed + 1)
     return get_method(cfg.method)(cfg.params, student=ctx.student, teacher=ctx.teacher, num_classes=ctx.data.num_classes,
                                   input_shape=ctx.data.input_shape, taps=cfg.taps, seed=ctx.pipeline.training_seed)
 
@@ -54,7 +57,6 @@ def run(ctx) -> DistillResult:
         trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
                           seed=ctx.pipeline.training_seed, on_epoch=ctx.log_epoch,
                           settings=ctx.trainer_options("distill"))
-        torch.manual_seed(ctx.pipeline.training_seed + 1)
         method.fit(trainer)
         report["distill"] = {"timing": trainer.timing_summary(), "optimizer_steps": trainer.optimizer_steps}
         # The exported weights are the best epoch's on validation; the last epoch's score is reported beside it.

@@ -134,15 +134,15 @@ class Campaign:
         try:
             params = method_cls.Params.model_validate(choice.params)
             student = copy.deepcopy(self.initial_student)
+            torch.manual_seed(self.pipeline.training_seed + 1)  # the method's own modules, then training, from the seed
             method = method_cls(params, student=student, teacher=self.teacher, num_classes=self.data.num_classes,
                                 input_shape=self.data.input_shape, taps=self.pipeline.distill.taps,
-                                seed=self.pipeline.seed)
+                                seed=self.pipeline.training_seed)
             cfg = self.pipeline.distill
             on_epoch = self._epoch_reporter(trial, run_id)
             trainer = Trainer(self.data, epochs=cfg.epochs, batch_size=self.pipeline.data.batch_size,
-                              optimizer=cfg.optimizer.model_copy(update=choice.optimizer), seed=self.pipeline.seed,
+                              optimizer=cfg.optimizer.model_copy(update=choice.optimizer), seed=self.pipeline.training_seed,
                               on_epoch=on_epoch, settings=self.settings)
-            torch.manual_seed(self.pipeline.seed + 1)
             student = method.fit(trainer).eval()
             # With export keys in the space, the trial scores the model its quantization ships (space.with_export).
             quantized = None

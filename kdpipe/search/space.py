@@ -233,8 +233,10 @@ def _candidate_methods(spec: Any, pipeline) -> list[str]:
         if m not in known:
             raise InputError("search.space.method", f"unknown method '{m}'{suggest(str(m), known)}; "
                                                     f"expected some of {', '.join(sorted(known))}")
+        # Another method is judged with its own default params: the pipeline's params are the pipeline method's.
+        candidate = pipeline if m == pipeline.distill.method else pipeline.with_method(m, {})
         try:
-            known[m].check_pipeline(pipeline)
+            known[m].check_pipeline(candidate)
         except InputError as exc:
             raise InputError("search.space.method", f"method '{m}' cannot run this pipeline: {exc.message}") from None
     return methods
