@@ -23,6 +23,7 @@ from kdpipe.losses import crd_nce_loss
 from kdpipe.methods import get_method
 from kdpipe.methods.crd import draw_negatives, memory_dots
 from kdpipe.models.zoo import CNN
+from kdpipe.runner import run_pipeline
 from kdpipe.taps import Outputs
 from kdpipe.train import Batch, Trainer, load_method, save_method
 
@@ -331,3 +332,24 @@ def test_under_two_gloo_ranks_the_memories_stay_equal_and_take_every_ranks_rows(
     fresh = build(data, negatives=16).contrast.memory
     fresh.allocate(y, 0)
     assert not torch.equal(rank0["contrast.memory.student_rows"][:24], fresh.student_rows[:24])  # they were updated
+
+
+def test_heads_start_alike_whether_the_teacher_was_trained_in_the_run_or_read_from_the_cache(workdir):
+    """The distill stage draws the method's own modules (CRD's embedding heads) from the training seed: training the
+    teacher in the same process consumed the global generator before, and a cached teacher gave another student."""
+    students = []
+    for _ in range(2):  # the first run trains the teacher, the second reads it from the cache
+        report_path, _ = run_pipeline(PIPELINES / "crd.yaml", ["teacher.train.epochs=2", "distill.epochs=1"],
+                                      workdir / "runs", cache_dir=workdir / "cache", until="distill")
+        students.append(torch.load(report_path.parent / "student.pt", weights_only=True))
+    first, second = (flat_tensors(s) for s in students)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first), [k for k in first if not torch.equal(first[k], second[k])]
+
+
+def flat_tensors(state, prefix: str = "") -> dict[str, torch.Tensor]:
+    if torch.is_tensor(state):
+        return {prefix: state}
+    if isinstance(state, dict):
+        return {k: v for key, item in state.items() for k, v in flat_tensors(item, f"{prefix}.{key}").items()}
+    return {}
