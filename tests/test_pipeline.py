@@ -134,6 +134,7 @@ def test_schema_and_methods_commands():
     for name, cls in registry().items():
         assert cls.family in FAMILIES, name
         assert (cls.paper and cls.year) or cls.family == "baseline", f"{name} names no paper or year"
+        assert cls.year is None or str(cls.year) not in cls.paper, f"{name}: the year is said in 'year' alone"
 
 
 @pytest.mark.slow

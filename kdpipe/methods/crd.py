@@ -135,7 +135,7 @@ def memory_dots(rows: torch.Tensor, v: torch.Tensor, columns: torch.Tensor) -> t
 @method("crd")
 class CRD(RelationMethod):
     family = "feature"
-    paper = "Tian, Krishnan and Isola 2020, Contrastive Representation Distillation"
+    paper = "Tian, Krishnan and Isola, Contrastive Representation Distillation"
     year = 2020
     summary = ("contrastive representation distillation: CE + weight·(NCE of student vs teacher memory + teacher vs "
                "student memory) on the embeddings (+ kd_weight·kd_loss); memories 2·n_data·feat_dim·(4 or 2 for "

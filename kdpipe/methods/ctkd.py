@@ -49,7 +49,7 @@ def curriculum_lambda(epoch: int, lambda_min: float, lambda_max: float, epochs: 
 @method("ctkd")
 class CTKD(Method):
     family = "logit"
-    paper = "Li et al. 2023, Curriculum Temperature for Knowledge Distillation"
+    paper = "Li et al., Curriculum Temperature for Knowledge Distillation"
     year = 2023
     summary = ("Curriculum Temperature KD: ce_weight·CE + kd_weight·(kd_loss or dkd_loss) at a learned τ that a "
                "gradient reversal (λ rising on a cosine curriculum) makes ascend the loss; τ is dropped at export")

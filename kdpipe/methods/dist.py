@@ -23,7 +23,7 @@ class DISTParams(LogitStandParams):
 @method("dist")
 class DIST(Method):
     family = "logit"
-    paper = "Huang et al. 2022, Knowledge Distillation from A Stronger Teacher"
+    paper = "Huang et al., Knowledge Distillation from A Stronger Teacher"
     year = 2022
     summary = ("DIST: CE + τ²·(beta·inter + gamma·intra), 1 − Pearson correlation of softmax(z/τ) per sample and per "
                "class over the batch; the class term is a statistic of each device's batch share under torchrun "

@@ -27,7 +27,7 @@ def warmup_factor(epoch: int, warmup: int) -> float:
 @method("dkd")
 class DKD(Method):
     family = "logit"
-    paper = "Zhao et al. 2022, Decoupled Knowledge Distillation"
+    paper = "Zhao et al., Decoupled Knowledge Distillation"
     year = 2022
     summary = ("Decoupled KD: ce_weight·CE + min(epoch/warmup, 1)·(alpha·TCKD + beta·NCKD) at T; "
                "logit_stand: on standardized logits at base_temperature")

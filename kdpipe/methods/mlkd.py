@@ -37,7 +37,7 @@ class MLKDParams(LogitStandParams):
 @method("mlkd")
 class MultiLevelKD(Method):
     family = "logit"
-    paper = "Jin, Wang and Lin 2023, Multi-Level Logit Distillation"
+    paper = "Jin, Wang and Lin, Multi-Level Logit Distillation"
     year = 2023
     summary = ("multi-level logit distillation: instance (kd_loss), batch and class correlation terms at T in "
                "{2..6} on a weak view, KD on a strong view, masked by the teacher's confidence; needs "

@@ -47,7 +47,7 @@ def teacher_bns(teacher: nn.Module, paths: list[str]) -> list[nn.modules.batchno
 @method("ofd")
 class OFD(FeatureMethod):
     family = "feature"
-    paper = "Heo et al. 2019, A Comprehensive Overhaul of Feature Distillation"
+    paper = "Heo et al., A Comprehensive Overhaul of Feature Distillation"
     year = 2019
     summary = ("overhaul of feature distillation: CE + weight·Σ_i 2^−(L−i)·ofd_loss between connector(student) and "
                "the teacher's pre-ReLU stage ends (aligned from the deepest), margins from the teacher's BN before "

@@ -14,7 +14,7 @@ class PKTParams(Params):
 @method("pkt")
 class PKT(RelationMethod):
     family = "relation"
-    paper = "Passalis and Tefas 2018, Learning Deep Representations with Probabilistic Knowledge Transfer"
+    paper = "Passalis and Tefas, Learning Deep Representations with Probabilistic Knowledge Transfer"
     year = 2018
     summary = "probabilistic knowledge transfer: CE + weight·KL of the batch's cosine-similarity distributions"
     Params = PKTParams

@@ -64,7 +64,7 @@ def as_map_tensor(feat: torch.Tensor) -> torch.Tensor:
 @method("reviewkd")
 class ReviewKD(FeatureMethod):
     family = "feature"
-    paper = "Chen et al. 2021, Distilling Knowledge via Knowledge Review"
+    paper = "Chen et al., Distilling Knowledge via Knowledge Review"
     year = 2021
     summary = ("knowledge review: CE + weight·min(epoch / warmup_epochs, 1)·hcl_loss between the student's stage ends "
                "and embedding, fused deep → shallow by attention-based fusion modules (dropped at export), and the "

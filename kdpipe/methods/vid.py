@@ -52,7 +52,7 @@ class VariationalRegressor(nn.Module):
 @method("vid")
 class VID(FeatureMethod):
     family = "feature"
-    paper = "Ahn, Hu, Damianou, Lawrence and Dai 2019, Variational Information Distillation for Knowledge Transfer"
+    paper = "Ahn, Hu, Damianou, Lawrence and Dai, Variational Information Distillation for Knowledge Transfer"
     year = 2019
     summary = ("variational information distillation: CE + weight·Σ over stage-end pairs of the Gaussian NLL of "
                "the teacher's map given the student's (trained mean regressor, variance per channel)")
