@@ -1,8 +1,9 @@
 """Write pipelines/cifar100/: one pipeline per (teacher → student pair, method) with the published CIFAR-100 recipe
 (/work/shared/METHODS.md, "Recipe" and each method's section), from the one table below so the files cannot drift.
 
-Usage: python scripts/cifar100_pipelines.py [--check]   (--check: exit 1 when a file differs from what it would
-write, or is missing or extra; nothing is written)
+Usage: python scripts/cifar100_pipelines.py [--check | --table]   (--check: exit 1 when a file differs from what it
+would write, or is missing or extra; nothing is written. --table: print the README's table of the files and the
+published top-1 each should reach)
 """
 
 from __future__ import annotations
@@ -229,7 +230,23 @@ def files() -> dict[str, str]:
             for name, recipe in RECIPES.items() for pair in PAIRS if pair in recipe.params}
 
 
+def table() -> str:
+    """Markdown: a row per recipe, a column per pair; the published top-1 where METHODS.md gives one, "file" where
+    the file is written without a published number, "—" where the setting is unconfirmed (no file)."""
+    head = ["recipe (file suffix)", *(f"{PAIRS[p].teacher} → {PAIRS[p].student}" for p in PAIR_ORDER)]
+    rows = [["teacher", *(f"{PAIRS[p].teacher_top1:.2f}" for p in PAIR_ORDER)],
+            ["student from scratch (`none`)", *(f"{PAIRS[p].student_top1:.2f}" for p in PAIR_ORDER)]]
+    for name, recipe in RECIPES.items():
+        cells = [f"{recipe.top1[p]:.2f}" if p in recipe.top1 else "file" if p in recipe.params else "—"
+                 for p in PAIR_ORDER]
+        rows.append([f"{name} (`-{slug(name)}`)", *cells])
+    return "\n".join("| " + " | ".join(row) + " |" for row in [head, ["---"] * len(head), *rows])
+
+
 def main(argv: list[str]) -> int:
+    if "--table" in argv:
+        print(table())
+        return 0
     wanted = files()
     if "--check" in argv:
         have = {p.name for p in OUT.glob("*.yaml")}

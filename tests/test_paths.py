@@ -66,6 +66,23 @@ def test_file_paths_resolve_against_the_files_folder_and_set_against_the_working
     assert from_set.teacher.model.weights == project / "weights" / "teacher.pt"
 
 
+def test_set_replaces_placeholder_paths_before_any_path_is_checked(project, monkeypatch):
+    """A file whose data.path and teacher.checkpoint are placeholders checks cleanly when --set gives real ones:
+    the overrides apply before any file is looked for (issue 25, item 4)."""
+    monkeypatch.chdir(project)
+    raw = yaml.safe_load((project / "pipelines" / "p.yaml").read_text())
+    raw["data"]["path"] = "/nonexistent/placeholder.npz"
+    raw["teacher"]["checkpoint"] = "/nonexistent/teacher.pt"
+    (project / "pipelines" / "placeholders.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    refused = cli("check", "pipelines/placeholders.yaml")
+    assert refused.exit_code == 2 and "data.path: data file not found" in refused.stderr, refused.output
+    result = cli("check", "pipelines/placeholders.yaml",
+                 *sets("data.path=data/digits.npz", "teacher.checkpoint=weights/teacher.pt"))
+    assert result.exit_code == 0, result.output
+    untrained = cli("check", "pipelines/placeholders.yaml", *sets("data.path=data/digits.npz", "teacher.checkpoint=null"))
+    assert untrained.exit_code == 0, untrained.output
+
+
 @pytest.mark.parametrize("override, key, noun, folder", [
     (None, "data.path", "data file", "pipelines"),
     ("teacher.checkpoint=nowhere/t.pt", "teacher.checkpoint", "checkpoint", "."),
