@@ -16,6 +16,8 @@ import torch.nn.functional as F
 __all__ = [
     "kd_loss", "fitnet_loss", "at_loss", "nst_loss", "rkd_loss", "sp_loss", "dml_loss",
     "cwtm_weights", "dkpp_targets", "adversarial_d_loss", "adversarial_g_loss", "standardize_logits",
+    "dkd_loss", "dist_loss", "grad_reverse", "crd_nce_loss", "pkt_loss", "vid_loss", "hcl_loss", "ofd_loss",
+    "ofd_margin", "batch_correlation_loss", "class_correlation_loss",
 ]
 
 KERNELS = ("linear", "polynomial", "gaussian")
@@ -235,8 +237,7 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (logits - mean) / (logits.std(dim=-1, keepdim=True) + eps)
 
 
-# --- dkd, dist, ctkd (issue 20) ---
-__all__ += ["dkd_loss", "dist_loss", "grad_reverse"]
+# --- DKD, DIST, CTKD ---
 
 # DKD's mask: z_g/T − 1000 makes exp underflow to 0, so p̂ puts no mass and no gradient on the target class; finite,
 # because −inf would give kl_div 0·∞ = NaN (METHODS.md, "DKD").
@@ -314,8 +315,7 @@ class _GradReverse(torch.autograd.Function):
 def grad_reverse(x: torch.Tensor, lambd: float) -> torch.Tensor:
     """Gradient reversal (CTKD): the identity forward; backward multiplies the upstream gradient by −lambd."""
     return _GradReverse.apply(x, float(lambd))
-# --- crd, pkt, vid (issue 20) ---
-__all__ += ["crd_nce_loss", "pkt_loss", "vid_loss"]
+# --- CRD, PKT, VID ---
 
 
 def crd_nce_loss(probs: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
@@ -368,8 +368,7 @@ def vid_loss(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Ten
                          f"{tuple(log_scale.shape)}")
     variance = (F.softplus(log_scale) + eps).view(1, -1, *([1] * (target.ndim - 2)))
     return (0.5 * ((pred_mean - target).pow(2) / variance + torch.log(variance))).mean()
-# --- ReviewKD and OFD (issue 20) ---
-__all__ += ["hcl_loss", "ofd_loss", "ofd_margin"]
+# --- ReviewKD, OFD ---
 
 
 def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
@@ -413,8 +412,7 @@ def ofd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, margin: tor
     target = torch.maximum(teacher_feat, margin.reshape(1, -1, 1, 1).to(teacher_feat.dtype))
     counted = (student_feat > target) | (teacher_feat > 0)
     return ((student_feat - target).pow(2) * counted).sum() / student_feat.shape[0]
-# --- MLKD (issue 20) ---
-__all__ += ["batch_correlation_loss", "class_correlation_loss"]
+# --- MLKD ---
 
 
 def batch_correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -246,7 +246,7 @@ def adversarial_g_loss(d_student, mode: str = "lsgan") -> float:
     raise ValueError(mode)
 
 
-# --- dkd, dist, ctkd, logit standardization (issue 20) ---
+# --- dkd, dist, ctkd, logit standardization ---
 
 
 def dkd_loss(z_s, z_t, target, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> float:
@@ -295,7 +295,7 @@ def standardize_logits(z, eps: float = 1e-7) -> np.ndarray:
         std = math.sqrt(sum((x - mean) ** 2 for x in z[i]) / (c - 1))
         out[i] = (z[i] - mean) / (std + eps)
     return out
-# --- crd, pkt, vid (issue 20) ---
+# --- crd, pkt, vid ---
 
 
 def crd_nce_loss(probs, n_data: int, eps: float = 1e-7) -> float:
@@ -349,7 +349,7 @@ def vid_loss(pred_mean, target, log_scale, eps: float = 1e-5) -> float:
                 for x in range(w):
                     total += 0.5 * ((mu[i, ch, y, x] - t[i, ch, y, x]) ** 2 / variance + math.log(variance))
     return total / (n * c * h * w)
-# --- ReviewKD and OFD (issue 20) ---
+# --- ReviewKD and OFD ---
 
 
 def hcl_loss(student_feats, teacher_feats, levels=(4, 2, 1)) -> float:
@@ -404,7 +404,7 @@ def ofd_loss(student_feat, teacher_feat, margin) -> float:
                     if s[i, k, y, x] > target or t[i, k, y, x] > 0:
                         total += (s[i, k, y, x] - target) ** 2
     return total / n
-# --- MLKD (issue 20) ---
+# --- MLKD ---
 
 
 def batch_correlation_loss(student_logits, teacher_logits, temperature: float) -> float:
