@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from cifar_archive import write_cifar100
 from conftest import PIPELINES, ROOT, cli, read_report, sets
