@@ -315,6 +315,8 @@ class _GradReverse(torch.autograd.Function):
 def grad_reverse(x: torch.Tensor, lambd: float) -> torch.Tensor:
     """Gradient reversal (CTKD): the identity forward; backward multiplies the upstream gradient by −lambd."""
     return _GradReverse.apply(x, float(lambd))
+
+
 # --- CRD, PKT, VID ---
 
 
@@ -368,6 +370,8 @@ def vid_loss(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Ten
                          f"{tuple(log_scale.shape)}")
     variance = (F.softplus(log_scale) + eps).view(1, -1, *([1] * (target.ndim - 2)))
     return (0.5 * ((pred_mean - target).pow(2) / variance + torch.log(variance))).mean()
+
+
 # --- ReviewKD, OFD ---
 
 
@@ -412,6 +416,8 @@ def ofd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, margin: tor
     target = torch.maximum(teacher_feat, margin.reshape(1, -1, 1, 1).to(teacher_feat.dtype))
     counted = (student_feat > target) | (teacher_feat > 0)
     return ((student_feat - target).pow(2) * counted).sum() / student_feat.shape[0]
+
+
 # --- MLKD ---
 
 

@@ -295,6 +295,8 @@ def standardize_logits(z, eps: float = 1e-7) -> np.ndarray:
         std = math.sqrt(sum((x - mean) ** 2 for x in z[i]) / (c - 1))
         out[i] = (z[i] - mean) / (std + eps)
     return out
+
+
 # --- crd, pkt, vid ---
 
 
@@ -349,6 +351,8 @@ def vid_loss(pred_mean, target, log_scale, eps: float = 1e-5) -> float:
                 for x in range(w):
                     total += 0.5 * ((mu[i, ch, y, x] - t[i, ch, y, x]) ** 2 / variance + math.log(variance))
     return total / (n * c * h * w)
+
+
 # --- ReviewKD and OFD ---
 
 
@@ -404,6 +408,8 @@ def ofd_loss(student_feat, teacher_feat, margin) -> float:
                     if s[i, k, y, x] > target or t[i, k, y, x] > 0:
                         total += (s[i, k, y, x] - target) ** 2
     return total / n
+
+
 # --- MLKD ---
 
 

@@ -13,25 +13,15 @@ import reference_losses as ref
 from conftest import PIPELINES, cli, sets
 from kdpipe.config import TapsConfig
 from kdpipe.losses import pkt_loss, vid_loss
-from kdpipe.methods import get_method
-from kdpipe.models.zoo import CNN
 from kdpipe.taps import Outputs
 from kdpipe.train import Batch
+from test_relation_methods import build
 
 RTOL = 1e-5
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def build(name, digits, taps=None, **params):
-    cls = get_method(name)
-    torch.manual_seed(0)
-    teacher = CNN(digits.input_shape, 10, width=16, depth=3)
-    student = CNN(digits.input_shape, 10, width=8, depth=2)
-    return cls(cls.Params(**params), student=student, teacher=teacher, num_classes=10, input_shape=digits.input_shape,
-               taps=taps)
 
 
 @pytest.mark.parametrize("n, d_s, d_t", [(3, 4, 6), (8, 16, 16), (17, 5, 32)])
