@@ -73,6 +73,19 @@ def test_two_trial_one_epoch_search_completes(workdir, name):
     assert search["n_complete"] == 2 and search["n_failed"] == 0, search
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dkd", "dist", "ctkd", "mlkd", "crd", "pkt", "vid", "reviewkd", "ofd"])
+def test_each_new_methods_pipeline_passes_its_gates_as_written(workdir, name):
+    """pipelines/<name>.yaml, unchanged (its 30 epochs and its gates), through every stage to the registry."""
+    from conftest import cli, read_report
+
+    result = cli("run", PIPELINES / METHODS[name][0])
+    assert result.exit_code == 0, result.output
+    report = read_report(result.stdout)
+    assert report["status"] == "passed" and report["method"]["name"] == name
+    assert report["student"]["accuracy"] >= 0.93 and report["mlflow"]["model_version"] is not None
+
+
 def test_fitnets_two_stage_search_reports_only_evaluated_epochs(workdir):
     """Defect 1: every FitNets trial died with KeyError 'val_accuracy' (the hint stage has no validation)."""
     _, report = run_pipeline(PIPELINES / "fitnets.yaml", overrides("fitnets-2", "distill.epochs=1", "search={trials: 2}"),
