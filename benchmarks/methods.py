@@ -197,7 +197,8 @@ def benchmark(args, data: list[str], workdir: Path, argv: list[str] | None) -> i
         else:
             rows.append(Runs(name, path, []))
     # One scratch baseline per distinct student setup (data, student, epochs, optimizer, seed handling).
-    scratch_overrides = [f"distill.method={BASELINE}", "distill.params={}", "distill.taps=null"]
+    # The scratch student sees the weak view alone (a strong view is read only by a two-view method, MLKD).
+    scratch_overrides = [f"distill.method={BASELINE}", "distill.params={}", "distill.taps=null", "data.strong_augment=[]"]
     baselines: dict[str, Runs] = {}
     baseline_of: dict[str, Runs] = {}
     for row in rows:
