@@ -214,7 +214,8 @@ def test_ofd_margins_connectors_and_layer_weights(workdir, digits):
     layers = [ofd_loss(c(student.features[p.student]), teacher.features[p.teacher], m)
               for c, p, m in zip(method.connectors, method.pairs, method.margins())]
     assert parts["ofd"].item() == pytest.approx((layers[0] / 2 + layers[1]).item(), rel=1e-5)
-    assert total.item() == pytest.approx((parts["ce"] + 1e-3 * parts["ofd"]).item(), rel=1e-6)
+    assert method.params.weight == 1e-4  # as ofd.yaml sets it
+    assert total.item() == pytest.approx((parts["ce"] + 1e-4 * parts["ofd"]).item(), rel=1e-6)
 
 
 def test_ofd_refuses_a_teacher_layer_with_no_batch_norm_before_its_relu(workdir):
