@@ -127,6 +127,7 @@ def fit_augmented(data, method: str, teacher, *, epochs: int, seed: int, cache: 
     modes = {m["mode"]: m for m in trainer.teacher_modes}
     return {"epoch": trainer.timing_summary()["median_epoch_seconds"],
             "pass": modes["views"]["seconds"] if "views" in modes else 0.0,
+            "pass_batch": modes["views"]["teacher_pass"] if "views" in modes else None,
             "mode": "+".join(modes) or "none", "test_accuracy": accuracy(trained, data.x_test, data.y_test)}
 
 
@@ -158,6 +159,13 @@ def augmented_speed(images: int, epochs: int, repeats: int, views: int, teacher_
     view_pass = runs["kd + views"][0]["pass"]
     print(f"  one-time view pass: {view_pass:.1f} s ({n * views} teacher forwards), "
           f"{view_pass / best['kd online']['epoch']:.1f} epochs of kd online; paid once per teacher, data and seed")
+    probed = runs["kd + views"][0]["pass_batch"]
+    per_view = view_pass / (n * views)
+    online_per_image = (best["kd online"]["epoch"] - best["kd + views"]["epoch"]) / n  # the teacher's share online
+    print(f"  view pass at batch {probed['batch']} (ms per row probed: {probed['probed_ms_per_row']}): "
+          f"{per_view * 1e3:.3f} ms per view; the online teacher {online_per_image * 1e3:.3f} ms per image at batch "
+          f"{AUG_BATCH}: {per_view / online_per_image:.2f}× (goal ≤ 1.05×): "
+          f"{'met' if per_view <= 1.05 * online_per_image else 'MISSED'}")
     print(f"  kd + views costs {views_ratio:.2f}× the student alone (goal ≤ 1.15×): "
           f"{'met' if views_ratio <= 1.15 else 'MISSED'}; kd online costs {best['kd online']['epoch'] / base:.2f}×")
 

@@ -26,6 +26,7 @@ from kdpipe.errors import InputError
 MIN_TIMED_RUNS = 5  # percentiles from fewer calls say nothing; made even when the budget is spent
 MULTISTEP_GAMMA = 0.1  # the published CIFAR recipe's decay (RepDistiller, mdistiller)
 MULTISTEP_KEYS = ("milestones", "gamma")
+AUTO_TEACHER_VIEWS = 8  # distill.teacher_views: auto records at most this many views per image (fewer epochs: one each)
 
 
 class ModelConfig(Strict):
@@ -181,10 +182,11 @@ class DistillBase(Strict):
     teacher_cache_memory_mb: NonNegativeFloat = Field(
         2048.0, description="teacher outputs and teacher views held in memory together, least recently used "
                             "leaving first; an entry larger than this is memory-mapped from the disk cache")
-    teacher_views: PositiveInt = Field(
-        8, description="augmented data with teacher_cache auto, for methods reading only the teacher's softmax (kd): "
-                       "augmented views recorded per training image, scored once by the teacher and replayed "
-                       "(one per image each epoch)")
+    teacher_views: PositiveInt | Literal["auto"] = Field(
+        "auto", description="augmented data with teacher_cache auto, for methods reading only the teacher's softmax "
+                            "(kd): augmented views recorded per training image, scored once by the teacher and "
+                            "replayed (one per image each epoch); auto: min(8, epochs), as views beyond the epochs "
+                            "are never replayed")
     teacher_topk: PositiveInt = Field(
         10, description="teacher views: classes whose probability is kept per view (clipped to the class count); "
                         "the rest of the mass is spread evenly over the other classes")
@@ -210,6 +212,13 @@ class DistillBase(Strict):
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"expected auto, cpu, cuda or cuda:N, got '{device}'")
         return device
+
+    @property
+    def views_per_image(self) -> int:
+        """teacher_views resolved: `auto` is min(AUTO_TEACHER_VIEWS, epochs), at least one."""
+        if self.teacher_views == "auto":
+            return max(1, min(AUTO_TEACHER_VIEWS, self.epochs))
+        return self.teacher_views
 
     @field_validator("teacher_cache", mode="before")
     @classmethod

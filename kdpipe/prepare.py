@@ -117,10 +117,10 @@ def check_sizes(pipeline: Pipeline, data: Splits, device: torch.device) -> None:
         return  # no teacher views are recorded: the teacher runs online (Trainer.teacher)
     per_view = views_nbytes(data, 1, cfg.teacher_topk)
     free = available_bytes(device)
-    if per_view * cfg.teacher_views > free:
+    if per_view * cfg.views_per_image > free:
         raise InputError("distill.teacher_views",
                          f"expected at most {free // per_view} views of the {len(data.y_train)} training images on "
-                         f"this machine, got {cfg.teacher_views}: they need about "
-                         f"{per_view * cfg.teacher_views / 1e9:.0f} GB (augmentation parameters and the teacher's "
+                         f"this machine, got {cfg.views_per_image}: they need about "
+                         f"{per_view * cfg.views_per_image / 1e9:.0f} GB (augmentation parameters and the teacher's "
                          f"top-{min(cfg.teacher_topk, data.num_classes)} soft labels), all held in memory while the "
                          f"teacher pass makes them, and {device} has {free / 1e9:.1f} GB free")

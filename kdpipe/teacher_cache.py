@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +28,10 @@ from kdpipe.fingerprint import fingerprint
 from kdpipe.inference import predict
 from kdpipe.taps import Outputs
 
-PASS_BATCH = 512  # on CPU: rows per teacher forward in a full pass over the training split
+# On CPU: the batch sizes a full pass tries on its first chunks, each twice (a shape's first forward pays one-time
+# costs), before it runs the rest at the one that cost least per row.
+CPU_PASS_BATCHES = (32, 64, 128, 256, 512)
+STREAMED_PASS_BATCH = 512  # on CPU over streamed images: the loader decodes ahead, out of a probe's sight
 CUDA_PASS_BATCH = 4096  # on CUDA: the first batch tried, halved until the pass fits in the device's memory
 
 T = TypeVar("T")
@@ -46,11 +50,68 @@ def largest_batch(fn: Callable[[int], T], start: int) -> tuple[T, int]:
         batch //= 2  # outside the handler: the failed attempt's tensors are freed before the next one
 
 
-def full_pass(rows: int, device: torch.device, forward: Callable[[int], T]) -> T:
-    """`forward(batch)` over `rows` rows of one pass of the frozen teacher, at the pass batch for `device`: on CUDA
-    the largest that fits (from CUDA_PASS_BATCH down), elsewhere PASS_BATCH."""
-    start = min(CUDA_PASS_BATCH, rows) if device.type == "cuda" else PASS_BATCH
-    return largest_batch(forward, max(1, start))[0]
+class ProbedBatches:
+    """The chunk sizes of one pass over `rows` rows, drawn lazily by the pass itself: the first chunks try each of
+    `candidates` twice, timed from one draw to the next (the chunk's inputs and its forward), and the rest run at
+    the candidate whose second chunk cost least per row. Every chunk is a real part of the pass, so the probe costs
+    no forward of its own."""
+
+    def __init__(self, rows: int, candidates: tuple[int, ...] = CPU_PASS_BATCHES):
+        self.rows = rows
+        self.candidates = candidates
+        self.seconds_per_row: dict[int, float] = {}  # each candidate's measured cost, where it had a whole chunk
+        self.batch: int | None = None  # the chosen size, once the probe is over
+
+    def __iter__(self) -> Iterator[int]:
+        left = self.rows
+        for size in self.candidates:
+            for repeat in range(2):
+                if left == 0:
+                    return
+                chunk = min(size, left)
+                start = time.perf_counter()
+                yield chunk
+                if repeat == 1 and chunk == size:
+                    self.seconds_per_row[size] = (time.perf_counter() - start) / size
+                left -= chunk
+        if not left:
+            return
+        self.batch = min(self.seconds_per_row, key=self.seconds_per_row.__getitem__)
+        while left:
+            chunk = min(self.batch, left)
+            yield chunk
+            left -= chunk
+
+
+@dataclass
+class PassBatch:
+    """How a full pass was batched (report.json): `batch`, the rows per forward after the probe (None: the pass
+    ended within it); `probed`, the seconds per row each probed size cost; `rows` and `seconds`, the whole pass."""
+
+    rows: int
+    seconds: float
+    batch: int | None
+    probed: dict[int, float]
+
+    def report(self) -> dict[str, Any]:
+        return {"rows": self.rows, "seconds": round(self.seconds, 4),
+                "ms_per_row": round(self.seconds / self.rows * 1e3, 4), "batch": self.batch, "probed_ms_per_row": {str(b): round(s * 1e3, 4) for b, s in self.probed.items()}}
+
+
+def full_pass(rows: int, device: torch.device, forward: Callable[[int | Iterable[int]], T],
+              streamed: bool = False) -> tuple[T, PassBatch]:
+    """`forward(chunk_sizes)` over `rows` rows of one pass of the frozen teacher, chunk_sizes being one batch size
+    for every chunk or the sizes in turn: on CUDA at the largest batch that
+    fits (from CUDA_PASS_BATCH down); on CPU at the batch a probe on the pass's first chunks measures fastest
+    (ProbedBatches), or STREAMED_PASS_BATCH over `streamed` images."""
+    start = time.perf_counter()
+    if device.type == "cuda" or streamed:
+        first = max(1, min(CUDA_PASS_BATCH, rows)) if device.type == "cuda" else STREAMED_PASS_BATCH
+        result, batch = largest_batch(forward, first)
+        return result, PassBatch(rows, time.perf_counter() - start, batch, {})
+    sizes = ProbedBatches(rows)
+    result = forward(sizes)
+    return result, PassBatch(rows, time.perf_counter() - start, sizes.batch, sizes.seconds_per_row)
 
 
 @dataclass
@@ -99,6 +160,7 @@ class TeacherOutputCache:
         self.forward_passes = 0  # full teacher passes over a training split: tests and benchmarks count them
         self.spilled = 0  # entries kept on disk because they exceeded the memory budget
         self.view_passes = 0  # teacher passes over recorded augmented views: tests and benchmarks count them
+        self.last_pass: PassBatch | None = None  # how the last lookup's pass was batched (None: it found its entry)
 
     def key(self, teacher: nn.Module, data_fingerprint: str, taps: list[str], autocast: torch.dtype | None) -> str:
         return fingerprint(teacher, data_fingerprint, sorted(taps), str(autocast))
@@ -108,6 +170,7 @@ class TeacherOutputCache:
         """The teacher's outputs over `data`'s (un-augmented) training split, a kdpipe.data.Splits."""
         key = self.key(teacher, data.fingerprint, taps, autocast)
         device = data.y_train.device
+        self.last_pass = None
         if (held := self.recall(key)) is not None:
             return held
         path = self.directory / f"{key}.pt" if self.directory is not None else None
@@ -152,12 +215,13 @@ class TeacherOutputCache:
     def _compute(self, teacher, data, taps, autocast, channels_last) -> Outputs:
         self.forward_passes += 1
 
-        def forward(batch: int) -> Outputs:
-            chunks = [teacher_pass(teacher, x, taps, autocast, channels_last) for _, x in data.train_inputs(batch)]
+        def forward(sizes: int | Iterable[int]) -> Outputs:
+            chunks = [teacher_pass(teacher, x, taps, autocast, channels_last) for _, x in data.train_inputs(sizes)]
             return Outputs(torch.cat([c.logits for c in chunks]),
                            {k: torch.cat([c.features[k] for c in chunks]) for k in taps})
 
-        return full_pass(len(data.y_train), data.y_train.device, forward)
+        outputs, self.last_pass = full_pass(len(data.y_train), data.y_train.device, forward, data.stream is not None)
+        return outputs
 
     def _spill(self, outputs: Outputs, path: Path | None, device: torch.device) -> SpilledOutputs:
         if isinstance(outputs, SpilledOutputs):

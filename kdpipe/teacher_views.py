@@ -23,6 +23,7 @@ teacher outputs, so every trial of a search campaign replays the same views.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import kornia
@@ -110,6 +111,7 @@ def teacher_views(cache: TeacherOutputCache, teacher: nn.Module, data, *, views:
     the class count."""
     topk = min(topk, data.num_classes)
     entry = f"views-{key(teacher, data, views, topk, seed, autocast)}"
+    cache.last_pass = None
     if (held := cache.recall(entry)) is not None:
         return held
     device = data.y_train.device
@@ -118,7 +120,7 @@ def teacher_views(cache: TeacherOutputCache, teacher: nn.Module, data, *, views:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         result = TeacherViews.from_state(state, device, cache.fits(_nbytes(state)))
     else:
-        result = _compute(teacher, data, views, topk, seed, autocast, channels_last)
+        result = _compute(cache, teacher, data, views, topk, seed, autocast, channels_last)
         cache.view_passes += 1
         if path is not None:
             state = {k: _cpu(v) for k, v in result.state().items()}
@@ -140,18 +142,18 @@ def _cpu(value):
     return value
 
 
-def _compute(teacher: nn.Module, data, views: int, topk: int, seed: int, autocast: torch.dtype | None,
-             channels_last: bool) -> TeacherViews:
+def _compute(cache: TeacherOutputCache, teacher: nn.Module, data, views: int, topk: int, seed: int,
+             autocast: torch.dtype | None, channels_last: bool) -> TeacherViews:
     """Draw every view's parameters at once, then score the views in row order, at the teacher pass's batch
-    (kdpipe.teacher_cache.full_pass: PASS_BATCH rows per forward on CPU, the largest that fits on CUDA)."""
+    (kdpipe.teacher_cache.full_pass: measured on CPU, the largest that fits on CUDA); `cache.last_pass` says how."""
     device = data.y_train.device
     num_classes = data.num_classes
     params = data.augmentation.draw(len(data.y_train) * views, torch.Generator().manual_seed(seed)).to(device)
     class_dtype = _class_dtype(num_classes)
 
-    def forward(batch: int) -> TeacherViews:
+    def forward(sizes: int | Iterable[int]) -> TeacherViews:
         tops, classes, rests = [], [], []
-        for _, x in data.view_inputs(params, views, batch):
+        for _, x in data.view_inputs(params, views, sizes):
             log_p = F.log_softmax(teacher_pass(teacher, x, [], autocast, channels_last).logits, dim=1)
             top, top_class = log_p.topk(topk, dim=1)
             if topk < num_classes:  # the other classes' mass, spread evenly: logsumexp of theirs − log(C − k)
@@ -163,5 +165,6 @@ def _compute(teacher: nn.Module, data, views: int, topk: int, seed: int, autocas
             rests.append(rest.clamp_min(LOG_FLOOR).half())
         return TeacherViews(views, num_classes, params, torch.cat(tops), torch.cat(classes), torch.cat(rests), device)
 
-    return full_pass(len(data.y_train) * views, device, forward)
+    result, cache.last_pass = full_pass(len(data.y_train) * views, device, forward, data.stream is not None)
+    return result
 

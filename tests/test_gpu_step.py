@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from kdpipe.config import ModelConfig, OptimizerConfig
 from kdpipe.methods import get_method
 from kdpipe.models import build_model
-from kdpipe.teacher_cache import PASS_BATCH, TeacherOutputCache, largest_batch
+from kdpipe.teacher_cache import largest_batch
 from kdpipe.train import Batch, Trainer, TrainerSettings, _tensors, prefetched
 
 # Tensor calls that make the host wait for the device (on CUDA) to read a value back.
@@ -166,27 +166,6 @@ def test_largest_batch_gives_up_at_one_and_never_retries_other_errors():
     with pytest.raises(ValueError):
         largest_batch(broken, 8)
     assert tried == [8]
-
-
-class BatchSizes(nn.Module):
-    """A linear classifier that records the batch size of every forward."""
-
-    def __init__(self, features: int, classes: int):
-        super().__init__()
-        self.linear = nn.Linear(features, classes)
-        self.seen: list[int] = []
-
-    def forward(self, x):
-        self.seen.append(len(x))
-        return self.linear(x.flatten(1))
-
-
-def test_the_cpu_teacher_pass_runs_fixed_batches_of_one_forward_each(digits):
-    teacher = BatchSizes(64, digits.num_classes)
-    outputs = TeacherOutputCache().get(teacher, digits, [])
-    n = len(digits.y_train)
-    assert teacher.seen == [PASS_BATCH] * (n // PASS_BATCH) + [n % PASS_BATCH]
-    assert torch.allclose(outputs.logits, teacher.linear(digits.to_input(digits.x_train).flatten(1)), atol=1e-6)
 
 
 def test_gpu_benchmark_prints_one_skip_line_without_cuda():

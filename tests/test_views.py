@@ -4,7 +4,6 @@ apply."""
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from kdpipe.data.sources import data_config
 from kdpipe.data import load_data
 from kdpipe.methods import get_method
 from kdpipe.models import build_model
-from kdpipe.teacher_cache import PASS_BATCH, TeacherOutputCache, teacher_pass
+from kdpipe.teacher_cache import TeacherOutputCache, teacher_pass
 from kdpipe.train import Trainer, TrainerSettings
 from conftest import FAST, PIPELINES, cli, read_report, sets, write_pipeline
 
@@ -226,12 +225,14 @@ def mapped_from(tensor: torch.Tensor, path) -> bool:
 @pytest.fixture
 def count_teacher_passes(monkeypatch):
     """Counts every teacher forward kdpipe makes (view pass, cached pass, online steps), running each for real."""
-    calls = {"views": 0, "other": 0}
+    calls = {"views": 0, "view_rows": 0, "other": 0}
 
     def counting(kind):
-        def run(*args, **kwargs):
+        def run(teacher, x, *args, **kwargs):
             calls[kind] += 1
-            return teacher_pass(*args, **kwargs)
+            if kind == "views":
+                calls["view_rows"] += len(x)
+            return teacher_pass(teacher, x, *args, **kwargs)
         return run
 
     monkeypatch.setattr(kdpipe.teacher_views, "teacher_pass", counting("views"))
@@ -256,8 +257,8 @@ def test_a_three_trial_campaign_scores_the_views_once(workdir, teacher_cache, mo
     report = read_report(result.stdout)
     assert report["search"]["n_complete"] == 3
     assert report["search"]["teacher_view_passes"] == 1 and report["search"]["teacher_forward_passes"] == 0
-    views = 8  # distill.teacher_views' default: one pass over train × 8 views, PASS_BATCH views per forward
-    assert count_teacher_passes["views"] == math.ceil(report["data"]["train"] * views / PASS_BATCH)
+    views = 2  # distill.teacher_views' default, auto: min(8, epochs); one pass over train × views, each scored once
+    assert count_teacher_passes["view_rows"] == report["data"]["train"] * views
     assert count_teacher_passes["other"] == 0  # no trial ran the teacher online, nor over un-augmented data
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,11 +167,11 @@ class Splits:
             x = self.augmentation.replay(self.conversion.unit(stored), params.rows(index * views + view))
             yield index, view, self.conversion.normalize(x), self.y_train[index]
 
-    def view_inputs(self, params: AugmentParams, views: int, batch_size: int) -> Iterator[tuple[torch.Tensor,
-                                                                                                torch.Tensor]]:
-        """(rows, inputs) over every recorded view in row order (image · views + view): the teacher's view pass."""
-        rows = list(torch.arange(len(self.y_train) * views, device=self.y_train.device).split(batch_size))
-        for row, stored in zip(rows, self._stored([r // views for r in rows])):
+    def view_inputs(self, params: AugmentParams, views: int,
+                    chunk_sizes: int | Iterable[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows, inputs) over every recorded view in row order (image · views + view), in chunks of the sizes
+        drawn from `chunk_sizes` one at a time: the teacher's view pass."""
+        for row, stored in self._chunks(len(self.y_train) * views, chunk_sizes, views):
             yield row, self.conversion.normalize(self.augmentation.replay(self.conversion.unit(stored), params.rows(row)))
 
     def _epoch_indices(self, batch_size: int, generator: torch.Generator, rank: int, world_size: int) -> list[torch.Tensor]:
@@ -186,11 +186,34 @@ class Splits:
             indices.append(index[rank::world_size])
         return indices
 
-    def train_inputs(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(index, inputs) over the training split in order, never augmented: for frozen-teacher passes."""
-        indices = list(torch.arange(len(self.y_train), device=self.y_train.device).split(batch_size))
-        for index, stored in zip(indices, self._stored(indices)):
+    def train_inputs(self, chunk_sizes: int | Iterable[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(index, inputs) over the training split in order, never augmented, in chunks of the sizes drawn from
+        `chunk_sizes` one at a time: for frozen-teacher passes."""
+        for index, stored in self._chunks(len(self.y_train), chunk_sizes):
             yield index, self.to_input(stored)
+
+    def _chunks(self, rows: int, chunk_sizes: int | Iterable[int], views: int = 1) -> Iterator[tuple[torch.Tensor,
+                                                                                             torch.Tensor]]:
+        """(rows, stored samples) over consecutive row ranges of 0 … rows−1 (row r: sample r // views), each range
+        drawn from `chunk_sizes` when the previous one is done, so a pass that times its first chunks sees each
+        chunk's whole cost (an int: every chunk that size); streamed data draws them all first, for the loader to
+        decode ahead."""
+        def ranges() -> Iterator[torch.Tensor]:
+            if isinstance(chunk_sizes, int):
+                yield from torch.arange(rows, device=self.y_train.device).split(chunk_sizes)
+                return
+            start = 0
+            for size in chunk_sizes:
+                yield torch.arange(start, start + size, device=self.y_train.device)
+                start += size
+            assert start == rows, f"chunks of {start} rows over {rows}"
+
+        if self.stream is not None:
+            chunks = list(ranges())
+            yield from zip(chunks, self._stored([c // views for c in chunks]))
+        else:
+            for chunk in ranges():
+                yield chunk, self.x_train[chunk // views]
 
     def calibration_inputs(self, count: int, batch_size: int, seed: int, stored: bool = False) -> list[np.ndarray]:
         """`count` batches of model-ready float32 inputs drawn without replacement from the training split (a fixed

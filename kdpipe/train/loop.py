@@ -44,7 +44,7 @@ class Trainer:
         self.channels_last = self.device.type == "cuda" and len(data.input_shape) == 3
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its fastest kernels once
-        self.serving = TeacherServing(data, settings, seed, self.autocast_dtype, self.channels_last)
+        self.serving = TeacherServing(data, settings, seed, batch_size, self.autocast_dtype, self.channels_last)
         self.timing = TimingLog()
         self._compiled: set[int] = set()
 

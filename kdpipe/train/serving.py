@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -18,9 +19,11 @@ class TeacherServing:
     """Chooses, per teacher a method reads, how its outputs reach the loss, and records the choice and why
     (`modes`, report.json's distill.teacher)."""
 
-    def __init__(self, data, settings: TrainerSettings, seed: int, autocast_dtype, channels_last: bool):
+    def __init__(self, data, settings: TrainerSettings, seed: int, batch_size: int, autocast_dtype,
+                 channels_last: bool):
         self.data = data
         self.settings = settings
+        self.batch_size = batch_size  # the training batch, at which the teacher would run online
         self.cache = settings.teacher_cache or TeacherOutputCache()
         self.seed = seed
         self.autocast_dtype = autocast_dtype
@@ -46,7 +49,8 @@ class TeacherServing:
         if not self.data.augmented:
             cached = self.cache.get(teacher, self.data, taps, autocast=self.autocast_dtype,
                                     channels_last=self.channels_last)
-            self._record("cached", "un-augmented inputs: one teacher pass over the training split")
+            self._record("cached", "un-augmented inputs: one teacher pass over the training split",
+                         **self._pass_details())
             return lambda batch: cached.select(batch.index)
         if not soft_labels or taps:
             return self._online(teacher, taps, "augmented inputs, and the method reads teacher features or raw "
@@ -59,9 +63,26 @@ class TeacherServing:
                                            topk=self.settings.teacher_topk, seed=self.seed,
                                            autocast=self.autocast_dtype, channels_last=self.channels_last)
         self._record("views", "augmented inputs: the teacher's soft labels on recorded views, replayed",
-                     views=views.views, topk=views.topk, seconds=time.perf_counter() - start)
+                     views=views.views, topk=views.topk, seconds=time.perf_counter() - start, **self._pass_details(),
+                     break_even_epochs=self._break_even_epochs(views.views))
         # log p̂ stands in for the logits: a loss reading softmax(z / T) gets the stored distribution at T.
         return lambda batch: Outputs(views.log_probabilities(batch.index, batch.view))
+
+    def _pass_details(self) -> dict[str, Any]:
+        """How the lookup just made reached its entry: found in the cache (the pass costs nothing) or by a teacher
+        pass, with its batch, what the probe measured and its cost per row (per view, for views)."""
+        done = self.cache.last_pass
+        return {"found_in_cache": done is None, "teacher_pass": None if done is None else done.report()}
+
+    def _break_even_epochs(self, views: int) -> float | None:
+        """The epochs from which recording `views` views per image costs less than running the teacher online: the
+        pass's cost per view × views over the cost per row of its probe chunk nearest the training batch (what an
+        online teacher pays per image); None where the pass had no probe (found in the cache, CUDA, streamed)."""
+        done = self.cache.last_pass
+        if done is None or not done.probed:
+            return None
+        nearest = min(done.probed, key=lambda b: abs(math.log(b / self.batch_size)))
+        return round(views * done.seconds / done.rows / done.probed[nearest], 2)
 
     def _online(self, teacher: nn.Module, taps: list[str], reason: str) -> TeacherFn:
         self._record("online", reason)

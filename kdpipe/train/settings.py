@@ -58,7 +58,7 @@ class TrainerSettings:
                       "ema_export": bool(distill.ema and distill.ema.export)}
         return cls(precision=distill.precision, compile=distill.compile, checkpoint_dir=checkpoint_dir,
                    teacher_cache=teacher_cache, teacher_online=distill.teacher_cache == "off",
-                   teacher_views=distill.teacher_views, teacher_topk=distill.teacher_topk, **recipe)
+                   teacher_views=distill.views_per_image, teacher_topk=distill.teacher_topk, **recipe)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
