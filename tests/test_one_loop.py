@@ -265,7 +265,8 @@ def test_sgd_nesterov_is_an_explicit_setting(nesterov):
 
 def test_epoch_timings_are_logged_and_summarized(workdir):
     """Per epoch: epoch_seconds and samples_per_second (training) and the validation pass's own, in MLflow and
-    the progress line; report.json holds the median epoch seconds and the throughput."""
+    the progress line; report.json holds the median epoch and validation seconds, the throughput, and the whole
+    stage: its seconds, per epoch, and its one-time teacher pass."""
     from conftest import LENIENT, cli, read_report
 
     result = cli("run", PIPELINES / "digits.yaml", *sets(*FAST, *LENIENT))
@@ -274,7 +275,14 @@ def test_epoch_timings_are_logged_and_summarized(workdir):
     timing = report["distill"]["timing"]
     assert timing["epochs"] == 6 and timing["median_epoch_seconds"] > 0 and timing["samples_per_second"] > 0
     assert timing["optimizer_steps"] == 6 * 19  # ceil(1169 / 64) batches per epoch
-    assert "epoch_seconds" in result.stderr and "samples_per_second" in result.stderr
+    assert "epoch_seconds" in result.stderr and "samples_per_second" in result.stderr and "val_seconds" in result.stderr
+    # The whole stage beside the steady epoch: training and validation apart, one-time costs named (issue 25).
+    assert 0 < timing["median_val_seconds"] < timing["stage_seconds_per_epoch"]
+    assert timing["first_epoch_extra_seconds"] >= 0
+    (cached,) = report["distill"]["teacher"]
+    passed = 0.0 if cached["found_in_cache"] else cached["teacher_pass"]["seconds"]
+    assert timing["teacher_pass_seconds"] == pytest.approx(passed)
+    assert timing["stage_seconds"] == pytest.approx(timing["stage_seconds_per_epoch"] * 6)
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     run_id = report["mlflow"]["run_id"]
     seconds = {m.step: m.value for m in client.get_metric_history(run_id, "student/epoch_seconds")}
@@ -284,6 +292,8 @@ def test_epoch_timings_are_logged_and_summarized(workdir):
         assert seconds[step] > 0 and abs(rates[step] * seconds[step] - report["data"]["train"]) <= 0.05 * report["data"]["train"]
     val_rates = client.get_metric_history(run_id, "student/val_samples_per_second")
     assert len(val_rates) == 6 and all(m.value > 0 for m in val_rates)
+    val_seconds = [m.value for m in client.get_metric_history(run_id, "student/val_seconds")]
+    assert sum(seconds.values()) + sum(val_seconds) + timing["teacher_pass_seconds"] < timing["stage_seconds"]
     params = client.get_run(run_id).data.params
     assert params["distill.optimizer.nesterov"] == "True"
 

@@ -54,7 +54,8 @@ class TimingLog:
         self.optimizer_steps = 0
 
     def summary(self) -> dict[str, float] | None:
-        """Median epoch seconds and training throughput over every epoch."""
+        """Median epoch seconds (training alone) and validation seconds, training throughput over every epoch, and
+        what the first epoch took beyond the median."""
         if not self.epochs:
             return None
         seconds = sorted(e["epoch_seconds"] for e in self.epochs)
@@ -64,6 +65,9 @@ class TimingLog:
         val = [e["val_samples_per_second"] for e in self.epochs if "val_samples_per_second" in e]
         if val:
             summary["val_samples_per_second"] = sorted(val)[len(val) // 2]
+            summary["median_val_seconds"] = _median(sorted(e["val_seconds"] for e in self.epochs if "val_seconds" in e))
+        # The first epoch's extra over the median: compilation (distill.compile) and first-call warm-up.
+        summary["first_epoch_extra_seconds"] = max(0.0, self.epochs[0]["epoch_seconds"] - summary["median_epoch_seconds"])
         return summary
 
 
