@@ -95,15 +95,16 @@ class PassBatch:
 
     def report(self) -> dict[str, Any]:
         return {"rows": self.rows, "seconds": round(self.seconds, 4),
-                "ms_per_row": round(self.seconds / self.rows * 1e3, 4), "batch": self.batch, "probed_ms_per_row": {str(b): round(s * 1e3, 4) for b, s in self.probed.items()}}
+                "ms_per_row": round(self.seconds / self.rows * 1e3, 4), "batch": self.batch,
+                "probed_ms_per_row": {str(b): round(s * 1e3, 4) for b, s in self.probed.items()}}
 
 
 def full_pass(rows: int, device: torch.device, forward: Callable[[int | Iterable[int]], T],
               streamed: bool = False) -> tuple[T, PassBatch]:
     """`forward(chunk_sizes)` over `rows` rows of one pass of the frozen teacher, chunk_sizes being one batch size
-    for every chunk or the sizes in turn: on CUDA at the largest batch that
-    fits (from CUDA_PASS_BATCH down); on CPU at the batch a probe on the pass's first chunks measures fastest
-    (ProbedBatches), or STREAMED_PASS_BATCH over `streamed` images."""
+    for every chunk or the sizes in turn: on CUDA at the largest batch that fits (from CUDA_PASS_BATCH down); on CPU
+    at the batch a probe on the pass's first chunks measures fastest (ProbedBatches), or STREAMED_PASS_BATCH over
+    `streamed` images."""
     start = time.perf_counter()
     if device.type == "cuda" or streamed:
         first = max(1, min(CUDA_PASS_BATCH, rows)) if device.type == "cuda" else STREAMED_PASS_BATCH

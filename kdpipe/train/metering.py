@@ -65,9 +65,11 @@ class TimingLog:
         val = [e["val_samples_per_second"] for e in self.epochs if "val_samples_per_second" in e]
         if val:
             summary["val_samples_per_second"] = sorted(val)[len(val) // 2]
-            summary["median_val_seconds"] = _median(sorted(e["val_seconds"] for e in self.epochs if "val_seconds" in e))
+            summary["median_val_seconds"] = _median(sorted(e["val_seconds"] for e in self.epochs
+                                                           if "val_seconds" in e))
         # The first epoch's extra over the median: compilation (distill.compile) and first-call warm-up.
-        summary["first_epoch_extra_seconds"] = max(0.0, self.epochs[0]["epoch_seconds"] - summary["median_epoch_seconds"])
+        first_extra = self.epochs[0]["epoch_seconds"] - summary["median_epoch_seconds"]
+        summary["first_epoch_extra_seconds"] = max(0.0, first_extra)
         return summary
 
 
