@@ -39,7 +39,7 @@ from kdpipe.losses import kd_loss
 from kdpipe.methods import get_method
 from kdpipe.models import build_model, count_params
 from kdpipe.teacher_cache import TeacherOutputCache
-from kdpipe.train import Trainer
+from kdpipe.train import Trainer, TrainerSettings
 
 STUDENT = ModelConfig(arch="resnet8")
 TEACHER = ModelConfig(arch="resnet32x4")
@@ -65,8 +65,8 @@ def student_model(data) -> torch.nn.Module:
 def kdpipe_epochs(data, teacher, cache: TeacherOutputCache, batch: int, graphs: bool, epochs: int) -> list[float]:
     """kdpipe's distill epoch: Trainer.run with method kd, bf16, the teacher's outputs from `cache`."""
     torch.compiler.reset()  # each compiled student starts from a clean compile cache (no recompile limit reached)
-    trainer = Trainer(data, epochs=epochs, batch_size=batch, optimizer=OPTIMIZER, seed=0, teacher_cache=cache,
-                      precision="bf16", compile_model=graphs)
+    trainer = Trainer(data, epochs=epochs, batch_size=batch, optimizer=OPTIMIZER, seed=0,
+                      settings=TrainerSettings(teacher_cache=cache, precision="bf16", compile=graphs))
     kd = get_method("kd")
     kd(kd.Params(temperature=TEMPERATURE, alpha=ALPHA), student=student_model(data), teacher=teacher,
        num_classes=data.num_classes, input_shape=data.input_shape).fit(trainer)

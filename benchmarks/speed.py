@@ -48,6 +48,7 @@ from kdpipe.data import load_data
 from kdpipe.methods import get_method
 from kdpipe.models import build_model, count_params
 from kdpipe.teacher_cache import TeacherOutputCache
+from kdpipe.train.settings import TrainerSettings
 
 TEACHER = ModelConfig(arch="cnn", width=64, depth=4)
 STUDENT = ModelConfig(arch="cnn", width=8, depth=2)
@@ -73,7 +74,7 @@ def time_fit(method: str, epochs: int, device: str = "cpu", teacher_online: bool
         stamps.append(time.perf_counter())
 
     trainer = Trainer(data, epochs=epochs, batch_size=64, optimizer=OptimizerConfig(lr=0.05), seed=0,
-                      on_epoch=on_epoch, teacher_online=teacher_online, precision=precision)
+                      on_epoch=on_epoch, settings=TrainerSettings(teacher_online=teacher_online, precision=precision))
     cls = get_method(method)
     start = time.perf_counter()
     cls(cls.Params(), student=student, teacher=teacher if cls.needs_teacher else None, num_classes=data.num_classes,
@@ -120,7 +121,8 @@ def fit_augmented(data, method: str, teacher, *, epochs: int, seed: int, cache: 
     torch.manual_seed(seed)
     student = student or build_model(ModelConfig(arch=AUG_STUDENT), "student", data.input_shape, data.num_classes)
     trainer = Trainer(data, epochs=epochs, batch_size=AUG_BATCH, optimizer=OptimizerConfig(lr=0.05), seed=seed,
-                      teacher_cache=cache, teacher_online=online, teacher_views=views, precision="fp32")
+                      settings=TrainerSettings(teacher_cache=cache, teacher_online=online, teacher_views=views,
+                                               precision="fp32"))
     cls = get_method(method)
     trained = cls(cls.Params(), student=student, teacher=teacher if cls.needs_teacher else None,
                   num_classes=data.num_classes, input_shape=data.input_shape).fit(trainer).eval()
