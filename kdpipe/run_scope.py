@@ -4,8 +4,10 @@ trackers through which ranks talk (or, other than rank 0, do not talk) to MLflow
 from __future__ import annotations
 
 import contextlib
+import secrets
 import signal
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 from kdpipe.errors import InputError, RunInterrupted
@@ -78,3 +80,8 @@ def signals_interrupt_the_run():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def new_run_id() -> str:
+    """A run directory's name: its UTC start time and 4 random hex digits (runs started in the same second differ)."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from kdpipe.progress import Progress
 from kdpipe.report import new_report, render_ledger, render_report
 from kdpipe.results import Results, Stage, StageResult
 from kdpipe.resume import check_resumed, check_until, read_ledger, run_record, write_record
-from kdpipe.run_scope import (STOPPED_AFTER_TAG, ResumedTracker, SilentTracker, lock_run_dir,
+from kdpipe.run_scope import (STOPPED_AFTER_TAG, ResumedTracker, SilentTracker, lock_run_dir, new_run_id,
                               signals_interrupt_the_run)
 from kdpipe.search.storage import check_storage_location
 from kdpipe.stages import STAGES
@@ -77,10 +75,6 @@ class RunContext:
     def log_epoch(self, label: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics({f"{label}/{k}": v for k, v in metrics.items()}, step=epoch)
         self.progress.epoch(label, epoch, epochs, metrics)
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
 def stages_to_run(pipeline: Pipeline, until: str | None, given_model: bool) -> list[Stage]:

@@ -27,7 +27,7 @@ from kdpipe.pipeline import Pipeline, load_pipeline
 from kdpipe.progress import Progress
 from kdpipe.report import new_report
 from kdpipe.resume import check_resumed, run_record, write_record
-from kdpipe.run_scope import ResumedTracker, lock_run_dir, signals_interrupt_the_run
+from kdpipe.run_scope import ResumedTracker, lock_run_dir, new_run_id, signals_interrupt_the_run
 from kdpipe.tracking import Tracker, check_reachable, load_tracking_config
 
 LEDGER = "ledger.json"
@@ -219,8 +219,6 @@ class _Parent:
     @classmethod
     def open(cls, prepared, runs_dir: Path, cache_dir: Path | None, tracking, mlflow_config: Path | None,
              ledger: dict[str, Any], resume: Path | None, held: contextlib.ExitStack) -> _Parent:
-        from kdpipe.runner import new_run_id
-
         pipeline = prepared.pipeline
         if resume is not None:
             run_dir = Path(resume).resolve()
