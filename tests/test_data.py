@@ -161,3 +161,24 @@ def test_too_few_samples_to_split(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((4, 3)), y=np.array([0, 1, 0, 1]))
     with pytest.raises(InputError, match="too few samples"):
         load_data(data_config(source="npz", path=tmp_path / "d.npz"), seed=0)
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    """The digits source reads the table scikit-learn ships: the same arrays (values and dtypes) as load_digits,
+    without the two seconds of start-up that importing scikit-learn costs every run."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from kdpipe.data.sources import read_source
+
+    part = read_source(data_config()).parts["all"]
+    digits = load_digits()
+    expected = digits.images[:, None, :, :] / 16.0
+    assert part.x.dtype == expected.dtype and part.y.dtype == digits.target.dtype
+    assert np.array_equal(part.x, expected) and np.array_equal(part.y, digits.target)
+    imported = subprocess.run([sys.executable, "-c", "import sys; from kdpipe.data.sources import data_config, "
+                               "read_source; read_source(data_config()); print('sklearn' in sys.modules)"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert imported == "False"
