@@ -295,3 +295,26 @@ def test_best_delivery_takes_int8_only_when_it_wins():
     assert choose_delivery("best", fp32, model(0.97, 0.01, 0.05), failing, 0.01) == (
         "fp32", "INT8 fails gate latency_p99_ms_max:bs1")
     assert choose_delivery("int8", fp32, model(0.5, 1.0, 1.0), failing, 0.01)[0] == "int8"  # the user's choice stands
+
+
+def test_exports_in_one_process_parse_onnxscripts_operators_once(tmp_path):
+    """torch.onnx.export rebuilds onnxscript's operator list on every call (1.6 s each on 2 cores); kdpipe's exports
+    share one list per process, and each graph still computes its own model."""
+    import importlib
+
+    import torch
+    from torch.onnx._internal import _lazy_import
+
+    from kdpipe.models.zoo import CNN
+    from kdpipe.onnx_export import export_onnx, reuse_torchlib_ops
+    from kdpipe.onnx_runtime import session
+
+    x = torch.randn(3, 1, 8, 8)
+    for width in (4, 8):
+        model = CNN((1, 8, 8), 10, width=width, depth=2).eval()
+        export_onnx(model, x, tmp_path / f"w{width}.onnx", 18, True)
+        logits = session(tmp_path / f"w{width}.onnx").run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(logits, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert reuse_torchlib_ops()  # the installed torch and onnxscript have the layout it relies on
+    ops = importlib.import_module(_lazy_import.onnxscript_apis._name).get_torchlib_ops
+    assert ops.cache_info().misses == 1 and ops.cache_info().hits >= 1
