@@ -22,6 +22,22 @@ from kdpipe.registry import RegistryPolicy
 MLFLOW_CONFIG = "mlflow.yaml"
 
 
+def serving_requirements() -> list[str]:
+    """What the logged ONNX model needs to load and serve through MLflow, pinned as installed: the set MLflow infers
+    by loading the model in a child process (6 s of every register stage), named instead."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(names):
+        for name in names:
+            try:
+                yield f"{name}=={version(name)}"
+            except PackageNotFoundError:
+                continue
+
+    runtime = next(installed(["onnxruntime", "onnxruntime-gpu"]), None)  # whichever build serves this machine
+    return [*installed(["mlflow", "numpy", "onnx"]), *filter(None, [runtime])]
+
+
 @dataclass
 class TrackingConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -298,6 +314,7 @@ class Tracker:
         with self._fluent() as mlflow:
             return mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=name, signature=signature,
                                          input_example=example, save_as_external_data=False,
+                                         pip_requirements=serving_requirements(),
                                          onnx_execution_providers=providers, run_id=self.run_id,
                                          model_id=model.model_id)
 

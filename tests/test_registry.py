@@ -291,3 +291,24 @@ def test_concurrent_promotions_on_a_sqlite_store_are_serial_and_leave_the_better
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert str(client.get_model_version_by_alias(model, "champion").version) == worse
+
+
+def test_the_logged_model_names_its_requirements_without_mlflow_loading_it_in_a_child(workdir, monkeypatch):
+    """MLflow infers a model's pip requirements by loading it in a child process (6 s of every register stage)
+    unless told them: kdpipe names them, pinned as installed, and the model serves through mlflow.pyfunc."""
+    from importlib.metadata import version
+
+    import numpy as np
+
+    inferred = []
+    monkeypatch.setattr(mlflow.models, "infer_pip_requirements", lambda *a, **k: inferred.append(a) or [])
+    result = cli("run", PIPELINES / "digits.yaml", *sets(*FAST, "validate.gates.accuracy_min=0.5",
+                                                          "validate.gates.max_accuracy_drop_vs_teacher=0.5"))
+    assert result.exit_code == 0, result.output
+    assert inferred == []
+    report = read_report(result.stdout)
+    uri = f"models:/{report['mlflow']['model_name']}/{report['mlflow']['model_version']}"
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+    assert requirements == [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "onnx", "onnxruntime")]
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    assert mlflow.pyfunc.load_model(uri).predict(x)["logits"].shape == (4, 10)
