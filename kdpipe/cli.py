@@ -108,7 +108,7 @@ def run(
     validates, registers and prints. SIGTERM or SIGINT ends the run as killed (report.json, MLflow status KILLED),
     exit 128 + the signal number.
     """
-    from kdpipe.runner import run_pipeline
+    from kdpipe.launch import launch
 
     shown = str(resume if pipeline is None else pipeline)
     with exits(shown, debug):
@@ -119,8 +119,8 @@ def run(
         overrides = set_ or []
         if seeds is not None:
             overrides = [*overrides, *seeds_override(seeds, overrides, resume)]
-        report_path, report = run_pipeline(pipeline, overrides, runs_dir, mlflow_config=mlflow_config, resume=resume,
-                                           until=until)
+        report_path, report = launch(pipeline, overrides, runs_dir, mlflow_config=mlflow_config, resume=resume,
+                                     until=until)
         if report_path is not None:  # None: a torchrun rank other than 0, rank 0 reports
             _report_outcome(report_path, report)
 
@@ -214,14 +214,14 @@ def search(
     debug: DebugOption = False,
 ) -> None:
     """Run one search worker: teacher, then trials on a shared study. Start any number on one study."""
-    from kdpipe.runner import run_pipeline
+    from kdpipe.launch import launch
 
     # JSON strings are YAML strings: a study named 2024 or a path with colons stays a string.
     overrides = [*(set_ or []), f"search.storage={json.dumps(storage)}"]
     overrides += [f"search.study={json.dumps(study)}"] if study else []
     overrides += [f"search.trials={trials}"] if trials else []
     with exits(str(pipeline), debug):
-        report_path, report = run_pipeline(pipeline, overrides, runs_dir, mlflow_config=mlflow_config, until="search")
+        report_path, report = launch(pipeline, overrides, runs_dir, mlflow_config=mlflow_config, until="search")
     found = report["search"]
     typer.echo(f"study {found['study']}: {found['n_trials']} trials ({found['n_complete']} complete, "
                f"{found['n_pruned']} pruned, {found['n_failed']} failed), best {found['best_value']} "

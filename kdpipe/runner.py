@@ -110,17 +110,11 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
     The run directory is locked while a process works in it.
     Under torchrun every rank trains; ranks other than 0 return (None, report) after the training stages.
     `onnx_model`: validate this ONNX classifier against the pipeline's data and gates instead of training one.
-    A pipeline with `seeds`, or the run directory of one, runs as a multi-seed run (kdpipe.seeds); `nest` places
-    one of its seeds' runs.
+    A pipeline with `seeds` is refused: kdpipe.launch runs it (kdpipe.seeds), placing each seed's run with `nest`.
     Raises InputError, GateFailed, StageFailed, TrackingUnreachable or RunInterrupted (SIGTERM, SIGINT).
     """
     if until is not None and until not in STAGE_NAMES:
         raise InputError("--until", f"expected one of {', '.join(STAGE_NAMES)}, got '{until}'")
-    if nest is None and onnx_model is None:
-        from kdpipe import seeds
-
-        if seeds.is_multi_seed(pipeline_file, overrides, resume):
-            return seeds.run_seeds(pipeline_file, overrides, runs_dir, cache_dir, mlflow_config, until, resume)
     check_cache_dir(cache_dir, runs_dir if resume is None else None)  # resumed: the one its ledger names, unless named
     with contextlib.ExitStack() as held:
         ledger: dict[str, Any] = {"finished": []}
@@ -135,6 +129,9 @@ def run_pipeline(pipeline_file: Path, overrides: list[str], runs_dir: Path, cach
             check_until(ledger, until, STAGE_NAMES)
             pipeline_file, overrides = Path(resume) / "pipeline.yaml", []
         prepared = prepare(pipeline_file, overrides)
+        if prepared.pipeline.seeds is not None and onnx_model is None:
+            raise InputError("seeds", "a multi-seed pipeline runs through kdpipe.launch.launch (as `kdpipe run` "
+                                      "does), once per seed under one parent run")
         if resume is not None:
             ledger.update(check_resumed(ledger, prepared.pipeline, prepared.data, Path(resume)))
         else:

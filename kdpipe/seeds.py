@@ -27,6 +27,7 @@ from kdpipe.pipeline import Pipeline, load_pipeline
 from kdpipe.progress import Progress
 from kdpipe.report import new_report
 from kdpipe.resume import check_resumed, run_record, write_record
+from kdpipe.runner import Nest, run_pipeline
 from kdpipe.run_scope import ResumedTracker, lock_run_dir, new_run_id, signals_interrupt_the_run
 from kdpipe.tracking import Tracker, check_reachable, load_tracking_config
 
@@ -262,8 +263,6 @@ class _Parent:
     def run_child(self, name: str, seed: int, until: str | None) -> dict[str, Any]:
         """One seed's run through `until` (None: through register); its report. A run that got that far before is
         read back, one interrupted continues (--resume), one killed before its ledger existed starts again."""
-        from kdpipe.runner import Nest, run_pipeline
-
         self.step = name
         child_dir = self.run_dir / name
         if name in self.ledger["finished"] and (until is not None or name == self.ledger.get("registered")):

@@ -253,3 +253,16 @@ def test_sigkill_during_seed_1_then_resume_finishes_the_rest_once(workdir):
     for child in children:  # every epoch once: no gap, no duplicate step
         assert [m.step for m in history(child.info.run_id, "student/val_accuracy")] == list(range(1, 7))
     assert len(history(parent_id, "seeds/student_test_accuracy/mean")) == 1  # the aggregate, computed once
+
+
+def test_the_runner_alone_refuses_a_multi_seed_pipeline_leaving_nothing(workdir):
+    """kdpipe.launch (what `kdpipe run` calls) runs a multi-seed pipeline once per seed; kdpipe.runner, which knows
+    nothing of seeds so that the two never import each other, refuses one rather than run it as a single seed."""
+    from kdpipe.errors import InputError
+    from kdpipe.runner import run_pipeline
+
+    file = write_pipeline(workdir / "p.yaml", seeds=[1, 2])
+    with pytest.raises(InputError) as err:
+        run_pipeline(file, [], workdir / "runs")
+    assert err.value.key == "seeds" and "kdpipe.launch" in err.value.message
+    assert not (workdir / "runs").exists() and tracked_nothing(workdir)
