@@ -57,22 +57,31 @@ def available_providers(requested: str | list[str]) -> tuple[list[str], list[str
     return kept or [CPU], dropped
 
 
+# validate.graph_optimization → onnxruntime's GraphOptimizationLevel
+GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                      "all": "ORT_ENABLE_ALL"}
+
+
 def session(path: Path, providers=(CPU,), threads: int = 0, inter_op_threads: int = 0, graph_optimization: str = "all"):
     """An inference session; `graph_optimization` is disable | basic | extended | all."""
     ort = import_ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = inter_op_threads
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[graph_optimization]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
     options.log_severity_level = 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+
+
+def options_of(sess) -> dict:
+    """The thread and graph-optimization settings a session was made with, read back from the session itself, in
+    validate's terms (threads 0: onnxruntime's default)."""
+    options = sess.get_session_options()
+    level = {name: key for key, name in GRAPH_OPTIMIZATION.items()}[options.graph_optimization_level.name]
+    return {"threads": options.intra_op_num_threads, "inter_op_threads": options.inter_op_num_threads,
+            "graph_optimization": level}
 
 
 def configured_session(path: Path, cfg):

@@ -17,12 +17,13 @@ from torch import nn
 
 from kdpipe import __version__
 from kdpipe.cache_store import lookup, store
+from kdpipe.deploy import build_ptq, calibration_batches, example_inputs, export_qat_graph, export_student_graph
 from kdpipe.models.adapter import for_export, graph_inputs, input_contract
-from kdpipe.onnx_export import add_metadata, export_onnx, takes_uint8
+from kdpipe.onnx_export import export_onnx, takes_uint8
 from kdpipe.onnx_runtime import session, tile_batch
-from kdpipe.quantize import QuantizationFailed, quantize
+from kdpipe.quantize import QuantizationFailed
 from kdpipe.inference import accuracy
-from kdpipe.qat import QUANTIZATION_KEY, export_qdq, fine_tune, prediction_parity
+from kdpipe.qat import fine_tune, prediction_parity
 from kdpipe.fingerprint import fingerprint
 from kdpipe.results import ExportResult, Gate, Stage, TeacherResult
 
@@ -82,11 +83,10 @@ class Export(Stage):
         # The teacher's graph takes what the delivered (or given) model takes, so both are fed the same test inputs.
         graph_input = cfg.input if given is None else "uint8" if takes_uint8(given) else "float"
         x_val = graph_inputs(ctx.data, "val", graph_input).cpu()  # the stored uint8 images for `input: uint8`
-        # Two samples: a batch of one would let the exporter specialize the batch dimension to 1.
-        example = torch.from_numpy(tile_batch(x_val.numpy(), 2))
+        example = example_inputs(ctx.data, graph_input)
         batch_sizes = parity_batch_sizes(ctx) if cfg.dynamic_batch else [len(example)]
         if given is None:
-            result = export_student(ctx, example, x_val, batch_sizes, graph_input)
+            result = export_student(ctx, x_val, batch_sizes, graph_input)
         else:
             path = Path(given)
             result = ExportResult(onnx_path=path, report={"onnx": {
@@ -100,20 +100,17 @@ class Export(Stage):
                 "path": str(teacher_path), "size_bytes": teacher_path.stat().st_size,
                 "parity_max_abs_diff": max(d["max_abs_diff"] for d in teacher_diffs.values())}}})
         if cfg.quantize != "none" and given is None:
-            result = export_int8(ctx, result, example, x_val, graph_input)
+            result = export_int8(ctx, result, x_val, graph_input)
         return result
 
 
-def export_student(ctx, example: torch.Tensor, x_val: torch.Tensor, batch_sizes: list[int],
-                   graph_input: str) -> ExportResult:
+def export_student(ctx, x_val: torch.Tensor, batch_sizes: list[int], graph_input: str) -> ExportResult:
     """student.onnx, with its parity against PyTorch as the parity_atol gate."""
     cfg = ctx.pipeline.export
     path = ctx.run_dir / "student.onnx"
     student = ctx.student.to("cpu")
-    exported = for_export(student, ctx.data, graph_input)
-    contract = input_contract(ctx.data, graph_input)
-    export_onnx(exported, example, path, cfg.opset, cfg.dynamic_batch, {**contract, QUANTIZATION_KEY: "none"})
-    diffs = parity(exported, path, x_val, batch_sizes)
+    contract = export_student_graph(student, ctx.data, cfg, path, graph_input)
+    diffs = parity(for_export(student, ctx.data, graph_input), path, x_val, batch_sizes)
     ctx.student = student.to(ctx.device)
     worst_abs = max(d["max_abs_diff"] for d in diffs.values())
     atol = ctx.pipeline.validation.gates.parity_atol or cfg.atol
@@ -126,30 +123,25 @@ def export_student(ctx, example: torch.Tensor, x_val: torch.Tensor, batch_sizes:
                         gates=(Gate("parity_atol", worst_abs, atol, worst_abs <= atol),))
 
 
-def export_int8(ctx, result: ExportResult, example: torch.Tensor, x_val: torch.Tensor,
-                graph_input: str) -> ExportResult:
+def export_int8(ctx, result: ExportResult, x_val: torch.Tensor, graph_input: str) -> ExportResult:
     """student.int8.onnx (post-training quantization) and, with `quantize: qat`, student.qat.onnx."""
     cfg = ctx.pipeline.export
     int8_path = ctx.run_dir / "student.int8.onnx"
     ptq_mode = "static" if cfg.quantize == "qat" else cfg.quantize  # qat is compared with static PTQ
-    calibration = graph_calibration = None
-    if ptq_mode == "static":
-        calibration = ctx.data.calibration_inputs(cfg.calibration_batches, ctx.pipeline.data.batch_size,
-                                                  ctx.pipeline.seed)
-        # Calibrated on what the graph takes: the quantizer leaves a uint8 input and its Cast as they are.
-        graph_calibration = calibration if graph_input != "uint8" else ctx.data.calibration_inputs(
-            cfg.calibration_batches, ctx.pipeline.data.batch_size, ctx.pipeline.seed, stored=True)
+    batch_size, seed = ctx.pipeline.data.batch_size, ctx.pipeline.seed
+    graph_calibration = (calibration_batches(ctx.data, cfg, batch_size, seed, graph_input) if ptq_mode == "static"
+                         else None)
     quantization = {
         "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
-        "calibration_samples": sum(len(b) for b in calibration) if calibration else 0,
-        "calibration_method": calibration_method(cfg) if calibration else None}
+        "calibration_samples": sum(len(b) for b in graph_calibration) if graph_calibration else 0,
+        "calibration_method": calibration_method(cfg) if graph_calibration else None}
     if cfg.quantize == "qat":
-        quantization["qat"], qat_path = export_qat(ctx, calibration, example, x_val, graph_input)
+        quantization["qat"], qat_path = export_qat(ctx, calibration_batches(ctx.data, cfg, batch_size, seed), x_val,
+                                                   graph_input)
         result = replace(result, qat_onnx_path=qat_path)
     result = replace(result, report={**result.report, "quantization": quantization})
     try:
-        pre_process = quantize(result.onnx_path, int8_path, ptq_mode, graph_calibration, cfg.calibration_method,
-                               cfg.calibration_percentile)
+        pre_process = build_ptq(result.onnx_path, int8_path, ptq_mode, graph_calibration, cfg)
     except QuantizationFailed as exc:
         if cfg.deliver == "int8" and cfg.quantize != "qat":
             raise  # the user asked for this INT8 model: the run fails (exit 3), one line naming the cause
@@ -159,7 +151,6 @@ def export_int8(ctx, result: ExportResult, example: torch.Tensor, x_val: torch.T
         ctx.tracker.set_tags({"kdpipe.int8": "failed", "kdpipe.int8_error": str(exc)[:500]})
         ctx.progress.info(f"  warning: INT8 build failed, delivering FP32: {exc}")
         return result
-    add_metadata(int8_path, {QUANTIZATION_KEY: ptq_mode})
     exported = for_export(ctx.student.to("cpu"), ctx.data, graph_input)
     quantization.update({"built": True, "pre_process": pre_process, "parity": {
         "int8": prediction_parity(exported, int8_path, x_val, "fp32 PyTorch student")}})
@@ -174,8 +165,7 @@ def calibration_method(cfg) -> str:
     return cfg.calibration_method
 
 
-def export_qat(ctx, calibration: list[np.ndarray], example: torch.Tensor, x_val: torch.Tensor,
-               graph_input: str) -> tuple[dict, Path]:
+def export_qat(ctx, calibration: list[np.ndarray], x_val: torch.Tensor, graph_input: str) -> tuple[dict, Path]:
     """The student fine-tuned fake-quantized against the teacher (kdpipe.qat), exported as QDQ ONNX and compared
     with its own fake-quantized PyTorch model on the validation split (`x_val`: as the graph takes it). Returns
     report.json's quantization.qat and the graph's path."""
@@ -183,9 +173,7 @@ def export_qat(ctx, calibration: list[np.ndarray], example: torch.Tensor, x_val:
     path = ctx.run_dir / "student.qat.onnx"
     fake_quantized, trainer = fine_tune(ctx.pipeline, ctx.student, ctx.teacher, ctx.data, calibration,
                                         ctx.trainer_options("qat"), ctx.log_epoch)
-    export_qdq(fake_quantized, example, path, cfg.opset, cfg.dynamic_batch,
-               wrap=lambda model: for_export(model, ctx.data, graph_input))
-    add_metadata(path, {**input_contract(ctx.data, graph_input), QUANTIZATION_KEY: "qat"})
+    export_qat_graph(fake_quantized, ctx.data, cfg, path, graph_input)
     x_test, y_test = ctx.data.x_test, ctx.data.y_test
     return {"path": str(path), "epochs": cfg.qat_epochs, "timing": trainer.timing_summary(),
             "accuracy_torch": accuracy(fake_quantized, x_test.to(ctx.device), y_test.to(ctx.device)),

@@ -15,22 +15,12 @@ import numpy as np
 from kdpipe import __version__
 from kdpipe.cache_store import load_json, store_json
 from kdpipe.chance import ChanceLevel
-from kdpipe.errors import InputError
 from kdpipe.fingerprint import fingerprint, sha256_file
-from kdpipe.models.adapter import graph_inputs
-from kdpipe.onnx_export import takes_uint8
+from kdpipe.deploy import inputs_for, measure_model, session_settings
 from kdpipe.results import ExportResult, Gate, Stage, ValidateResult
-from kdpipe.onnx_runtime import (available_providers, configured_session, fixed_batch_size, import_ort,
-                                 measure_latency, predict, resolve_providers)
+from kdpipe.onnx_runtime import available_providers, import_ort, resolve_providers
 
 MB = 1e6
-
-
-def inputs_for(path, data) -> np.ndarray:
-    """The test split as the model at `path` takes it: the 8-bit images for a uint8 graph (`export.input: uint8`),
-    else model-ready floats, so accuracy and latency are measured on what a caller of that graph feeds it. The
-    run's other graphs (teacher, INT8) are built with the same input."""
-    return graph_inputs(data, "test", "uint8" if takes_uint8(path) else "float").cpu().numpy()
 
 
 def latency_limits(limit, batch_sizes: list[int]) -> dict[int, float]:
@@ -40,21 +30,6 @@ def latency_limits(limit, batch_sizes: list[int]) -> dict[int, float]:
     if isinstance(limit, dict):
         return {int(b): float(v) for b, v in limit.items()}
     return {min(batch_sizes): float(limit)}
-
-
-def measure_model(path, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
-    """Accuracy, latency per batch size, size and the providers in use, for one ONNX file."""
-    sess = configured_session(path, cfg)
-    fixed = fixed_batch_size(sess)
-    if fixed is not None and set(cfg.batch_sizes) != {fixed}:
-        raise InputError("validate.batch_sizes", f"{path.name} has a fixed batch size {fixed}; set validate.batch_sizes to [{fixed}]")
-    return {
-        "path": str(path),
-        "accuracy": float((predict(sess, x_test).argmax(1) == y_test).mean()),
-        "latency_ms": {b: measure_latency(sess, x_test, b, cfg.warmup, cfg.runs, cfg.budget_s) for b in cfg.batch_sizes},
-        "size_bytes": path.stat().st_size,
-        "providers_used": sess.get_providers(),
-    }
 
 
 def measure_teacher(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
@@ -211,9 +186,7 @@ class Validate(Stage):
             "providers_requested": cfg.providers, "providers_resolved": requested,
             "providers_used": measured["providers_used"], "providers_dropped": dropped, "provider_fallback": fallback,
             "io_binding": any(v["io_binding"] for v in measured["latency_ms"].values()),
-            "session": {"threads": cfg.threads, "inter_op_threads": cfg.inter_op_threads,
-                        "graph_optimization": cfg.graph_optimization, "warmup": cfg.warmup, "runs": cfg.runs,
-                        "budget_s": cfg.budget_s},
+            "session": session_settings(cfg),
         }
         ctx.tracker.log_metrics({"student/test_accuracy": measured["accuracy"],
                                  **{f"latency_ms/p50_bs{b}": v["p50"] for b, v in measured["latency_ms"].items()},

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import FAST, PIPELINES, cli, read_report, sets
+from test_images import image_data  # noqa: F401 - the session's image folders, a fixture
 
 SEARCH = PIPELINES / "digits-search.yaml"
 # Two epochs train a student that is far from its teacher: gates loose enough for it (these tests are not about accuracy).
@@ -84,3 +85,42 @@ def test_bad_export_space_is_an_input_error(workdir, space, key, message):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{SEARCH}: {key}: ") and message in lines[0], lines
+
+
+def test_a_trial_is_built_and_measured_as_export_and_validate_build_and_measure_its_model(workdir, image_data):  # noqa: F811
+    """One deploy path (kdpipe.deploy): with `export.input: uint8` and static INT8 drawn, the trial is scored on the
+    uint8 graph calibrated on the stored images, in a session with validate's settings (not onnxruntime's
+    defaults), and its recorded accuracy is exactly what validate's measurement gives the INT8 graph the run then
+    builds from the same (reused) student, on the validation split."""
+    import shutil
+
+    from kdpipe.deploy import inputs_for, measure_model
+    from kdpipe.runner import prepare
+    from test_images import image_pipeline
+
+    shutil.copytree(image_data["splits"], workdir / "pets")
+    path = image_pipeline(workdir / "p.yaml", path="pets", channels=3)
+    space = ("search={trials: 1, sampler: random, pruner: none, objective: [val_accuracy, latency_p50], "
+             "space: {kd: {temperature: {choices: [4.0]}}, export.quantize: {choices: [static]}}}")
+    result = cli("run", path, "--until", "validate", *sets(
+        *FAST, "teacher.train.epochs=3", "distill.epochs=2", "export.input=uint8", "export.quantize=static",
+        "export.deliver=int8", "validate.graph_optimization=basic", "validate.inter_op_threads=1",
+        "validate.gates.accuracy_min=0.0", "validate.gates.max_accuracy_drop_vs_teacher=1.0",
+        "validate.gates.above_chance=null", "validate.gates.latency_p50_ms_max=1000", space))
+    assert result.exit_code == 0, result.output
+    report = read_report(result.stdout)
+    assert report["search"]["reused_checkpoint"] and report["quantization"]["delivered"] == "int8"
+    client = mlflow.MlflowClient(report["mlflow"]["tracking_uri"])
+    parent = client.get_run(report["mlflow"]["run_id"])
+    [trial] = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert trial.data.tags["kdpipe.graph_input"] == "uint8"
+    settings = {k: report["validate"]["session"][k] for k in ("threads", "inter_op_threads", "graph_optimization")}
+    assert json.loads(trial.data.tags["kdpipe.session"]) == settings == {"threads": 0, "inter_op_threads": 1,
+                                                                          "graph_optimization": "basic"}
+
+    run_dir = Path(report["run_dir"])
+    prepared = prepare(run_dir / "pipeline.yaml", [])
+    int8 = run_dir / "student.int8.onnx"
+    measured = measure_model(int8, prepared.pipeline.validation, inputs_for(int8, prepared.data, "val"),
+                             prepared.data.y_val.cpu().numpy(), [])
+    assert trial.data.metrics["final/val_accuracy"] == measured["accuracy"]

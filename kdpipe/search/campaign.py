@@ -8,6 +8,7 @@ records every trial as a nested MLflow run under the campaign's run.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ class Campaign:
         self.host = socket.gethostname()
         self.owner = f"{self.host}:{self.run_dir}"  # marks the trials this run started, for fail_orphans
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.calibration = None  # static and QAT calibration batches, drawn once for every trial that needs them
+        self.calibration: dict[str, list] = {}  # static and QAT calibration batches by the input they are drawn as
 
     def __call__(self, trial) -> float | tuple[float, ...]:
         import optuna
@@ -151,7 +152,7 @@ class Campaign:
                                        choice.export)
                 self.runs.set_tags(run_id, {"kdpipe.quantization": pipeline.export.quantize})
                 quantized = pipeline if pipeline.export.quantize != "none" else None
-            results = self._score(quantized, student, trial.number, on_epoch)
+            results = self._score(quantized, student, trial.number, on_epoch, run_id)
             self.runs.log_metrics(run_id, {f"final/{k}": v for k, v in results.items()})
             self._keep_if_best(trial, method, results["val_accuracy"])
         except optuna.TrialPruned:
@@ -182,53 +183,59 @@ class Campaign:
 
         return on_epoch
 
-    def _score(self, quantized, student: nn.Module, number: int, on_epoch) -> dict[str, float]:
+    def _score(self, quantized, student: nn.Module, number: int, on_epoch, run_id: str) -> dict[str, float]:
         """The trial's objective values, of the FP32 student or, given `quantized` (the trial's pipeline, whose
         export.quantize is not none), of its INT8 model: static/dynamic onnxruntime PTQ of the student's ONNX, or
-        the student fine-tuned fake-quantized (kdpipe.qat, one more phase of the loop) exported as QDQ; accuracy
-        and latency measured with onnxruntime on the validation split."""
-        from kdpipe.onnx_export import export_onnx
-        from kdpipe.onnx_runtime import available_providers, measure_latency, predict, session
-        from kdpipe.qat import export_qdq, fine_tune
-        from kdpipe.quantize import quantize
+        the student fine-tuned fake-quantized (kdpipe.qat, one more phase of the loop) exported as QDQ. The graph is
+        built and measured on the validation split by kdpipe.deploy, as the run's export and validate stages do:
+        the same `export.input`, calibration, session settings and timing."""
+        from kdpipe.deploy import build_ptq, export_qat_graph, export_student_graph, inputs_for, measure_model
+        from kdpipe.onnx_export import takes_uint8
+        from kdpipe.qat import fine_tune
 
         results = {"val_accuracy": accuracy(student, self.data.x_val, self.data.y_val)}
         if quantized is None and "latency_p50" not in self.objective_names:
             return results
         cfg = self.pipeline.validation
-        x_val = self.data.x_val.cpu()
+        export_cfg = (quantized or self.pipeline).export
+        graph_input = export_cfg.input
         fp32 = self.work_dir / f"trial-{number}.onnx"
-        mode = "none" if quantized is None else quantized.export.quantize
+        mode = "none" if quantized is None else export_cfg.quantize
         delivered = fp32 if quantized is None else self.work_dir / f"trial-{number}.{mode}.onnx"
         try:
             if mode == "qat":
-                fake_quantized, _ = fine_tune(quantized, student, self.teacher, self.data, self._calibration(),
+                fake_quantized, _ = fine_tune(quantized, student, self.teacher, self.data, self._calibration("float"),
                                               self.settings, on_epoch)
-                export_qdq(fake_quantized, x_val[:2], delivered, self.pipeline.export.opset, True)
+                export_qat_graph(fake_quantized, self.data, export_cfg, delivered, graph_input)
             else:
-                export_onnx(copy.deepcopy(student).cpu(), x_val[:2], fp32, self.pipeline.export.opset, True)
+                export_student_graph(copy.deepcopy(student), self.data, export_cfg, fp32, graph_input)
                 if mode != "none":
-                    quantize(fp32, delivered, mode, self._calibration() if mode == "static" else None,
-                             quantized.export.calibration_method, quantized.export.calibration_percentile)
-            providers, _ = available_providers(cfg.providers)
-            sess = session(delivered, providers, cfg.threads)
+                    build_ptq(fp32, delivered, mode, self._calibration(graph_input) if mode == "static" else None,
+                              export_cfg)
+            timed = [min(cfg.batch_sizes)] if "latency_p50" in self.objective_names else []
+            measured = measure_model(delivered, cfg, inputs_for(delivered, self.data, "val"),
+                                     self.data.y_val.cpu().numpy(), timed)
+            # What was measured, read from the graph and the session themselves.
+            self.runs.set_tags(run_id, {"kdpipe.graph_input": "uint8" if takes_uint8(delivered) else "float",
+                                        "kdpipe.session": json.dumps(measured["session"], sort_keys=True)})
             if mode != "none":
-                predicted = predict(sess, x_val.numpy()).argmax(1)
-                results = {"val_accuracy": float((predicted == self.data.y_val.cpu().numpy()).mean()),
-                           "val_accuracy_fp32": results["val_accuracy"]}
-            if "latency_p50" in self.objective_names:
-                results["latency_p50"] = measure_latency(sess, x_val.numpy(), min(cfg.batch_sizes), cfg.warmup,
-                                                         cfg.runs, cfg.budget_s)["p50"]
+                results = {"val_accuracy": measured["accuracy"], "val_accuracy_fp32": results["val_accuracy"]}
+            if timed:
+                results["latency_p50"] = measured["latency_ms"][timed[0]]["p50"]
             return results
         finally:
             fp32.unlink(missing_ok=True)
             delivered.unlink(missing_ok=True)
 
-    def _calibration(self) -> list:
-        if self.calibration is None:
-            self.calibration = self.data.calibration_inputs(self.pipeline.export.calibration_batches,
-                                                            self.pipeline.data.batch_size, self.pipeline.seed)
-        return self.calibration
+    def _calibration(self, graph_input: str) -> list:
+        """Calibration batches as `graph_input` takes them, drawn once for every trial that needs them."""
+        from kdpipe.deploy import calibration_batches
+
+        if graph_input not in self.calibration:
+            self.calibration[graph_input] = calibration_batches(self.data, self.pipeline.export,
+                                                                self.pipeline.data.batch_size, self.pipeline.seed,
+                                                                graph_input)
+        return self.calibration[graph_input]
 
     def _keep_if_best(self, trial, method: nn.Module, val_acc: float) -> None:
         """Keep this worker's most accurate trained method on disk (as distill saves it), so distill can reuse it."""
