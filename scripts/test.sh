@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev,vision
 # Two worker processes (pytest-xdist): the tests are independent, each in its own directory and MLflow store.
-.venv/bin/python -m pytest -q -n "${KDPIPE_TEST_WORKERS:-2}" "$@"
+# The slowest tests are listed at the end, so a CI log shows where its time went.
+.venv/bin/python -m pytest -q -n "${KDPIPE_TEST_WORKERS:-2}" --durations=25 "$@"
