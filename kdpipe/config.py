@@ -227,6 +227,14 @@ class DistillBase(Strict):
         return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
 
+class Int8Budget(Strict):
+    max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        ..., description="the most validation accuracy the static INT8 graph may lose against the FP32 graph (both "
+                         "run with onnxruntime)")
+    max_excluded_nodes: PositiveInt = Field(
+        8, description="the most nodes kept in float, the most sensitive first, to bring the loss within the budget")
+
+
 class ExportConfig(Strict):
     opset: Annotated[int, Field(ge=13, le=23)] = 18
     input: Literal["float", "uint8"] = Field(
@@ -256,12 +264,31 @@ class ExportConfig(Strict):
                             "passes every gate, is faster than FP32 at every batch size and loses at most "
                             "int8_max_accuracy_drop")
     int8_max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    int8_budget: Int8Budget | None = Field(
+        None, description="static INT8 (with qat: its static comparison model) within an accuracy budget: when "
+                          "full INT8 loses more, the nodes whose quantization costs the most validation accuracy are "
+                          "kept in float; null: every quantizable node is quantized")
+
+    @field_validator("int8_budget")
+    @classmethod
+    def _budget_needs_static(cls, budget: Int8Budget | None, info: ValidationInfo) -> Int8Budget | None:
+        quantize = info.data.get("quantize")
+        if budget is not None and quantize not in (None, "static", "qat"):
+            raise ValueError(f"acts only with quantize static or qat (quantize is {quantize}): remove it or set "
+                             f"quantize: static")
+        return budget
 
     @model_validator(mode="after")
     def _check(self) -> ExportConfig:
         if self.deliver != "fp32" and self.quantize == "none":
             raise ValueError(f"deliver '{self.deliver}' needs an INT8 model: set quantize to dynamic, static or qat")
         return self
+
+    @model_serializer(mode="wrap")
+    def _budget_when_set(self, handler) -> dict[str, Any]:
+        # Left out while unset, so the record and the resume digest of a pipeline without it stay those of the
+        # release before it.
+        return {k: v for k, v in handler(self).items() if k != "int8_budget" or v is not None}
 
 
 BatchLimit = PositiveFloat | dict[PositiveInt, PositiveFloat] | None

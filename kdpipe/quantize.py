@@ -8,6 +8,7 @@ per call, which needs no calibration data.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -32,60 +33,90 @@ class _Batches:
 
 
 def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.ndarray] | None = None,
-             method: str = "minmax", percentile: float = 99.999) -> str:
+             method: str = "minmax", percentile: float = 99.999, nodes_to_exclude: list[str] | None = None,
+             nodes_to_quantize: list[str] | None = None) -> str:
     """Write the INT8 version of `fp32_path`; `mode` is dynamic or static (static needs `calibration`, and sets
-    activation ranges by `method`: minmax, or percentile keeping `percentile` of |x|).
+    activation ranges by `method`: minmax, or percentile keeping `percentile` of |x|). `nodes_to_exclude` stay in
+    float; `nodes_to_quantize`, when given, are the only nodes quantized. Both name nodes of the pre-processed
+    graph, which the quantizer is given (quantizable_nodes lists them).
 
     Returns how the model was pre-processed; raises QuantizationFailed when no INT8 model could be built."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from kdpipe.onnx_runtime import session
 
-    # The tools log advice at WARNING for every model; kdpipe reports the outcome itself.
+    with _quiet_tools(), tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        pre_process = _pre_process(fp32_path, prepared)
+        try:
+            with atomic_write(int8_path) as out:  # a failed build leaves no INT8 file that looks complete
+                if mode == "dynamic":
+                    quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8,
+                                     nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude)
+                else:
+                    if not calibration:
+                        raise ValueError("static quantization needs calibration batches")
+                    graph_input = session(fp32_path).get_inputs()[0]
+                    input_name = graph_input.name
+                    dtype = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}.get(graph_input.type)
+                    if dtype is not None and any(b.dtype != dtype for b in calibration):
+                        raise ValueError(f"calibration batches of {calibration[0].dtype} for an input of "
+                                         f"{graph_input.type}")
+                    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+                    quantize_static(str(prepared), str(out), _Batches(input_name, calibration),
+                                    quant_format=QuantFormat.QDQ, per_channel=True,
+                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                    calibrate_method=methods[method],
+                                    nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
+                                    extra_options={"CalibPercentile": percentile})
+        except Exception as exc:
+            raise QuantizationFailed(f"{mode} quantization failed: {_describe(exc)}") from exc
+        return pre_process
+
+
+def quantizable_nodes(fp32_path: Path) -> dict[str, str]:
+    """Name → op type of the nodes static quantization may quantize (those of an op type in onnxruntime's QDQ
+    registry), in graph order, as named in the pre-processed graph that `quantize` hands the quantizer. Raises
+    QuantizationFailed when the graph cannot be pre-processed."""
+    import onnx
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    with _quiet_tools(), tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        _pre_process(fp32_path, prepared)
+        graph = onnx.load(str(prepared)).graph
+    return {node.name: node.op_type for node in graph.node if node.op_type in QDQRegistry}
+
+
+@contextlib.contextmanager
+def _quiet_tools():
+    """The tools log advice at WARNING for every model; kdpipe reports the outcome itself."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            # Shape inference and graph folding first, so that every tensor has the type info quantization needs.
-            prepared = Path(tmp) / "prepared.onnx"
-            pre_process = "symbolic shape inference"
-            try:
-                quant_pre_process(str(fp32_path), str(prepared))
-            except Exception as exc:
-                # Symbolic shape inference asserts on some exporters' graphs (a Range node from torch 2.11);
-                # ONNX's own shape inference is enough for the quantizer's type info.
-                try:
-                    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-                except Exception as retry_exc:
-                    raise QuantizationFailed(f"pre-processing failed, with and without symbolic shape inference: "
-                                             f"{_describe(exc)}; {_describe(retry_exc)}") from retry_exc
-                pre_process = f"ONNX shape inference only (symbolic shape inference failed: {_describe(exc)})"
-            try:
-                with atomic_write(int8_path) as out:  # a failed build leaves no INT8 file that looks complete
-                    if mode == "dynamic":
-                        quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
-                    else:
-                        if not calibration:
-                            raise ValueError("static quantization needs calibration batches")
-                        graph_input = session(fp32_path).get_inputs()[0]
-                        input_name = graph_input.name
-                        dtype = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}.get(graph_input.type)
-                        if dtype is not None and any(b.dtype != dtype for b in calibration):
-                            raise ValueError(f"calibration batches of {calibration[0].dtype} for an input of "
-                                             f"{graph_input.type}")
-                        methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
-                        quantize_static(str(prepared), str(out), _Batches(input_name, calibration),
-                                        quant_format=QuantFormat.QDQ, per_channel=True,
-                                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                        calibrate_method=methods[method],
-                                        extra_options={"CalibPercentile": percentile})
-            except Exception as exc:
-                raise QuantizationFailed(f"{mode} quantization failed: {_describe(exc)}") from exc
-            return pre_process
+        yield
     finally:
         root.setLevel(level)
+
+
+def _pre_process(fp32_path: Path, prepared: Path) -> str:
+    """Shape inference and graph folding of `fp32_path` into `prepared`, so that every tensor has the type info
+    quantization needs; returns how it was done. Raises QuantizationFailed."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32_path), str(prepared))
+    except Exception as exc:
+        # Symbolic shape inference asserts on some exporters' graphs (a Range node from torch 2.11);
+        # ONNX's own shape inference is enough for the quantizer's type info.
+        try:
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        except Exception as retry_exc:
+            raise QuantizationFailed(f"pre-processing failed, with and without symbolic shape inference: "
+                                     f"{_describe(exc)}; {_describe(retry_exc)}") from retry_exc
+        return f"ONNX shape inference only (symbolic shape inference failed: {_describe(exc)})"
+    return "symbolic shape inference"
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,13 +17,15 @@ from torch import nn
 
 from kdpipe import __version__
 from kdpipe.cache_store import lookup, store
-from kdpipe.deploy import build_ptq, calibration_batches, example_inputs, export_qat_graph, export_student_graph
+from kdpipe.deploy import (build_ptq, calibration_batches, example_inputs, export_qat_graph, export_student_graph,
+                           inputs_for)
+from kdpipe.int8_budget import fit_budget
 from kdpipe.models.adapter import for_export, graph_inputs, input_contract
-from kdpipe.onnx_export import export_onnx, takes_uint8
+from kdpipe.onnx_export import add_metadata, export_onnx, takes_uint8
 from kdpipe.onnx_runtime import session, tile_batch
 from kdpipe.quantize import QuantizationFailed
 from kdpipe.inference import accuracy
-from kdpipe.qat import fine_tune, prediction_parity
+from kdpipe.qat import QUANTIZATION_KEY, fine_tune, prediction_parity
 from kdpipe.fingerprint import fingerprint
 from kdpipe.results import ExportResult, Gate, Stage, TeacherResult
 
@@ -141,7 +143,11 @@ def export_int8(ctx, result: ExportResult, x_val: torch.Tensor, graph_input: str
         result = replace(result, qat_onnx_path=qat_path)
     result = replace(result, report={**result.report, "quantization": quantization})
     try:
-        pre_process = build_ptq(result.onnx_path, int8_path, ptq_mode, graph_calibration, cfg)
+        if cfg.int8_budget is None:
+            pre_process = build_ptq(result.onnx_path, int8_path, ptq_mode, graph_calibration, cfg)
+        else:
+            quantization["budget"] = budget = build_within_budget(ctx, result.onnx_path, int8_path, graph_calibration)
+            pre_process = budget["pre_process"]
     except QuantizationFailed as exc:
         if cfg.deliver == "int8" and cfg.quantize != "qat":
             raise  # the user asked for this INT8 model: the run fails (exit 3), one line naming the cause
@@ -155,7 +161,36 @@ def export_int8(ctx, result: ExportResult, x_val: torch.Tensor, graph_input: str
     quantization.update({"built": True, "pre_process": pre_process, "parity": {
         "int8": prediction_parity(exported, int8_path, x_val, "fp32 PyTorch student")}})
     ctx.student.to(ctx.device)
+    budget = quantization.get("budget")
+    if budget is not None and not budget["within_budget"] and cfg.deliver != "fp32":
+        reason = (f"static INT8 loses {budget['drop_after']:.4f} validation accuracy with "
+                  f"{len(budget['excluded_nodes'])} node(s) kept in float, over export.int8_budget's "
+                  f"{budget['budget']['max_accuracy_drop']:g}")
+        if cfg.deliver == "int8" and cfg.quantize != "qat":
+            raise QuantizationFailed(reason)  # the user asked for this INT8 model: the run fails, as a failed build
+        if cfg.deliver == "best":
+            # Over budget, the static model is not a candidate: FP32 ships (or, with qat, the better of FP32 and QAT).
+            quantization.update({"delivered": "fp32", "reason": reason})
+            ctx.progress.info(f"  warning: {reason}; delivering FP32")
+            return result
     return replace(result, int8_onnx_path=int8_path)
+
+
+def build_within_budget(ctx, fp32_path: Path, int8_path: Path, calibration: list[np.ndarray]) -> dict:
+    """Static INT8 within export.int8_budget (kdpipe.int8_budget), marked static like build_ptq's; returns
+    report.json's quantization.budget, with how the graph was pre-processed. The nodes kept in float and the
+    accuracy drops go to MLflow."""
+    budget = fit_budget(fp32_path, int8_path, calibration, ctx.pipeline.export,
+                        inputs_for(fp32_path, ctx.data, "val"), ctx.data.y_val.cpu().numpy(),
+                        ctx.pipeline.validation)
+    add_metadata(int8_path, {QUANTIZATION_KEY: "static"})
+    ctx.tracker.set_tags({"kdpipe.int8_excluded_nodes": ",".join(budget["excluded_nodes"])})
+    ctx.tracker.log_metrics({"int8_budget/drop_before": budget["drop_before"],
+                             "int8_budget/drop_after": budget["drop_after"]})
+    kept = ", ".join(budget["excluded_nodes"]) or "none"
+    ctx.progress.info(f"  INT8 budget: validation accuracy drop {budget['drop_before']:.4f} → "
+                      f"{budget['drop_after']:.4f}, kept in float: {kept}")
+    return budget
 
 
 def calibration_method(cfg) -> str:

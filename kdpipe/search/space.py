@@ -204,6 +204,11 @@ def _export_dims(entries: dict[str, Any], export_base: dict[str, Any]) -> dict[s
         if param not in EXPORT_KEYS:
             raise InputError(key, f"the search sets {', '.join(EXPORT + k for k in EXPORT_KEYS)} of the export "
                                   f"settings, not '{param}'{suggest(param, EXPORT_KEYS)}")
+        if param == "quantize" and export_base.get("int8_budget") is not None:
+            # A trial scores plain INT8 (sensitivity per trial would cost a build per node): not what would ship.
+            raise InputError(key, "export.int8_budget keeps nodes in float in the run's static INT8, which trials "
+                                  "do not build: search export.quantize without it, or set quantize and int8_budget "
+                                  "in export")
         dims[param] = _resolve_spec(ExportConfig, None, "export", param, entries.pop(name), key,
                                     {**export_base, "deliver": "fp32"})
     return dims
