@@ -307,8 +307,12 @@ def test_the_logged_model_names_its_requirements_without_mlflow_loading_it_in_a_
     assert result.exit_code == 0, result.output
     assert inferred == []
     report = read_report(result.stdout)
-    uri = f"models:/{report['mlflow']['model_name']}/{report['mlflow']['model_version']}"
-    requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+    # This run's store named throughout: MLflow's process-wide URIs are whatever an earlier test left.
+    store = report["mlflow"]["tracking_uri"]
+    source = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_download_uri(
+        report["mlflow"]["model_name"], report["mlflow"]["model_version"])
+    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store))
+    requirements = (model / "requirements.txt").read_text().split()
     assert requirements == [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "onnx", "onnxruntime")]
     x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
-    assert mlflow.pyfunc.load_model(uri).predict(x)["logits"].shape == (4, 10)
+    assert mlflow.pyfunc.load_model(str(model)).predict(x)["logits"].shape == (4, 10)
