@@ -18,8 +18,9 @@ other processes on a shared machine only ever add time.
 
 Augmented (`--part augmented`, also in `all`): 32×32 RGB images (scikit-learn's digits written as a JPEG
 image folder, benchmarks/data.py), random crop (padding 4) + horizontal flip, a vgg8 teacher (50× the
-resnet8 student's parameters): the training epoch of the student alone (CE), KD with teacher views (kdpipe's
-default with augmentation; the one-time view pass is reported apart) and KD with the teacher online.
+resnet8 student's parameters), for 4, 10 and 20 epochs (`--aug-epochs`): the whole stage and the steady epoch of
+the student alone (CE), KD with teacher views (kdpipe's default with augmentation, K = auto's min(8, epochs), its
+view pass inside the stage), KD with the teacher online, and a hand-written online KD loop in plain PyTorch.
 `--aug-images`, `--views`, `--aug-teacher` make it bigger.
 
 Quality (`--part quality`): the same image folder (every digit), a teacher trained on it with the
