@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 
 from conftest import (FAST, LENIENT, ONE_THREAD, PIPELINES, cli, read_report, read_until, run_process, sets, start_run,
                       write_pipeline)
-from kdpipe.config import DistillBase, ModelConfig, RegisterConfig, StudentConfig, TeacherConfig
+from kdpipe.config import DistillBase, Int8Budget, ModelConfig, RegisterConfig, StudentConfig, TeacherConfig
 from kdpipe.config_data import DataConfig, Normalization
 from kdpipe.data.sources import DEFAULT_SOURCE
 from kdpipe.errors import InputError
@@ -39,7 +39,7 @@ from kdpipe.runner import prepare
 BASE = {"name": "record", "teacher": {"model": {"arch": "mlp"}}, "student": {"model": {"arch": "mlp"}}}
 MINIMAL = {ModelConfig: {"arch": "mlp"}, TeacherConfig: {"model": {"arch": "mlp"}},
            StudentConfig: {"model": {"arch": "mlp"}}, RegisterConfig: {"model_name": "m"},
-           Normalization: {"mean": [0.5], "std": [0.25]}}
+           Normalization: {"mean": [0.5], "std": [0.25]}, Int8Budget: {"max_accuracy_drop": 0.01}}
 # Strings YAML reads as another type (bool, null, number, date, mapping, comment) unless the record quotes them.
 TRICKY = ["yes", "off", "null", "~", "1.5", "0x1F", "2024-01-01", "a: b", "#x", "", "plain"]
 
@@ -70,6 +70,7 @@ def _contexts(tmp: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return {
         ("ModelConfig", "entrypoint"): {"arch": None},
         ("ExportConfig", "deliver"): {"quantize": "static"},
+        ("ExportConfig", "int8_budget"): {"quantize": "static"},
         ("SearchConfig", "objective"): {"pruner": "none"},
         ("KDParams", "ce_weight"): {"weights": "separate"},
         ("KDParams", "kd_weight"): {"weights": "separate"},
