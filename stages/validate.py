@@ -37,9 +37,7 @@ def measure_teacher(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
     that changes what is measured, on this machine. Reruns and campaign workers pay for it once."""
     path = ctx.results[ExportResult].teacher_onnx_path
     content = {"onnx_sha256": sha256_file(path), "data": ctx.data.fingerprint, "batch_sizes": cfg.batch_sizes,
-               "providers": resolve_providers(cfg.providers), "threads": cfg.threads,
-               "inter_op_threads": cfg.inter_op_threads, "graph_optimization": cfg.graph_optimization,
-               "warmup": cfg.warmup, "runs": cfg.runs, "budget_s": cfg.budget_s, "host": platform.node(),
+               "providers": resolve_providers(cfg.providers), **session_settings(cfg), "host": platform.node(),
                "onnxruntime": import_ort().__version__, "kdpipe": __version__}
     key = fingerprint(content)
     entry = ctx.cache_dir / "teacher-validate" / f"{key}.json"
