@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -9,10 +10,14 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
+import forkserver
+from forkserver import ForkServer
 
 # pytest-xdist runs one worker per core: a worker's torch (and every process it starts) uses one thread, since
 # threads beyond the cores spin against the other worker's (19% slower in-process tests on 2 cores, measured).
@@ -131,16 +136,45 @@ def cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+_fork_server: ForkServer | None = None
+
+
+def fork_server(env: dict[str, str]) -> ForkServer | None:
+    """This test process's fork server (tests/forkserver.py), started on first use; None where `env` changes how
+    Python imports (a fresh interpreter must run it)."""
+    global _fork_server
+    if _fork_server is None:
+        _fork_server = ForkServer(Path(tempfile.mkdtemp(prefix="kdpipe-fork-")))
+        atexit.register(_fork_server.close)
+    return _fork_server if _fork_server.accepts(env) else None
+
+
+def process_environment(*changes: dict | None) -> dict[str, str]:
+    """os.environ with `changes` applied in order; a value of None unsets its variable."""
+    merged = {**os.environ}
+    for change in changes:
+        merged.update(change or {})
+    return {k: v for k, v in merged.items() if v is not None}
+
+
 def run_process(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m kdpipe ...` as a real process."""
+    """Run `python -m kdpipe ...` as a real process (forked from the fork server where it can be); `env` changes
+    the environment (None unsets a variable)."""
+    env = process_environment(env)
+    if (server := fork_server(env)) is not None:
+        return forkserver.run(server, args, env, cwd)
     return subprocess.run([sys.executable, "-m", "kdpipe", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+                          env=env, cwd=cwd)
 
 
-def start_run(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    """`python -m kdpipe ARGS` as a real process on one thread, stderr read line by line by the test."""
+def start_run(*args: str, env: dict | None = None, cwd: Path | None = None, **popen):
+    """`python -m kdpipe ARGS` as a real process on one thread, stdout and stderr on text pipes the test reads:
+    forked (Popen's interface) unless other Popen arguments (`popen`) ask for a fresh one."""
+    env = process_environment(ONE_THREAD, env)
+    if not popen and (server := fork_server(env)) is not None:
+        return forkserver.start(server, args, env, cwd)
     return subprocess.Popen([sys.executable, "-m", "kdpipe", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD, **(env or {})}, **popen)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, **popen)
 
 
 def read_until(proc: subprocess.Popen, marker: str) -> list[str]:

@@ -7,8 +7,6 @@ import dataclasses
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import reference_losses as ref
-from conftest import ONE_THREAD, PIPELINES, cli, run_process, sets
+from conftest import ONE_THREAD, PIPELINES, cli, run_process, sets, start_run
 from kdpipe.config import OptimizerConfig, TapsConfig
 from kdpipe.errors import InputError
 from kdpipe.losses import crd_nce_loss
@@ -242,8 +240,7 @@ def test_bad_settings_exit_2_in_one_line_before_anything_runs(workdir, setting, 
 
 
 def _run_until(stage: str, *more: str) -> list[str]:
-    return [sys.executable, "-m", "kdpipe", "run", str(PIPELINES / "crd.yaml"), "--until", stage, *more,
-            *sets("teacher.train.epochs=8", "distill.epochs=4")]
+    return ["run", PIPELINES / "crd.yaml", "--until", stage, *more, *sets("teacher.train.epochs=8", "distill.epochs=4")]
 
 
 @pytest.mark.slow
@@ -251,16 +248,13 @@ def test_memories_survive_sigkill_and_resume_bit_identically(workdir):
     """An uninterrupted run and one killed after its first distill epoch checkpoint, then resumed, end with the same
     method checkpoint (student.pt: student, heads, both memories, Z), bit for bit, on one thread. The teacher is
     trained first, so that both runs read it from the cache."""
-    env = {**os.environ, **ONE_THREAD}
-    teacher = subprocess.run(_run_until("teacher", "--runs-dir", str(workdir / "teacher-run")), capture_output=True,
-                             text=True, cwd=workdir, env=env)
+    teacher = run_process(*_run_until("teacher", "--runs-dir", workdir / "teacher-run"), env=ONE_THREAD, cwd=workdir)
     assert teacher.returncode == 0, teacher.stderr[-3000:]  # both runs below read this cached teacher
-    whole = subprocess.run(_run_until("distill"), capture_output=True, text=True, cwd=workdir, env=env)
+    whole = run_process(*_run_until("distill"), env=ONE_THREAD, cwd=workdir)
     assert whole.returncode == 0, whole.stderr[-3000:]
     (whole_dir,) = (workdir / "runs").glob("*/*")
 
-    proc = subprocess.Popen(_run_until("distill"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=workdir, env=env)
+    proc = start_run(*_run_until("distill"), cwd=workdir)
     deadline = time.monotonic() + 240
     killed_dir = None
     while time.monotonic() < deadline and proc.poll() is None and killed_dir is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -224,8 +223,7 @@ def checked(tmp_path_factory):
         workdir = root / f"case{index}"
         workdir.mkdir()
         path = fault.write(workdir / "pipeline.yaml")
-        proc = subprocess.run([sys.executable, "-m", "kdpipe", "check", str(path), *fault.args], capture_output=True,
-                              text=True, cwd=workdir, env={**os.environ, **fault.env}, timeout=300)
+        proc = run_process("check", path, *fault.args, env=fault.env, cwd=workdir)
         return path, proc, workdir
 
     with ThreadPoolExecutor(2) as pool:

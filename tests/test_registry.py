@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FAST, PIPELINES, cli, read_report, sets
+from conftest import FAST, PIPELINES, cli, read_report, run_process, sets, start_run
 from servers import MlflowServer
 from kdpipe.registry import alias_holder
 
@@ -205,10 +203,8 @@ def registered_versions(uri: str, model: str, source_dir: Path) -> dict[str, str
 
 
 def start_promote(uri: str, model: str, version: str, hold: Path, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KDPIPE_TEST_PROMOTE_HOLD": str(hold)}
-    env.pop("MLFLOW_REGISTRY_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "kdpipe", "promote", model, "--version", version],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    env = {"MLFLOW_TRACKING_URI": uri, "KDPIPE_TEST_PROMOTE_HOLD": str(hold), "MLFLOW_REGISTRY_URI": None}
+    return start_run("promote", model, "--version", version, env=env, cwd=cwd)
 
 
 def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -282,13 +278,10 @@ def test_concurrent_promotions_on_a_sqlite_store_are_serial_and_leave_the_better
         assert results[worse][0] == 1 and "does not improve" in results[worse][1], results[worse][1]
 
     # --force withdraws the other versions' claims, so a later promotion does not bring the better one back.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store}
-    env.pop("MLFLOW_REGISTRY_URI", None)
-    forced = subprocess.run([sys.executable, "-m", "kdpipe", "promote", model, "--version", old, "--force"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    env = {"MLFLOW_TRACKING_URI": sqlite_store, "MLFLOW_REGISTRY_URI": None}
+    forced = run_process("promote", model, "--version", old, "--force", env=env, cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr
-    again = subprocess.run([sys.executable, "-m", "kdpipe", "promote", model, "--version", worse],
-                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    again = run_process("promote", model, "--version", worse, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert str(client.get_model_version_by_alias(model, "champion").version) == worse
 

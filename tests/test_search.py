@@ -3,10 +3,8 @@ once per campaign, failing trials, the best parameters carried into the run, and
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -14,7 +12,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import FAST, PIPELINES, cli, read_report
+from conftest import FAST, PIPELINES, cli, read_report, start_run
 
 SEARCH = PIPELINES / "digits-search.yaml"
 LENIENT = ["validate.gates.accuracy_min=0.5", "validate.gates.max_accuracy_drop_vs_teacher=0.5"]
@@ -33,10 +31,9 @@ def nested_runs(report: dict) -> list:
 
 def start_workers(storage: str, study: str, trials: int, count: int, cwd: Path) -> list[subprocess.Popen]:
     """`count` `kdpipe search` processes started together on one study."""
-    args = [sys.executable, "-m", "kdpipe", "search", str(SEARCH), "--storage", storage, "--study", study,
-            "--trials", str(trials), *sets(*FAST, *KD_ONLY, "distill.epochs=2")]
-    return [subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / f'mlflow-{i}.db'}"})
+    args = ["search", SEARCH, "--storage", storage, "--study", study, "--trials", str(trials),
+            *sets(*FAST, *KD_ONLY, "distill.epochs=2")]
+    return [start_run(*args, cwd=cwd, env={"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / f'mlflow-{i}.db'}"})
             for i in range(count)]
 
 

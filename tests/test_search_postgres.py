@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_process, start_run
 from servers import free_port
 from test_search import assert_workers_shared_study, start_workers
 
@@ -89,10 +90,9 @@ def test_killed_worker_resumes_on_its_real_storage_and_its_password_is_recorded_
 
     password = "S3cret-kdpipe-pw"  # the fixture's server trusts loopback clients, so any password connects
     url = postgres_url.replace("postgres@", f"postgres:{password}@")
-    args = [sys.executable, "-m", "kdpipe", "search", str(SEARCH), "--storage", url, "--study", "resumed",
-            *[a for item in CAMPAIGN for a in ("--set", item)]]
+    args = ["search", SEARCH, "--storage", url, "--study", "resumed", *[a for item in CAMPAIGN for a in ("--set", item)]]
     storage = RDBStorage(sqlalchemy_url(postgres_url))  # creates Optuna's schema before the worker starts, not racing it
-    worker = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = start_run(*args, cwd=workdir)
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -118,8 +118,7 @@ def test_killed_worker_resumes_on_its_real_storage_and_its_password_is_recorded_
     assert password in (run_dir / "ledger.json").read_text()  # where the resumed run finds its storage
     assert (run_dir / "ledger.json").stat().st_mode & 0o777 == 0o600  # so no other user reads it
 
-    resumed = subprocess.run([sys.executable, "-m", "kdpipe", "run", "--resume", str(run_dir)], cwd=workdir,
-                             capture_output=True, text=True)
+    resumed = run_process("run", "--resume", run_dir, cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"failed trial(s) [{orphan}] left running by the interrupted process" in resumed.stderr
     trials = optuna.load_study(study_name="resumed", storage=storage).trials

@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets
+from conftest import FAST, LENIENT, PIPELINES, read_report, run_process, sets, start_run
 
 SEARCH = PIPELINES / "digits-search.yaml"
 TRIALS = 4
@@ -48,8 +47,7 @@ def wait_for_running_trial(runs: Path, process: subprocess.Popen, finished: int)
 
 @pytest.mark.slow
 def test_killed_search_resumes_without_repeating_trials_and_fails_the_orphan(workdir):
-    process = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", str(SEARCH), *sets(*CAMPAIGN)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir)
+    process = start_run("run", SEARCH, *sets(*CAMPAIGN), cwd=workdir)
     try:
         run_dir = wait_for_running_trial(workdir / "runs", process, finished=1)
         os.kill(process.pid, signal.SIGKILL)
@@ -91,21 +89,21 @@ def test_a_trial_killed_before_its_mlflow_run_existed_gets_a_killed_run(workdir)
     done.suggest_float("kd.temperature", 1.0, 8.0)
     orphan = study.ask()
     orphan.suggest_float("kd.temperature", 1.0, 8.0)
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")  # this test's store, whatever ran before
-    mlflow.set_experiment("search")
-    with mlflow.start_run() as parent:
-        runs = TrialRuns(mlflow.MlflowClient(), parent.info.run_id)
-        run_id = runs.start("trial-0", done.params, {"optuna.trial": "0"})
-        runs.end(run_id, "complete")
-        study.tell(done, 0.9)
+    # A client of this test's store: the fluent API's global tracking URI and experiment would outlive the test.
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("search"))
+    runs = TrialRuns(client, parent.info.run_id)
+    run_id = runs.start("trial-0", done.params, {"optuna.trial": "0"})
+    runs.end(run_id, "complete")
+    study.tell(done, 0.9)
 
-        assert fail_orphans(study, None) == [orphan.number]
-        assert runs.close_running("resumed") == []
-        assert runs.record_killed(study, [orphan.number], "resumed") == [orphan.number]
-        assert runs.record_killed(study, [orphan.number], "resumed") == []  # once only
+    assert fail_orphans(study, None) == [orphan.number]
+    assert runs.close_running("resumed") == []
+    assert runs.record_killed(study, [orphan.number], "resumed") == [orphan.number]
+    assert runs.record_killed(study, [orphan.number], "resumed") == []  # once only
+    client.set_terminated(parent.info.run_id)
 
-    nested = mlflow.MlflowClient().search_runs([parent.info.experiment_id],
-                                               f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_trial = {r.data.tags["optuna.trial"]: r for r in nested}
     assert sorted(by_trial) == ["0", "1"]
     killed = by_trial["1"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import re
 import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import yaml
 from packaging.version import Version
 from pydantic import ValidationError
 
-from conftest import PIPELINES
+from conftest import PIPELINES, run_process
 from kdpipe.config import ALIAS_PATTERN, RegisterConfig
 from kdpipe.errors import InputError
 from kdpipe.pipeline import apply_overrides, json_schema, load_pipeline, read_yaml, validate_pipeline
@@ -96,8 +95,7 @@ def test_aliases_mlflow_refuses_are_refused_with_its_reason(tmp_path, monkeypatc
 
 
 def run_kdpipe(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdpipe", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+    return run_process(*args, cwd=cwd)
 
 
 def test_promote_and_mlflow_yaml_refuse_reserved_aliases_before_touching_the_registry(tmp_path):
