@@ -40,6 +40,7 @@ class DistEnv:
 
 
 _current = DistEnv()
+_joined = 0  # process groups this process has joined (init), each under store keys of its own
 
 
 def from_environment() -> DistEnv:
@@ -50,13 +51,19 @@ def from_environment() -> DistEnv:
 
 def init(device: torch.device) -> DistEnv:
     """Join the process group torchrun prepared: nccl for CUDA, gloo for CPU. Idempotent."""
-    global _current
+    global _current, _joined
     env = from_environment()
     if env.enabled and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank,
-                                world_size=env.world_size, timeout=timedelta(minutes=30))
+        timeout = timedelta(minutes=30)
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+        # torchrun's store outlives a process group: joined again after shutdown() (a second run in this process)
+        # under the same keys, a rank reads the last group's addresses and fails to connect (pytorch#55967). Every
+        # rank joins the same sequence of groups, so each group's prefix is the same on every rank.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(
+            f"kdpipe/{_joined}", store), rank=env.rank, world_size=env.world_size, timeout=timeout)
+        _joined += 1
     _current = env
     return env
 

@@ -5,20 +5,28 @@ teacher outputs keyed by content, device placement of the checks a search stage 
 under autocast. The method-specific facts (FitNets' middle layers, AT's β/2 and equal-resolution pairs,
 SP's layer, the conditional discriminator, DML's Algorithm 1, BAN's log-mean ensemble) are in the tests of
 each method family.
+
+Under torchrun, all methods share one launch (tests/torchrun_methods.py: each rank runs them in turn, in its own
+process); each method's exit codes, output, MLflow store and run directory are still checked by a test of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, ONE_THREAD, PIPELINES, run_process, sets
+from conftest import FAST, ONE_THREAD, PIPELINES, run_process, sets, start_run
+from kdpipe.locks import file_lock
 from kdpipe.methods import get_method
 from kdpipe.runner import prepare, run_pipeline
 
@@ -165,10 +173,8 @@ def _wait_for_checkpoint(proc: subprocess.Popen, runs: os.PathLike, timeout: flo
 def test_sigkill_mid_distillation_then_resume_ends_with_every_epoch_once(workdir, name):
     file, _ = METHODS[name]
     epochs = 4
-    proc = subprocess.Popen([sys.executable, "-m", "kdpipe", "run", str(PIPELINES / file), "--until", "distill",
-                             *sets(*overrides(name, f"distill.epochs={epochs}"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=workdir,
-                            env={**os.environ, **ONE_THREAD})
+    proc = start_run("run", PIPELINES / file, "--until", "distill", *sets(*overrides(name, f"distill.epochs={epochs}")),
+                     cwd=workdir)
     assert _wait_for_checkpoint(proc, workdir / "runs"), proc.stderr.read() if proc.poll() is not None else "timeout"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -188,22 +194,77 @@ def test_sigkill_mid_distillation_then_resume_ends_with_every_epoch_once(workdir
         assert steps[key] == list(range(1, epochs + 1)), (key, steps[key])  # the same epochs as one run
 
 
+TORCHRUN_TIMEOUT_S = 900  # the whole launch: a rank stuck in one method cannot hold the suite forever
+
+
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory, teacher_cache, mlflow_store_template) -> dict:
+    """Every method's `kdpipe run PIPELINE --until distill` under one `torchrun --nproc-per-node 2` launch
+    (tests/torchrun_methods.py): the two ranks run the methods in turn, each in a working directory of its own
+    as enter_workdir makes (its own MLflow store, the session's teachers). One launch instead of one per method:
+    each launch paid its three processes' imports (torch, MLflow, ONNX), most of a method's time.
+    Under pytest-xdist the first worker here launches and the others read its outcome, instead of each worker
+    launching every method for its share of these tests."""
+    launch = lambda: _launch_every_method(tmp_path_factory.mktemp("gloo-runs"), teacher_cache, mlflow_store_template)  # noqa: E731
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        found = launch()
+    else:
+        shared = tmp_path_factory.getbasetemp().parent / "gloo-runs.json"  # the folder this session's workers share
+        with file_lock(shared.with_suffix(".lock")):
+            if not shared.exists():
+                shared.write_text(json.dumps(launch()))
+            found = json.loads(shared.read_text())
+    return {**found, "root": Path(found["root"])}
+
+
+def _launch_every_method(root: Path, teacher_cache: Path, store_template: Path) -> dict:
+    runs = []
+    for name, (file, _) in METHODS.items():
+        cwd = root / name
+        cwd.mkdir()
+        shutil.copyfile(store_template, cwd / "mlflow.db")
+        runs.append({"name": name, "cwd": str(cwd),
+                     "env": {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "KDPIPE_CACHE_DIR": str(teacher_cache)},
+                     "argv": ["run", str(PIPELINES / file), "--until", "distill", *sets(*overrides(name, "distill.epochs=2"))]})
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"runs": runs, "pids": str(root), "rank_wait_s": TORCHRUN_TIMEOUT_S / 3}))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(Path(__file__).with_name("torchrun_methods.py")), str(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        out, err = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
+        ended = f"torchrun exited {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun ends its ranks (each in a session of its own) on SIGTERM
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid_file in root.glob("rank*.pid"):
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            proc.kill()
+            out, err = proc.communicate()
+        ended = f"torchrun timed out after {TORCHRUN_TIMEOUT_S} s"
+    return {"root": str(root), "ended": ended, "output": (out + err)[-3000:]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
-def test_two_process_gloo_run_completes_with_rank_0_alone_writing_to_mlflow(workdir, name):
-    file, _ = METHODS[name]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "kdpipe", "run", str(PIPELINES / file), "--until", "distill",
-                          *sets(*overrides(name, "distill.epochs=2"))],
-                         capture_output=True, text=True, cwd=workdir, env=os.environ.copy())
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert ddp.stdout.count("report.json") == 1  # rank 1 prints nothing
-    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+def test_two_process_gloo_run_completes_with_rank_0_alone_writing_to_mlflow(gloo_runs, name):
+    cwd = gloo_runs["root"] / name
+    read = lambda file: file.read_text() if file.exists() else None  # noqa: E731 - None: the rank never got there
+    codes = [read(cwd / f"rank{rank}.exit") for rank in (0, 1)]
+    errors = "".join(f"rank {rank} exit {codes[rank]}:\n{(read(cwd / f'rank{rank}.err') or '')[-3000:]}\n" for rank in (0, 1))
+    assert None not in codes, f"{errors}{gloo_runs['ended']}:\n{gloo_runs['output']}"
+    assert codes == ["0", "0"], errors
+    outs = [read(cwd / f"rank{rank}.out") for rank in (0, 1)]
+    assert [out.count("report.json") for out in outs] == [1, 0], outs  # rank 0 prints the report's path, rank 1 nothing
+    client = mlflow_client(f"sqlite:///{cwd / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
     for key, seen in metric_steps(client, runs[0].info.run_id).items():
         assert len(seen) == len(set(seen)), (key, seen)  # each epoch logged once, not once per rank
-    assert len(list((workdir / "runs").glob("*/*"))) == 1  # one run directory, rank 0's
+    assert len(list((cwd / "runs").glob("*/*"))) == 1  # one run directory, rank 0's
 
 
 def test_a_run_that_makes_no_optimizer_step_is_an_input_error(digits):
