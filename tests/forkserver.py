@@ -28,9 +28,9 @@ import time
 import traceback
 from pathlib import Path
 
-# What a kdpipe run imports that costs: imported by the server before it forks anything. Not onnxruntime: its
-# import starts a native thread that a forked child lacks, and the child aborts at exit joining it (0.1 s to import).
-PRELOAD = ["torch", "torch._dynamo", "torch.export", "torch.onnx", "onnxscript", "onnx", "mlflow", "mlflow.onnx", "mlflow.store.tracking.sqlalchemy_store",
+# What a kdpipe run imports that costs: imported by the server before it forks anything.
+PRELOAD = ["torch", "torch._dynamo", "torch.export", "torch.onnx", "onnxscript", "onnx", "onnxruntime",
+           "onnxruntime.quantization", "mlflow", "mlflow.onnx", "mlflow.store.tracking.sqlalchemy_store",
            "mlflow.store.model_registry.sqlalchemy_store", "optuna", "kornia", "safetensors.torch",
            "kdpipe.cli", "kdpipe.runner", "kdpipe.stages", "kdpipe.search", "kdpipe.train", "kdpipe.deploy",
            "kdpipe.quantize", "kdpipe.qat", "kdpipe.registry", "kdpipe.methods", "kdpipe.models", "kdpipe.data"]
@@ -45,7 +45,6 @@ def serve(path: str) -> dict:
 
     for module in PRELOAD:
         importlib.import_module(module)
-    assert "onnxruntime" not in sys.modules, "a preloaded module imports onnxruntime, which does not survive fork"
     # The preloaded objects never become garbage: out of the collector's sight, a child's collections do not touch
     # (and so copy) every page the server filled.
     gc.collect()
