@@ -50,11 +50,17 @@ def largest_batch(fn: Callable[[int], T], start: int) -> tuple[T, int]:
         batch //= 2  # outside the handler: the failed attempt's tensors are freed before the next one
 
 
+# The most of a pass its probe may take: a short pass (a few epochs' views of a small split) spent most of its rows at
+# the probe's larger, slower sizes (1984 of 2560 rows), and cost 1.26× the online teacher per view.
+PROBE_SHARE = 1 / 3
+
+
 class ProbedBatches:
     """The chunk sizes of one pass over `rows` rows, drawn lazily by the pass itself: the first chunks try each of
-    `candidates` twice, timed from one draw to the next (the chunk's inputs and its forward), and the rest run at
-    the candidate whose second chunk cost least per row. Every chunk is a real part of the pass, so the probe costs
-    no forward of its own."""
+    `candidates` twice, in order, while the probe stays within PROBE_SHARE of the rows (the first candidate always),
+    timed from one draw to the next (the chunk's inputs and its forward), and the rest run at the candidate whose
+    second chunk cost least per row. Every chunk is a real part of the pass, so the probe costs no forward of its
+    own."""
 
     def __init__(self, rows: int, candidates: tuple[int, ...] = CPU_PASS_BATCHES):
         self.rows = rows
@@ -64,7 +70,11 @@ class ProbedBatches:
 
     def __iter__(self) -> Iterator[int]:
         left = self.rows
+        probed = 0
         for size in self.candidates:
+            if probed and probed + 2 * size > PROBE_SHARE * self.rows:
+                break
+            probed += 2 * size
             for repeat in range(2):
                 if left == 0:
                     return
