@@ -207,10 +207,7 @@ class Forked:
             os.kill(self.pid, sig)
 
     def kill(self) -> None:
-        self.send_signal(9)
-
-    def terminate(self) -> None:
-        self.send_signal(15)
+        self.send_signal(signal.SIGKILL)
 
     def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
         """Read stdout and stderr to their ends (each in a thread, as Popen does) and wait for the exit code."""
