@@ -171,3 +171,37 @@ def test_the_report_carries_the_budget_only_when_one_is_set(workdir):
     assert run.data.metrics["int8_budget/drop_after"] == pytest.approx(budget["drop_after"])
     if not budget["within_budget"]:
         assert quantization["delivered"] == "fp32" and "export.int8_budget" in quantization["reason"]
+
+
+# A pipeline student with one outlier channel (tests/fixture_models.py): full static INT8 collapses it to chance.
+OUTLIER_STUDENT = f"student.model={{entrypoint: '{Path(__file__).parent / 'fixture_models.py'}:outlier_cnn'}}"
+DELIVER_INT8 = [*FAST, *LENIENT, OUTLIER_STUDENT, "export.quantize=static", "export.deliver=int8"]
+
+
+def test_a_run_ships_int8_within_the_budget_with_the_outlier_nodes_in_float(workdir):
+    result = cli("run", DIGITS, *sets(*DELIVER_INT8, "export.int8_budget={max_accuracy_drop: 0.01}"))
+    assert result.exit_code == 0, result.output
+    report = read_report(result.stdout)
+    quantization, budget = report["quantization"], report["quantization"]["budget"]
+    assert quantization["delivered"] == "int8" and report["onnx"]["quantization"] == "static"
+    assert budget["drop_before"] > 0.5 and budget["within_budget"] is True
+    # On the test split, which the budget never saw: within a point of the FP32 graph.
+    fp32, int8 = quantization["fp32"]["accuracy"], quantization["int8"]["accuracy"]
+    assert fp32 > 0.75 and fp32 - int8 <= 0.01 and report["student"]["accuracy"] == int8
+    delivered = Path(report["onnx"]["path"])
+    assert delivered.name == "student.int8.onnx"
+    weighted = {n.name for n in onnx.load(str(delivered)).graph.node if n.op_type in ("Conv", "Gemm")}
+    assert float_weighted_nodes(delivered) == set(budget["excluded_nodes"]) & weighted != set()
+    assert weighted - float_weighted_nodes(delivered) or len(budget["excluded_nodes"]) == len(weighted)
+    run = MlflowClient().get_run(report["mlflow"]["run_id"])
+    assert run.data.tags["kdpipe.int8_excluded_nodes"] == ",".join(budget["excluded_nodes"])
+
+
+def test_without_a_budget_the_same_student_ships_full_int8_as_before(workdir):
+    result = cli("run", DIGITS, *sets(*DELIVER_INT8))
+    report = read_report(result.stdout)
+    quantization = report["quantization"]
+    assert "budget" not in quantization and quantization["delivered"] == "int8"
+    assert quantization["fp32"]["accuracy"] - quantization["int8"]["accuracy"] > 0.5
+    assert float_weighted_nodes(Path(report["onnx"]["path"])) == set()  # every Conv and Gemm quantized
+    assert result.exit_code == 1 and "accuracy_min" in result.output  # the collapsed INT8 fails its gates
