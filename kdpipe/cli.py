@@ -296,7 +296,8 @@ def schema() -> None:
 def methods() -> None:
     """List the distillation methods with their family, paper and year, their parameters, defaults and search
     ranges; a plugin's method names the package it comes from."""
-    from kdpipe.methods import BUILT_IN, active_conditions, origin, registry, search_space
+    from kdpipe.config_base import active_conditions, search_space
+    from kdpipe.methods import BUILT_IN, origin, registry
 
     for name, cls in sorted(registry().items()):
         source = "" if origin(name) == BUILT_IN else f" [plugin: {origin(name)}]"

@@ -17,8 +17,8 @@ from pydantic import (AfterValidator, BaseModel, Field, TypeAdapter, ValidationE
                       model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
 
-from kdpipe.config_base import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Seed, Strict,
-                                known)
+from kdpipe.config_base import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Seed, Strict, known,
+                                param)
 from kdpipe.config_errors import describe, suggest
 from kdpipe.config_paths import EntryPointPath, LocalPath
 from kdpipe.errors import InputError
@@ -243,21 +243,24 @@ class ExportConfig(Strict):
                              "scaling and normalization")
     dynamic_batch: bool = True
     atol: PositiveFloat = Field(1.0e-4, description="parity limit (max abs logit difference); validate.gates.parity_atol wins")
-    quantize: Literal["none", "dynamic", "static", "qat"] = Field(
-        "none", description="also build an INT8 model with onnxruntime's quantization (static: calibrated on the training "
-                            "split); qat: static as well, and a student fine-tuned fake-quantized against the teacher")
-    qat_epochs: PositiveInt = Field(3, description="qat: epochs of fake-quantized fine-tuning with the method's loss",
-                                    json_schema_extra={"when": {"quantize": ["qat"]}})  # a search draws it only there
+    # The settings a search may draw declare their default ranges (`export.quantize: auto` in search.space), and
+    # `when` they act, as method parameters do (kdpipe.config_base.param).
+    quantize: Literal["none", "dynamic", "static", "qat"] = param(
+        "none", choices=["none", "dynamic", "static", "qat"],
+        description="also build an INT8 model with onnxruntime's quantization (static: calibrated on the training "
+                    "split); qat: static as well, and a student fine-tuned fake-quantized against the teacher")
+    qat_epochs: PositiveInt = param(3, low=1, high=10, when={"quantize": ["qat"]},
+                                    description="qat: epochs of fake-quantized fine-tuning with the method's loss")
     qat_lr: PositiveFloat | None = Field(None, description="qat: learning rate of the fine-tuning; null: a tenth of "
                                                            "distill.optimizer.lr (it starts from the trained student)")
     calibration_batches: PositiveInt = Field(8, description="static quantization: training batches (data.batch_size) to calibrate on")
-    calibration_method: Literal["minmax", "percentile"] = Field(
-        "minmax", description="static quantization: how onnxruntime sets each activation's range from the calibration "
-                              "batches: minmax (the observed range) or percentile (the calibration_percentile of |x|, "
-                              "clipping outliers)")
-    calibration_percentile: Annotated[float, Field(gt=50.0, le=100.0)] = Field(
-        99.999, description="calibration_method percentile: the percentile of |x| an activation range keeps",
-        json_schema_extra={"when": {"calibration_method": ["percentile"]}})
+    calibration_method: Literal["minmax", "percentile"] = param(
+        "minmax", choices=["minmax", "percentile"], when={"quantize": ["static", "qat"]},
+        description="static quantization: how onnxruntime sets each activation's range from the calibration batches: "
+                    "minmax (the observed range) or percentile (the calibration_percentile of |x|, clipping outliers)")
+    calibration_percentile: Annotated[float, Field(gt=50.0, le=100.0)] = param(
+        99.999, low=99.9, high=99.9999, when={"calibration_method": ["percentile"]},
+        description="calibration_method percentile: the percentile of |x| an activation range keeps")
     deliver: Literal["fp32", "int8", "best"] = Field(
         "fp32", description="the model validated against the gates and registered (int8 with quantize qat: the QAT "
                             "model); best: an INT8 model (with qat: the more accurate of static and QAT) only when it "

@@ -79,3 +79,34 @@ def known(info: ValidationInfo, registry: str) -> Collection[str] | None:
     """The names in `registry` of the validation context (kdpipe.pipeline.VALIDATION_CONTEXT); None when the
     caller passed none, and the check is left to the part that uses the value."""
     return (info.context or {}).get(registry)
+
+
+def param(default: Any, *, low: float | None = None, high: float | None = None, log: bool = False,
+          choices: list | None = None, when: dict[str, list] | None = None, description: str | None = None,
+          **constraints: Any) -> Any:
+    """A method parameter or a deployment setting: its default, its validation constraints, its default search
+    range, and `when` it acts (`{"stages": [1]}`: only when the parameter stages is 1; a search draws it only
+    there)."""
+    extra: dict[str, Any] = {}
+    if choices is not None:
+        extra["search"] = {"choices": choices}
+    elif low is not None and high is not None:
+        extra["search"] = {"low": low, "high": high, "log": log}
+    if when:
+        extra["when"] = when
+    return Field(default, json_schema_extra=extra or None, description=description, **constraints)
+
+
+def _extra(params: type[BaseModel], name: str) -> dict[str, Any]:
+    extra = params.model_fields[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def search_space(params: type[BaseModel]) -> dict[str, dict[str, Any]]:
+    """The default search range of every parameter that declares one."""
+    return {name: dict(_extra(params, name)["search"]) for name in params.model_fields if _extra(params, name).get("search")}
+
+
+def active_conditions(params: type[BaseModel]) -> dict[str, dict[str, list]]:
+    """Parameter -> {other parameter: the values under which it acts}, for the conditional parameters."""
+    return {name: _extra(params, name)["when"] for name in params.model_fields if _extra(params, name).get("when")}

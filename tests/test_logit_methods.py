@@ -23,7 +23,8 @@ from kdpipe.config import ModelConfig, OptimizerConfig
 from kdpipe.data import load_data
 from kdpipe.data.sources import data_config
 from kdpipe.losses import dist_loss, dkd_loss, grad_reverse, kd_loss, standardize_logits
-from kdpipe.methods import get_method, search_space
+from kdpipe.config_base import search_space
+from kdpipe.methods import get_method
 from kdpipe.models import build_model
 from kdpipe.onnx_export import export_onnx
 from kdpipe.search.space import _draw_all

@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from conftest import FAST, PIPELINES, cli, read_report, sets
+from kdpipe.pipeline import load_pipeline
+from kdpipe.search.space import resolve_space
 from test_images import image_data  # noqa: F401 - the session's image folders, a fixture
 
 SEARCH = PIPELINES / "digits-search.yaml"
@@ -79,12 +81,67 @@ def test_qat_in_the_space_with_a_method_qat_cannot_fine_tune_exits_2(workdir):
     ("{export.qat_epochs: {low: 1, high: 3}}", "search.space.export.qat_epochs", "acts only with export.quantize qat"),
     ("{export.opset: {choices: [13, 18]}}", "search.space.export.opset", "the search sets export.quantize"),
     ("{export.quantize: {choices: [none, int4]}}", "search.space.export.quantize", "'int4' is not a valid quantize"),
+    ("{export.calibration_method: auto}", "search.space.export.calibration_method",
+     "acts only with export.quantize static or qat"),
+    ("{export.quantize: {choices: [none, dynamic]}, export.calibration_method: auto}",
+     "search.space.export.calibration_method", "acts only with export.quantize static or qat"),
+    ("{export.quantize: {choices: [static]}, export.calibration_percentile: auto}",
+     "search.space.export.calibration_percentile", "acts only with export.calibration_method percentile"),
+    ("{export.opset: auto}", "search.space.export.opset", "the search sets export.quantize, export.qat_epochs, "
+                                                          "export.calibration_method, export.calibration_percentile"),
 ])
 def test_bad_export_space_is_an_input_error(workdir, space, key, message):
     result = cli("check", SEARCH, "--set", f"search.space={space}")
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{SEARCH}: {key}: ") and message in lines[0], lines
+
+
+def test_export_settings_declare_their_ranges_and_a_search_draws_each_only_where_it_acts():
+    """export.quantize, qat_epochs and the calibration settings declare their default ranges (`auto`) and when they
+    act, as a method's parameters do; calibration_percentile is drawn only in trials that draw percentile
+    calibration, though the space names it first."""
+    pipeline = load_pipeline(SEARCH, ["export.quantize=static", "search.space={export.calibration_percentile: auto, "
+                                                                "export.calibration_method: auto}"])
+    space = resolve_space(pipeline)
+    assert space.export == {"calibration_percentile": {"low": 99.9, "high": 99.9999, "log": False},
+                            "calibration_method": {"choices": ["minmax", "percentile"]}}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = []
+    for _ in range(16):
+        trial = study.ask()
+        drawn.append(space.suggest(trial).export)
+        study.tell(trial, 0.0)
+    assert {d["calibration_method"] for d in drawn} == {"minmax", "percentile"}
+    for export in drawn:
+        assert ("calibration_percentile" in export) == (export["calibration_method"] == "percentile"), export
+        assert 99.9 <= export.get("calibration_percentile", 99.9) <= 99.9999
+    quantize = resolve_space(load_pipeline(SEARCH, ["search.space={export.quantize: auto}"])).export
+    assert quantize == {"quantize": {"choices": ["none", "dynamic", "static", "qat"]}}
+
+
+def test_a_searched_calibration_is_what_each_trial_records_and_the_best_ships(workdir):
+    space = "search.space={export.calibration_method: {choices: [minmax, percentile]}}"
+    result = cli("run", SEARCH, *sets(*QUICK, space, "export.quantize=static", "export.deliver=int8",
+                                      "search.sampler=grid", "search.trials=2"))
+    assert result.exit_code == 0, result.stderr
+    report = read_report(result.stdout)
+    client = mlflow.MlflowClient(report["mlflow"]["tracking_uri"])
+    parent = client.get_run(report["mlflow"]["run_id"])
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(run.data.params["export.calibration_method"] for run in runs) == ["minmax", "percentile"]
+    chosen = report["search"]["best_params"]["export.calibration_method"]
+    resolved = yaml.safe_load((Path(report["run_dir"]) / "pipeline.yaml").read_text())
+    assert resolved["export"]["calibration_method"] == chosen
+    assert report["quantization"]["calibration_method"] == ("percentile 99.999" if chosen == "percentile" else chosen)
+
+
+def test_a_budget_beside_a_searched_calibration_is_refused(workdir):
+    result = cli("check", SEARCH, *sets("export.quantize=static", "export.int8_budget={max_accuracy_drop: 0.01}",
+                                        "search.space={export.calibration_method: auto}"))
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"{SEARCH}: search.space.export.calibration_method: export.int8_budget keeps nodes"), line
 
 
 def test_a_trial_is_built_and_measured_as_export_and_validate_build_and_measure_its_model(workdir, image_data):  # noqa: F811

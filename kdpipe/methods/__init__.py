@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from kdpipe.config import Strict
+from kdpipe.config_base import param  # noqa: F401 - methods (plugins too) import it from here
 from kdpipe.errors import InputError
 from kdpipe.plugins import BUILT_IN, load_plugins, loaded
 from kdpipe.taps import Outputs, TapPair, forward_with_taps, pair_taps
@@ -31,36 +31,6 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 class Params(Strict):
     """A method's parameters: unknown keys and booleans where numbers belong are refused (kdpipe.config.Strict)."""
-
-
-def param(default: Any, *, low: float | None = None, high: float | None = None, log: bool = False,
-          choices: list | None = None, when: dict[str, list] | None = None, description: str | None = None,
-          **constraints: Any) -> Any:
-    """A method parameter: its default, its validation constraints, its default search range, and `when` it acts
-    (`{"stages": [1]}`: only when the parameter stages is 1; a search draws it only there)."""
-    extra: dict[str, Any] = {}
-    if choices is not None:
-        extra["search"] = {"choices": choices}
-    elif low is not None and high is not None:
-        extra["search"] = {"low": low, "high": high, "log": log}
-    if when:
-        extra["when"] = when
-    return Field(default, json_schema_extra=extra or None, description=description, **constraints)
-
-
-def _extra(params: type[Params], name: str) -> dict[str, Any]:
-    extra = params.model_fields[name].json_schema_extra
-    return extra if isinstance(extra, dict) else {}
-
-
-def search_space(params: type[Params]) -> dict[str, dict[str, Any]]:
-    """The default search range of every parameter that declares one."""
-    return {name: dict(_extra(params, name)["search"]) for name in params.model_fields if _extra(params, name).get("search")}
-
-
-def active_conditions(params: type[Params]) -> dict[str, dict[str, list]]:
-    """Parameter -> {other parameter: the values under which it acts}, for the conditional parameters."""
-    return {name: _extra(params, name)["when"] for name in params.model_fields if _extra(params, name).get("when")}
 
 
 FAMILIES = ("logit", "feature", "relation", "adversarial", "collaborative", "baseline")

@@ -11,11 +11,14 @@ from pydantic import ValidationError
 from kdpipe.config import ChoicesSpec, ExportConfig, OptimizerConfig, RangeSpec
 from kdpipe.config_errors import input_error, suggest
 from kdpipe.errors import InputError
-from kdpipe.methods import active_conditions, get_method, registry, search_space
+from kdpipe.config_base import active_conditions, search_space
+from kdpipe.methods import get_method, registry
 
 OPTIMIZER = "optimizer."  # space keys naming distill.optimizer settings (lr, momentum, weight_decay, ...)
 EXPORT = "export."  # space keys naming the export settings a trial builds and scores (EXPORT_KEYS)
-EXPORT_KEYS = ("quantize", "qat_epochs")
+EXPORT_KEYS = tuple(search_space(ExportConfig))  # the export settings that declare a search range
+# What a trial's static INT8 is built from: export.int8_budget's sensitivity search is not run per trial.
+BUDGETED = ("quantize", "calibration_method", "calibration_percentile")
 
 
 @dataclass
@@ -25,7 +28,7 @@ class Choice:
     method: str
     params: dict[str, Any]  # the method's full parameters
     optimizer: dict[str, Any]  # the distill.optimizer keys the search sets
-    export: dict[str, Any]  # the export keys the search sets (quantize, qat_epochs)
+    export: dict[str, Any]  # the export keys the search sets (EXPORT_KEYS)
 
 
 @dataclass
@@ -82,10 +85,13 @@ def with_export(pipeline, export: dict[str, Any]):
 
 def _draw_all(trial, model: type, dims: dict[str, dict[str, Any]], base: dict[str, Any], key) -> dict[str, Any]:
     """The parameters of `dims` (fields of `model`) drawn for `trial`, `key(name)` naming each for Optuna.
-    Unconditional parameters first: a conditional one is drawn only where its condition holds (`base` otherwise)."""
+    Unconditional parameters first: a conditional one is drawn only where its condition holds (`base` otherwise),
+    in the order `model` declares them, so a condition on a conditional one (calibration_percentile on
+    calibration_method on quantize) sees its drawn value."""
     conditions = active_conditions(model)
+    order = {name: i for i, name in enumerate(model.model_fields)}
     values, drawn = dict(base), {}
-    for name in sorted(dims, key=lambda n: n in conditions):
+    for name in sorted(dims, key=lambda n: (n in conditions, order[n] if n in conditions else 0)):
         if all(values[other] in allowed for other, allowed in conditions.get(name, {}).items()):
             values[name] = drawn[name] = _draw(trial, key(name), dims[name], model.model_fields[name].annotation is int)
     return drawn
@@ -177,11 +183,17 @@ def _refuse_unknown(entries: dict[str, Any], methods: list[str], known) -> None:
 
 
 def _check_space(space: SearchSpace, sampler: str, own: str) -> None:
-    """Spaces that cannot run: qat_epochs without qat, nothing to search, a grid over ranges or methods."""
+    """Spaces that cannot run: an export setting that never acts (qat_epochs without qat), nothing to search, a
+    grid over ranges or methods."""
     dims, optimizer, export = space.dims, space.optimizer, space.export
-    if "qat_epochs" in export and "qat" not in space.quantizations():
-        raise InputError("search.space.export.qat_epochs", "acts only with export.quantize qat: set it, or search "
-                                                           "export.quantize with qat among its choices")
+    for name, condition in active_conditions(ExportConfig).items():
+        for other, allowed in condition.items() if name in export else ():
+            possible = export[other].get("choices", []) if other in export else [space.export_base[other]]
+            if not set(possible) & set(allowed):
+                values = " or ".join(allowed)
+                raise InputError(f"search.space.{EXPORT}{name}", f"acts only with {EXPORT}{other} {values}: set it, "
+                                                                 f"or search {EXPORT}{other} with {values} among its "
+                                                                 f"choices")
     if not space.method_searched and not dims[own] and not optimizer and not export:
         raise InputError("search.space", f"nothing to search: method '{own}' declares no search ranges; "
                                          "name parameters with {low, high} or {choices}, or search `method`")
@@ -204,13 +216,13 @@ def _export_dims(entries: dict[str, Any], export_base: dict[str, Any]) -> dict[s
         if param not in EXPORT_KEYS:
             raise InputError(key, f"the search sets {', '.join(EXPORT + k for k in EXPORT_KEYS)} of the export "
                                   f"settings, not '{param}'{suggest(param, EXPORT_KEYS)}")
-        if param == "quantize" and export_base.get("int8_budget") is not None:
+        if param in BUDGETED and export_base.get("int8_budget") is not None:
             # A trial scores plain INT8 (sensitivity per trial would cost a build per node): not what would ship.
-            raise InputError(key, "export.int8_budget keeps nodes in float in the run's static INT8, which trials "
-                                  "do not build: search export.quantize without it, or set quantize and int8_budget "
-                                  "in export")
-        dims[param] = _resolve_spec(ExportConfig, None, "export", param, entries.pop(name), key,
-                                    {**export_base, "deliver": "fp32"})
+            raise InputError(key, f"export.int8_budget keeps nodes in float in the run's static INT8, which trials "
+                                  f"do not build: search export.{param} without it, or set {param} and int8_budget "
+                                  f"in export")
+        dims[param] = _resolve_spec(ExportConfig, search_space(ExportConfig).get(param), "export", param,
+                                    entries.pop(name), key, {**export_base, "deliver": "fp32"})
     return dims
 
 
