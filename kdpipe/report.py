@@ -44,6 +44,24 @@ def render_report(base: dict[str, Any], results: Results, **ending: Any) -> dict
     return report
 
 
+def render_gates_markdown(report: dict[str, Any]) -> str:
+    """gates.md: how the run ended, the delivered model and every gate as a Markdown table, for a CI job's summary
+    or a merge-request comment (README: "kdpipe in a CI job")."""
+    student, teacher = report.get("student") or {}, report.get("teacher") or {}
+    lines = [f"## kdpipe {report['name']}: {report['status']}", ""]
+    if "accuracy" in student:
+        vs_teacher = f" (teacher {teacher['accuracy']:.4f})" if "accuracy" in teacher else ""
+        onnx = report.get("onnx") or {}
+        precision = "FP32" if onnx.get("quantization", "none") == "none" else f"INT8, {onnx['quantization']}"
+        delivered = f", delivered {Path(onnx['path']).name} ({precision})" if onnx else ""
+        lines += [f"student test accuracy {student['accuracy']:.4f}{vs_teacher}{delivered}", ""]
+    lines += ["| gate | value | limit | result |", "|---|---:|---:|---|"]
+    for name, gate in report["gates"].items():
+        value = "n/a" if gate["value"] is None else f"{gate['value']:.6g}"
+        lines.append(f"| {name} | {value} | {gate['limit']:.6g} | {'passed' if gate['passed'] else '**FAILED**'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _merge(into: dict[str, Any], part: dict[str, Any]) -> None:
     for key, value in part.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kdpipe import __version__, distributed
-from kdpipe.atomic import write_json
+from kdpipe.atomic import atomic_write, write_json
 from kdpipe.cache_store import check_cache_dir
 from kdpipe.data import Splits
 from kdpipe.errors import GateFailed, InputError, RunInterrupted, StageFailed
@@ -27,7 +27,7 @@ from kdpipe.models.adapter import holds_8bit_images
 from kdpipe.pipeline import Pipeline
 from kdpipe.prepare import Prepared, prepare
 from kdpipe.progress import Progress
-from kdpipe.report import new_report, render_ledger, render_report
+from kdpipe.report import new_report, render_gates_markdown, render_ledger, render_report
 from kdpipe.results import Results, Stage, StageResult
 from kdpipe.resume import check_resumed, check_until, read_ledger, run_record, write_record
 from kdpipe.run_scope import (STOPPED_AFTER_TAG, ResumedTracker, SilentTracker, lock_run_dir, new_run_id,
@@ -342,6 +342,11 @@ class _Run:
         write_json(report_path, report)
         self.tracker.log_artifact(self.run_dir / "pipeline.yaml")
         self.tracker.log_artifact(report_path)
+        if stopped_after is None:  # the gates decided: their table for a CI job's summary
+            gates_path = self.run_dir / "gates.md"
+            with atomic_write(gates_path) as tmp:
+                tmp.write_text(render_gates_markdown(report))
+            self.tracker.log_artifact(gates_path)
         self.tracker.set_tags({"kdpipe.status": report["status"],
                                **({STOPPED_AFTER_TAG: stopped_after} if stopped_after is not None else {})})
         self.tracker.end("FINISHED" if passed or stopped_after is not None else "FAILED")
