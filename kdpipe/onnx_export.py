@@ -7,6 +7,8 @@ import functools
 import importlib
 import io
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -38,6 +40,22 @@ def quiet_exporter():
             yield
     finally:
         exporter_log.setLevel(level)
+
+
+@contextlib.contextmanager
+def native_stdout_discarded():
+    """Discard what native code writes to the process's stdout meanwhile: torch's TorchScript exporter writes the
+    whole graph there (C++ std::cout, whatever sys.stdout is) when a node cannot be exported, and always turns its
+    log on (torch.onnx's setup_onnx_logging tests the function `_jit_is_onnx_log_enabled`, not its result)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @functools.cache

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from kdpipe.atomic import atomic_write
 from kdpipe.errors import InputError
-from kdpipe.onnx_export import quiet_exporter
+from kdpipe.onnx_export import native_stdout_discarded, quiet_exporter
 
 KEY = "export.quantize"
 QUANTIZATION_KEY = "kdpipe.quantization"  # ONNX metadata_props: none | dynamic | static | qat
@@ -132,13 +133,26 @@ def qat_method(pipeline, fake_quantized: nn.Module, teacher: nn.Module | None, n
 
 def check_quantizable(pipeline, student: nn.Module, teacher: nn.Module | None, num_classes: int,
                       input_shape: tuple[int, ...]) -> None:
-    """Before a run starts: the student traces and the method's loss can fine-tune it (else InputError)."""
+    """Before a run starts: the student traces, the method's loss can fine-tune it, and its INT8 graph exports to
+    ONNX (else InputError)."""
     from kdpipe import distributed
 
     if distributed.from_environment().enabled:
         raise InputError(KEY, "qat fine-tunes in the export stage, which runs on rank 0 alone; run it without torchrun")
     example = torch.zeros((2, *input_shape))
-    qat_method(pipeline, fake_quantize(student, example), teacher, num_classes, input_shape)
+    fake_quantized = fake_quantize(student, example)
+    qat_method(pipeline, fake_quantized, teacher, num_classes, input_shape)
+    # torch converts some fused patterns to quantized ops the ONNX exporter lacks (a Mul followed by a ReLU becomes
+    # quantized::mul_relu): found now, not in the export stage after the whole distillation.
+    calibrate(fake_quantized, [example.numpy()], torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp, native_stdout_discarded():
+        try:
+            export_qdq(fake_quantized, example, Path(tmp) / "qat.onnx", pipeline.export.opset,
+                       pipeline.export.dynamic_batch)
+        except Exception as exc:  # noqa: BLE001 - convert_fx and the exporter raise many types
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise InputError(KEY, f"qat's INT8 model of {type(student).__name__} cannot be exported to ONNX "
+                                  f"({type(exc).__name__}: {first}); use static") from None
 
 
 @torch.no_grad()

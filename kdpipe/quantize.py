@@ -75,17 +75,19 @@ def quantize(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.n
 
 
 def quantizable_nodes(fp32_path: Path) -> dict[str, str]:
-    """Name → op type of the nodes static quantization may quantize (those of an op type in onnxruntime's QDQ
-    registry), in graph order, as named in the pre-processed graph that `quantize` hands the quantizer. Raises
-    QuantizationFailed when the graph cannot be pre-processed."""
+    """Name → op type of the nodes static quantization may quantize (those of an op type quantize_static
+    quantizes by default: its QLinear and QDQ registries, Mul and Add included), in graph order, as named in the
+    pre-processed graph that `quantize` hands the quantizer. Raises QuantizationFailed when the graph cannot be
+    pre-processed."""
     import onnx
-    from onnxruntime.quantization.registry import QDQRegistry
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     with _quiet_tools(), tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         _pre_process(fp32_path, prepared)
         graph = onnx.load(str(prepared)).graph
-    return {node.name: node.op_type for node in graph.node if node.op_type in QDQRegistry}
+    quantized_types = set(QDQRegistry) | set(QLinearOpsRegistry)
+    return {node.name: node.op_type for node in graph.node if node.op_type in quantized_types}
 
 
 @contextlib.contextmanager

@@ -30,14 +30,15 @@ class OutlierChannelCNN(CNN):
 
     def forward(self, x):
         conv, bn, relu = self.blocks[0]
-        x = relu(bn(conv(x)) * self.gains)  # exported as the BN-folded convolution's output scaled, then ReLU
+        x = relu(bn(conv(x))) * self.gains  # after the ReLU: torch's QAT has no ONNX export of a fused Mul-ReLU
         conv, *rest = self.blocks[1]
         x = nn.functional.conv2d(x, conv.weight / self.gains, conv.bias, conv.stride,
                                  conv.padding, conv.dilation, conv.groups)
-        for module in rest:
+        for module in [*rest, *self.blocks[2:]]:  # each installed as it is (fx traces it for QAT)
             x = module(x)
-        return self.fc(self.pool(self.blocks[2:](x)))
+        return self.fc(self.pool(x))
 
 
-def outlier_cnn(input_shape, num_classes, gain: float = 1000.0):
-    return OutlierChannelCNN(input_shape, num_classes, gain=gain)
+def outlier_cnn(input_shape, num_classes, width: int = 8, depth: int = 2, gain: float = 1000.0):
+    return OutlierChannelCNN(input_shape, num_classes, width, depth, gain)
+

@@ -132,6 +132,21 @@ def test_out_of_nodes_to_exclude_the_build_with_the_most_in_float_is_left(outlie
     assert float_weighted_nodes(int8_path) <= set(budget["excluded_nodes"]) and float_weighted_nodes(int8_path)
 
 
+def test_every_node_static_int8_quantizes_is_a_candidate_to_keep_in_float(digits, tmp_path):
+    """The pipeline's outlier student has a Mul (its channel gain) that quantize_static quantizes by default though
+    it is not in onnxruntime's QDQ registry: with every listed node excluded, nothing is quantized."""
+    from fixture_models import outlier_cnn
+    from kdpipe.quantize import quantizable_nodes
+
+    fp32 = tmp_path / "outlier.onnx"
+    export_onnx(outlier_cnn(digits.input_shape, digits.num_classes).eval(), digits.x_val[:2], fp32, 18, True)
+    nodes = quantizable_nodes(fp32)
+    assert "Mul" in nodes.values() and {"Conv", "Gemm", "Relu"} <= set(nodes.values())
+    int8 = tmp_path / "outlier.int8.onnx"
+    quantize(fp32, int8, "static", calibration(digits), nodes_to_exclude=list(nodes))
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in onnx.load(str(int8)).graph.node}
+
+
 def test_a_budget_on_dynamic_quantization_is_refused(workdir):
     result = cli("check", DIGITS, *sets("export.quantize=dynamic", "export.int8_budget={max_accuracy_drop: 0.01}"))
     assert result.exit_code == 2, result.output

@@ -225,6 +225,42 @@ def test_qat_with_a_student_whose_trace_differs_in_eval_mode_exits_2(workdir):
                     "self.training", "use static")
 
 
+SCALED_RELU = '''
+import torch
+from torch import nn
+
+
+class ScaledReLU(nn.Module):
+    """A convolution scaled by a constant before its ReLU: torch's QAT makes the two one quantized::mul_relu."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(input_shape[0], 8, 3, padding=1)
+        self.register_buffer("scale", torch.full((1, 8, 1, 1), 2.0))
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x) * self.scale).mean((2, 3)))
+'''
+
+
+def test_qat_with_a_student_whose_int8_model_has_no_onnx_export_exits_2_before_training(workdir):
+    """torch converts it, then its ONNX exporter refuses quantized::mul_relu: found by `kdpipe check`, not in the
+    export stage after distillation, and without the exporter's dump of the whole graph on stdout."""
+    (workdir / "scaled.py").write_text(SCALED_RELU)
+    file = write_pipeline(workdir / "p.yaml", **{"student.model": {"entrypoint": "scaled.py:ScaledReLU"},
+                                                  "export.quantize": "qat"})
+    checked = run_process("check", file, cwd=workdir)
+    assert checked.returncode == 2 and checked.stdout == "", checked.stdout[:500]
+    [line] = checked.stderr.strip().splitlines()
+    assert line.startswith(f"{file}: export.quantize: qat's INT8 model of ScaledReLU cannot be exported to ONNX "
+                           f"(UnsupportedOperatorError: "), line
+    assert "quantized::mul_relu" in line and line.endswith("; use static")
+    assert_one_line(cli("run", file, *sets(*FAST)), file, "cannot be exported to ONNX")
+    assert not (workdir / "runs").exists()  # refused before any run started
+    assert cli("check", file, "--set", "export.quantize=static").exit_code == 0
+
+
 def test_timm_batchnorm_act_students_are_fused_and_their_qdq_model_follows_the_fake_quantized_one(tmp_path):
     """timm's mobile students normalize with BatchNormAct2d, whose forward branches on self.training: traced as it
     is, the eval-mode QAT model kept batch statistics (predictions 69% equal to its own ONNX model, BN unfused)."""
