@@ -11,11 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdpipe.errors import InputError
 from kdpipe.models.adapter import for_export, graph_inputs, input_contract
 from kdpipe.onnx_export import add_metadata, export_onnx, takes_uint8
-from kdpipe.onnx_runtime import (configured_session, fixed_batch_size, measure_latency, options_of, predict,
-                                 tile_batch)
+from kdpipe.onnx_runtime import (check_batch_sizes, configured_session, fixed_batch_size, measure_latency, options_of,
+                                 predict, tile_batch)
 from kdpipe.qat import QUANTIZATION_KEY, export_qdq
 from kdpipe.quantize import quantize
 
@@ -68,9 +67,7 @@ def measure_model(path: Path, cfg, x: np.ndarray, y: np.ndarray, batch_sizes: li
     session's settings as read back from it, for one ONNX file, in a session with validate's settings
     (kdpipe.onnx_runtime.configured_session)."""
     sess = configured_session(path, cfg)
-    fixed = fixed_batch_size(sess)
-    if fixed is not None and set(cfg.batch_sizes) != {fixed}:
-        raise InputError("validate.batch_sizes", f"{path.name} has a fixed batch size {fixed}; set validate.batch_sizes to [{fixed}]")
+    check_batch_sizes(path, fixed_batch_size(sess), cfg.batch_sizes)
     timed = cfg.batch_sizes if batch_sizes is None else batch_sizes
     return {
         "path": str(path),

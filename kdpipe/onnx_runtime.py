@@ -97,6 +97,12 @@ def fixed_batch_size(sess) -> int | None:
     return first if isinstance(first, int) else None
 
 
+def check_batch_sizes(path: Path, fixed: int | None, batch_sizes: list[int]) -> None:
+    """InputError unless validate.batch_sizes is the one batch size a fixed-batch model takes."""
+    if fixed is not None and set(batch_sizes) != {fixed}:
+        raise InputError("validate.batch_sizes", f"{path.name} has a fixed batch size {fixed}; set validate.batch_sizes to [{fixed}]")
+
+
 def tile_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
     """`batch_size` real samples: the first ones of `x`, repeated when `x` has fewer."""
     reps = -(-batch_size // len(x))
@@ -114,6 +120,13 @@ def predict(sess, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         padded = tile_batch(chunk, fixed) if fixed and len(chunk) < fixed else chunk
         chunks.append(sess.run(None, {name: padded})[0][:len(chunk)])
     return np.concatenate(chunks)
+
+
+def logit_parity(got: np.ndarray, expected: np.ndarray) -> dict[str, float | int]:
+    """How closely logits follow reference logits of the same samples: the share of samples with the same
+    predicted class, and the largest absolute logit difference."""
+    return {"agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
+            "max_abs_diff": float(np.abs(got - expected).max()), "samples": len(got)}
 
 
 def check_classifier(path: Path, input_shape: tuple[int, ...], num_classes: int, batch_sizes: list[int], key: str,

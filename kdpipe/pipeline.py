@@ -277,6 +277,7 @@ def validate_pipeline(raw: dict[str, Any]) -> Pipeline:
         raise input_error(exc, Pipeline, ()) from None
     _check_numbers(pipeline.model_dump(by_alias=True), ())
     _check_providers(pipeline.validation)
+    _check_runtimes(pipeline.validation)
     check_milestones(pipeline.distill.optimizer, pipeline.distill.epochs, "distill.optimizer.milestones")
     if pipeline.teacher is not None:
         check_milestones(pipeline.teacher.train.optimizer, pipeline.teacher.train.epochs,
@@ -342,6 +343,17 @@ def _check_providers(cfg: ValidateConfig) -> None:
     if missing and cfg.require_provider:
         raise InputError("validate.providers", f"{missing[0]} is not available in this onnxruntime and require_provider "
                                                "is true; use providers: auto, or install onnxruntime-gpu on a CUDA machine")
+
+
+def _check_runtimes(cfg: ValidateConfig) -> None:
+    """A listed runtime that does not import: validate could only fail, after the training, so it is bad input."""
+    from kdpipe.openvino_runtime import import_openvino
+
+    if "openvino" in cfg.runtimes:
+        try:
+            import_openvino()
+        except RuntimeError as exc:
+            raise InputError("validate.runtimes", str(exc)) from None
 
 
 def provider_warnings(pipeline: Pipeline) -> list[str]:

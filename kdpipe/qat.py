@@ -195,12 +195,10 @@ def prediction_parity(model: nn.Module, onnx_path: Path, x: torch.Tensor, agains
     """How closely an INT8 ONNX model follows a PyTorch model on `x`: the share of samples with the same predicted
     class, and the largest absolute logit difference."""
     from kdpipe.inference import predict
-    from kdpipe.onnx_runtime import predict as ort_predict, session
+    from kdpipe.onnx_runtime import logit_parity, predict as ort_predict, session
 
     expected = predict(model.cpu(), x.cpu()).logits.numpy()
-    got = ort_predict(session(onnx_path), x.cpu().numpy())
-    return {"against": against, "agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
-            "max_abs_diff": float(np.abs(got - expected).max()), "samples": len(x)}
+    return {"against": against, **logit_parity(ort_predict(session(onnx_path), x.cpu().numpy()), expected)}
 
 
 def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, calibration: list[np.ndarray],

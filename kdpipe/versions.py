@@ -9,7 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 # The README's table of supported versions names the same libraries; CI prints these for both of its environments.
 LIBRARIES = [("torch", ["torch"]), ("onnxruntime", ["onnxruntime", "onnxruntime-gpu"]), ("mlflow", ["mlflow"]),
              ("onnx", ["onnx"]), ("onnxscript", ["onnxscript"]), ("numpy", ["numpy"]), ("optuna", ["optuna"]),
-             ("pydantic", ["pydantic"]), ("Pillow", ["Pillow"]), ("kornia", ["kornia"]), ("datasets", ["datasets"])]
+             ("pydantic", ["pydantic"]), ("Pillow", ["Pillow"]), ("kornia", ["kornia"]), ("datasets", ["datasets"]),
+             ("openvino", ["openvino"])]
 
 
 def _installed(distributions: list[str]) -> str | None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install kdpipe into it with a CPU build of torch.
-# Usage: bash scripts/install.sh [extra,...]   e.g. dev, vision, postgres; the cpu extra (onnxruntime) is added
+# Usage: bash scripts/install.sh [extra,...]   e.g. dev, vision, postgres, openvino; the cpu extra (onnxruntime) is added
 #        unless gpu (onnxruntime-gpu) is named.
 # TORCH_SPEC overrides the torch requirement (default torch==2.13.0, which this project's machines hold as a CPU build).
 # TORCH_SPEC=keep installs no torch (nor torchvision): .venv sees the interpreter's own packages (a GPU image's CUDA
@@ -34,3 +34,4 @@ after=$(.venv/bin/python -c "import torch; print(torch.__version__)")
 [ "$before" = "$after" ] || echo "note: installing kdpipe replaced torch $before with $after (kdpipe needs a newer one)" >&2
 .venv/bin/python -c "import kdpipe, torch, onnxruntime, mlflow, optuna"
 case ",${1:-}," in *,vision,*) .venv/bin/python -c "import torchvision, timm, transformers" ;; esac
+case ",${1:-}," in *,openvino,*) .venv/bin/python -c "import openvino" ;; esac

@@ -3,12 +3,16 @@
 Every model of the run (FP32 student, INT8 student, teacher) is loaded with the
 same session settings from the pipeline file and timed the same way, so their
 ratios are honest. The gates apply to the delivered model (`export.deliver`).
+With `validate.runtimes: [onnxruntime, openvino]` every model is measured in
+OpenVINO too, and the delivered one gets the same gates there, plus its
+agreement with onnxruntime; onnxruntime's measurements choose what is delivered.
 """
 
 from __future__ import annotations
 
 import platform
 from dataclasses import astuple
+from pathlib import Path
 
 import numpy as np
 
@@ -18,7 +22,8 @@ from kdpipe.chance import ChanceLevel
 from kdpipe.fingerprint import fingerprint, sha256_file
 from kdpipe.deploy import inputs_for, measure_model, session_settings
 from kdpipe.results import ExportResult, Gate, Stage, ValidateResult
-from kdpipe.onnx_runtime import available_providers, import_ort, resolve_providers
+from kdpipe.onnx_runtime import available_providers, configured_session, import_ort, predict, resolve_providers
+from kdpipe.openvino_runtime import DEVICE, CannotRun, import_openvino, measure_openvino
 
 MB = 1e6
 
@@ -32,23 +37,50 @@ def latency_limits(limit, batch_sizes: list[int]) -> dict[int, float]:
     return {min(batch_sizes): float(limit)}
 
 
-def measure_teacher(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
-    """measure_model for the frozen teacher, cached by content: its ONNX bytes, the test data and every setting
-    that changes what is measured, on this machine. Reruns and campaign workers pay for it once."""
+def teacher_content(ctx, cfg) -> dict:
+    """What the teacher's onnxruntime measurement depends on: its ONNX bytes, the test data and every setting that
+    changes what is measured, on this machine."""
     path = ctx.results[ExportResult].teacher_onnx_path
-    content = {"onnx_sha256": sha256_file(path), "data": ctx.data.fingerprint, "batch_sizes": cfg.batch_sizes,
-               "providers": resolve_providers(cfg.providers), **session_settings(cfg), "host": platform.node(),
-               "onnxruntime": import_ort().__version__, "kdpipe": __version__}
-    key = fingerprint(content)
-    entry = ctx.cache_dir / "teacher-validate" / f"{key}.json"
+    return {"onnx_sha256": sha256_file(path), "data": ctx.data.fingerprint, "batch_sizes": cfg.batch_sizes,
+            "providers": resolve_providers(cfg.providers), **session_settings(cfg), "host": platform.node(),
+            "onnxruntime": import_ort().__version__, "kdpipe": __version__}
+
+
+def cached_teacher(ctx, content: dict, measure, what: str) -> dict:
+    """`measure()`, a measurement of the frozen teacher, cached by `content`: reruns and campaign workers pay for it
+    once."""
+    path = ctx.results[ExportResult].teacher_onnx_path
+    entry = ctx.cache_dir / "teacher-validate" / f"{fingerprint(content)}.json"
     cached = load_json(entry, lambda line: ctx.progress.info(f"  {line}"))
     if cached is not None:
-        ctx.progress.info(f"  teacher accuracy and latency from cache {entry}")
+        ctx.progress.info(f"  {what} from cache {entry}")
         return {**cached, "path": str(path), "latency_ms": {int(b): v for b, v in cached["latency_ms"].items()},
                 "cached": True}
-    measured = measure_model(path, cfg, x_test, y_test)
+    measured = measure()
     store_json(entry, {k: v for k, v in as_report(measured).items() if k != "path"})
     return {**measured, "cached": False}
+
+
+def measure_teacher(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
+    """measure_model for the frozen teacher, cached by content (teacher_content)."""
+    path = ctx.results[ExportResult].teacher_onnx_path
+    return cached_teacher(ctx, teacher_content(ctx, cfg), lambda: measure_model(path, cfg, x_test, y_test),
+                          "teacher accuracy and latency")
+
+
+def measure_on_openvino(path: Path, cfg, x: np.ndarray, y: np.ndarray) -> dict:
+    """measure_openvino, its parity taken against onnxruntime's logits on the same inputs in a session with
+    validate's settings."""
+    return measure_openvino(path, cfg, x, y, predict(configured_session(path, cfg), x))
+
+
+def measure_teacher_openvino(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
+    """measure_on_openvino for the frozen teacher, cached by what its onnxruntime measurement is (teacher_content,
+    the parity compares with it) and the OpenVINO build."""
+    path = ctx.results[ExportResult].teacher_onnx_path
+    content = {**teacher_content(ctx, cfg), "runtime": "openvino", "openvino": import_openvino().get_version()}
+    return cached_teacher(ctx, content, lambda: measure_on_openvino(path, cfg, x_test, y_test),
+                          "teacher's OpenVINO accuracy and latency")
 
 
 def gates_for(model: dict, teacher: dict | None, cfg,
@@ -76,7 +108,7 @@ def gates_for(model: dict, teacher: dict | None, cfg,
     if gates.size_mb_max is not None:
         size = model["size_bytes"] / MB
         out.append(("size_mb_max", size, gates.size_mb_max, size <= gates.size_mb_max))
-    if cfg.require_provider:
+    if cfg.require_provider and "providers_used" in model:  # onnxruntime's providers; OpenVINO has none
         fallback = [p for p in resolve_providers(cfg.providers) if p not in model["providers_used"]]
         out.append(("require_provider", len(fallback), 0, not fallback))
     return out
@@ -141,6 +173,14 @@ def as_report(model: dict) -> dict:
     return {**model, "latency_ms": {str(b): v for b, v in model["latency_ms"].items()}}
 
 
+def model_metrics(model: dict) -> dict[str, float]:
+    """The MLflow metrics of the delivered model's measurement."""
+    return {"student/test_accuracy": model["accuracy"],
+            **{f"latency_ms/p50_bs{b}": v["p50"] for b, v in model["latency_ms"].items()},
+            **{f"latency_ms/p99_bs{b}": v["p99"] for b, v in model["latency_ms"].items()},
+            **{f"throughput/bs{b}": v["throughput"] for b, v in model["latency_ms"].items()}}
+
+
 class Validate(Stage):
     name = "validate"
     needs = (ExportResult,)
@@ -186,15 +226,16 @@ class Validate(Stage):
             "io_binding": any(v["io_binding"] for v in measured["latency_ms"].values()),
             "session": session_settings(cfg),
         }
-        ctx.tracker.log_metrics({"student/test_accuracy": measured["accuracy"],
-                                 **{f"latency_ms/p50_bs{b}": v["p50"] for b, v in measured["latency_ms"].items()},
-                                 **{f"latency_ms/p99_bs{b}": v["p99"] for b, v in measured["latency_ms"].items()},
-                                 **{f"throughput/bs{b}": v["throughput"] for b, v in measured["latency_ms"].items()}})
-        gates = tuple(Gate(*g) for g in gates_for(measured, teacher, cfg, chance))
+        ctx.tracker.log_metrics(model_metrics(measured))
+        gates = [Gate(*g) for g in gates_for(measured, teacher, cfg, chance)]
         for gate in gates:
             if gate.name == "above_chance" and not gate.passed:
                 ctx.progress.info(f"  above_chance: {chance.verdict('student', measured['accuracy'], gate.limit)}")
-        return ValidateResult(report=report, gates=gates, onnx_path=path, accuracy=measured["accuracy"],
+        if "openvino" in cfg.runtimes:
+            section, openvino_gates = on_openvino(ctx, export, delivered, chance, x_test, y_test)
+            report["runtimes"] = {"openvino": section}
+            gates += openvino_gates
+        return ValidateResult(report=report, gates=tuple(gates), onnx_path=path, accuracy=measured["accuracy"],
                               latency_ms=report["latency_ms"], size_bytes=measured["size_bytes"],
                               precision=report["onnx"]["precision"], quantization=quantization,
                               providers_used=measured["providers_used"])
@@ -228,3 +269,46 @@ def deliver(ctx, export: ExportResult, fp32: dict, teacher: dict | None, chance:
         quantization["compared"] = side_by_side(export.report["quantization"], fp32, int8, qat)
     ctx.progress.info(f"  delivering {delivered.upper()}: {reason}")
     return delivered, {"fp32": fp32, "int8": int8, "qat": qat}[delivered], quantization
+
+
+def on_openvino(ctx, export: ExportResult, delivered: str, chance: ChanceLevel, x_test: np.ndarray,
+                y_test: np.ndarray) -> tuple[dict, list[Gate]]:
+    """Every model onnxruntime measured, measured in OpenVINO with its parity against onnxruntime; returns
+    report.json's runtimes.openvino and the gates on OpenVINO's measurement of the delivered model (gates_for's,
+    and runtime_agreement_min), each named openvino/GATE."""
+    cfg = ctx.pipeline.validation
+    paths = {"fp32": export.onnx_path, "int8": export.int8_onnx_path, "qat": export.qat_onnx_path}
+    measures = {name: (lambda path=path: measure_on_openvino(path, cfg, x_test, y_test))
+                for name, path in paths.items() if path is not None}
+    if export.teacher_onnx_path is not None:
+        measures["teacher"] = lambda: measure_teacher_openvino(ctx, cfg, x_test, y_test)
+    models = {}
+    for name, measure in measures.items():
+        try:
+            models[name] = measure()
+        except CannotRun as exc:  # what this runtime cannot run is reported; the others are still measured
+            models[name] = {"error": str(exc)}
+            ctx.progress.info(f"  warning: openvino cannot run the {name} model: {exc}")
+    shared = {"version": import_openvino().get_version(), "device": DEVICE}
+    model = models[delivered]
+    if "error" in model:  # the model that ships does not run here: that is the gate
+        section = {**shared, "delivered": delivered, **models}
+        return section, [Gate("openvino/runs_delivered_model", 0.0, 1.0, False)]
+    teacher = models.get("teacher")
+    gates = [Gate(f"openvino/{name}", *rest) for name, *rest in gates_for(
+        model, teacher if teacher is not None and "error" not in teacher else None, cfg, chance)]
+    parity = model["parity_vs_onnxruntime"]
+    if cfg.gates.runtime_agreement_min is not None:
+        limit = cfg.gates.runtime_agreement_min
+        gates.append(Gate("openvino/runtime_agreement_min", parity["agreement"], limit, parity["agreement"] >= limit))
+    ctx.tracker.log_metrics({f"openvino/{k}": v for k, v in model_metrics(model).items()}
+                            | {"openvino/agreement": parity["agreement"], "openvino/max_abs_diff": parity["max_abs_diff"]})
+    smallest = min(cfg.batch_sizes)
+    ctx.progress.info(f"  openvino: {delivered.upper()} accuracy {model['accuracy']:.4f}, "
+                      f"p50 {model['latency_ms'][smallest]['p50']:.4g} ms at batch size {smallest}, "
+                      f"{parity['agreement']:.2%} of test predictions as onnxruntime's")
+    per_model = ("version", "device", "settings", "runtime")  # the same for every model: once, beside them
+    section = {**shared, "settings": model["settings"], "delivered": delivered,
+               **{name: m if "error" in m else {k: v for k, v in as_report(m).items() if k not in per_model}
+                  for name, m in models.items()}}
+    return section, gates

@@ -55,6 +55,8 @@ def _known_values(tmp: Path) -> dict[tuple[str, str], list]:
         ("ModelConfig", "entrypoint"): ["pkg.module:make", f"{file}:make", "module:make"],
         ("DistillBase", "device"): ["auto", "cpu", "cuda:1"],
         ("ValidateConfig", "providers"): ["auto", ["CPUExecutionProvider"]],
+        # openvino is refused where the extra is not installed; onnxruntime alone is the default, left out of the record
+        ("ValidateConfig", "runtimes"): [["onnxruntime"], ["openvino", "onnxruntime"]],
         ("SearchConfig", "storage"): [None, f"sqlite:///{tmp / 's.db'}", "postgresql://user:secret@db.example/kd",
                                       str(tmp / "j.log")],
         ("SearchConfig", "space"): ["auto", {"temperature": {"low": 1.0, "high": 8.0, "log": True}},

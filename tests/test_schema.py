@@ -24,7 +24,8 @@ def test_the_schema_modules_import_no_runtime_part():
     modules = "kdpipe.config, kdpipe.config_base, kdpipe.config_data, kdpipe.config_errors, kdpipe.config_paths"
     loaded = subprocess.run([sys.executable, "-c", f"import sys, {modules}; print(' '.join(sys.modules))"],
                             capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
-    assert [m for m in loaded if m.startswith(("kdpipe.onnx_runtime", "kdpipe.models", "torch", "onnxruntime"))] == []
+    runtime_parts = ("kdpipe.onnx_runtime", "kdpipe.openvino_runtime", "kdpipe.models", "torch", "onnxruntime", "openvino")
+    assert [m for m in loaded if m.startswith(runtime_parts)] == []
 
 
 def test_names_are_checked_against_the_registries_in_the_validation_context():
