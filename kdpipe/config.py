@@ -338,8 +338,9 @@ ONNXRUNTIME_ONLY = ["onnxruntime"]
 class ValidateConfig(Strict):
     batch_sizes: list[Annotated[int, Field(gt=0, le=1 << 20)]] = Field(default_factory=lambda: [1, 64], min_length=1)
     providers: Literal["auto"] | list[str] = Field(
-        "auto", description="auto: CUDAExecutionProvider (with IO binding) when this onnxruntime has it, else "
-                            "CPUExecutionProvider; or a list in order of preference")
+        "auto", description="auto: TensorrtExecutionProvider, then CUDAExecutionProvider (both with IO binding), "
+                            "where this onnxruntime has them, CPUExecutionProvider last; or a list in order of "
+                            "preference")
     require_provider: bool = Field(False, description="every listed provider must be in use: `kdpipe check` rejects one "
                                                       "this onnxruntime lacks, and the gate fails one that cannot start")
     warmup: NonNegativeInt = 10

@@ -14,6 +14,8 @@ from kdpipe.errors import InputError
 MISSING_ORT = "onnxruntime is not installed: pip install 'kdpipe[cpu]' (or 'kdpipe[gpu]' on a CUDA machine)"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+ON_GPU = (TENSORRT, CUDA)  # what `auto` takes where onnxruntime has it, in order, before the CPU; IO binding on both
 
 
 def import_ort():
@@ -33,10 +35,17 @@ def known_providers() -> list[str] | None:
 
 
 def resolve_providers(providers: str | list[str]) -> list[str]:
-    """The providers a pipeline asks for: `auto` is CUDA (with IO binding) when this onnxruntime has it, else CPU."""
+    """The providers a pipeline asks for: `auto` is auto_providers of this onnxruntime."""
     if providers != "auto":
         return list(providers)
-    return [CUDA, CPU] if CUDA in import_ort().get_available_providers() else [CPU]
+    return auto_providers(import_ort().get_available_providers())
+
+
+def auto_providers(available: list[str]) -> list[str]:
+    """`providers: auto` given the providers an onnxruntime build has: TensorRT, then CUDA, where present (both with
+    IO binding), the CPU last. onnxruntime falls back along the list where one cannot start (TensorRT without its
+    libraries), and validate reports that fallback."""
+    return [p for p in ON_GPU if p in available] + [CPU]
 
 
 def missing_providers(providers: str | list[str]) -> list[str]:
@@ -185,11 +194,11 @@ def time_calls(call, warmup: int, runs: int, budget_s: float = float("inf")) -> 
 
 def measure_latency(sess, x: np.ndarray, batch_size: int, warmup: int, runs: int,
                     budget_s: float = float("inf")) -> dict[str, float]:
-    """Latency of one batch of real samples, within `budget_s` seconds (see time_calls). On CUDA the input and
-    output stay on the device (IO binding), so what is timed is the model, not a host copy per call."""
+    """Latency of one batch of real samples, within `budget_s` seconds (see time_calls). On CUDA (TensorRT too) the
+    input and output stay on the device (IO binding), so what is timed is the model, not a host copy per call."""
     batch = tile_batch(x, batch_size)
     name = sess.get_inputs()[0].name
-    if sess.get_providers()[0] == CUDA:
+    if sess.get_providers()[0] in ON_GPU:
         ort = import_ort()
         binding = sess.io_binding()
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0))

@@ -318,3 +318,18 @@ def test_exports_in_one_process_parse_onnxscripts_operators_once(tmp_path):
     assert reuse_torchlib_ops()  # the installed torch and onnxscript have the layout it relies on
     ops = importlib.import_module(_lazy_import.onnxscript_apis._name).get_torchlib_ops
     assert ops.cache_info().misses == 1 and ops.cache_info().hits >= 1
+
+
+@pytest.mark.parametrize("available, chosen", [
+    (["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+     ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "OpenVINOExecutionProvider"],
+     ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["AzureExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),
+])
+def test_providers_auto_takes_tensorrt_then_cuda_where_present_and_the_cpu_last(available, chosen):
+    from kdpipe.onnx_runtime import auto_providers
+
+    assert auto_providers(available) == chosen
