@@ -102,6 +102,22 @@ def test_fp32_static_and_qat_are_compared_side_by_side_and_the_qat_model_is_regi
     assert "QuantizeLinear" in {node.op_type for node in registered.graph.node}
 
 
+def test_every_candidate_has_latency_percentiles_throughput_size_and_the_session_it_was_measured_in(qat_run):
+    """FP32, static INT8 and QAT INT8 are measured alike: p50/p90/p99 and throughput per validated batch size, the
+    file's size, and the session settings read back from the session that timed them (validate's)."""
+    _, _, report = qat_run
+    quantization = report["quantization"]
+    settings = {k: report["validate"]["session"][k] for k in ("threads", "inter_op_threads", "graph_optimization")}
+    for name in ("fp32", "int8", "qat"):
+        candidate = quantization[name]
+        assert candidate["size_bytes"] == Path(candidate["path"]).stat().st_size > 0
+        assert candidate["session"] == settings
+        assert set(candidate["latency_ms"]) == {"1", "64"}
+        for batch_size, stats in candidate["latency_ms"].items():
+            assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (name, batch_size, stats)
+            assert stats["throughput"] == pytest.approx(int(batch_size) / (stats["mean"] / 1e3))
+
+
 def test_best_delivery_chooses_among_fp32_static_and_qat():
     from kdpipe.stages.validate import choose_delivery
 
