@@ -347,6 +347,26 @@ def models(
         typer.echo(f"{row['arch']:<12} {shown}")
 
 
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="run directories (runs/NAME/RUN_ID)")],
+    out: Annotated[Path, typer.Option("--out", help="where the HTML page goes")] = Path("compare.html"),
+    debug: DebugOption = False,
+) -> None:
+    """Compare runs (methods, seeds) from their report.json: OUT gets report.html's figures side by side, stdout a
+    Markdown table with one row per run (for a CI comment). Exit 2 when a RUN_DIR has no report.json."""
+    from kdpipe.atomic import atomic_write
+    from kdpipe.compare import markdown_table, read_reports
+    from kdpipe.html_report import render_compare
+
+    with exits(None, debug, "compare"):
+        reports = read_reports(run_dirs)
+        with atomic_write(out) as tmp:
+            tmp.write_text(render_compare(reports), encoding="utf-8")
+    typer.echo(f"wrote {out}", err=True)
+    typer.echo(markdown_table(reports), nl=False)
+
+
 def main() -> None:
     try:
         app()

@@ -63,20 +63,30 @@ def inputs_for(path: Path, data, split: str = "test") -> np.ndarray:
 
 
 def measure_model(path: Path, cfg, x: np.ndarray, y: np.ndarray, batch_sizes: list[int] | None = None) -> dict:
-    """Accuracy, latency per batch size (validate.batch_sizes unless given), size, the providers in use and the
-    session's settings as read back from it, for one ONNX file, in a session with validate's settings
-    (kdpipe.onnx_runtime.configured_session)."""
+    """Accuracy, latency per batch size (validate.batch_sizes unless given), size, the providers in use, the
+    session's settings as read back from it and each sample's prediction (`predictions`), for one ONNX file, in a
+    session with validate's settings (kdpipe.onnx_runtime.configured_session)."""
     sess = configured_session(path, cfg)
     check_batch_sizes(path, fixed_batch_size(sess), cfg.batch_sizes)
     timed = cfg.batch_sizes if batch_sizes is None else batch_sizes
+    found = predictions(predict(sess, x))
     return {
         "path": str(path),
-        "accuracy": float((predict(sess, x).argmax(1) == y).mean()),
+        "accuracy": float((found["predicted"] == y).mean()),
         "latency_ms": {b: measure_latency(sess, x, b, cfg.warmup, cfg.runs, cfg.budget_s) for b in timed},
         "size_bytes": path.stat().st_size,
         "providers_used": sess.get_providers(),
         "session": options_of(sess),
+        "predictions": found,
     }
+
+
+def predictions(logits: np.ndarray) -> dict[str, np.ndarray]:
+    """Each sample's predicted class and the softmax probability the model gives it (its confidence): what the
+    run's report draws its confusion matrices and disagreements from (validate's `evaluation`)."""
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    predicted = logits.argmax(1)
+    return {"predicted": predicted, "confidence": shifted[np.arange(len(logits)), predicted] / shifted.sum(1)}
 
 
 def session_settings(cfg) -> dict:

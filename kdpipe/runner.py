@@ -76,6 +76,19 @@ class RunContext:
         self.tracker.log_metrics({f"{label}/{k}": v for k, v in metrics.items()}, step=epoch)
         self.progress.epoch(label, epoch, epochs, metrics)
 
+    def log_epoch_into(self, history: dict[str, dict[str, list]]):
+        """log_epoch that also keeps each epoch's training loss parts and validation accuracy in `history` (label →
+        {"epoch": [...], metric: [...]}), report.json's learning curves. A resumed stage's history starts at the
+        epoch it resumed from: the earlier ones are in MLflow only."""
+        def on_epoch(label: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+            self.log_epoch(label, epoch, epochs, metrics)
+            row = {"epoch": epoch, **{k: v for k, v in metrics.items() if k.startswith(("train_", "val_accuracy"))}}
+            columns = history.setdefault(label, {})
+            done = len(columns.get("epoch", []))
+            for key in [*columns, *(k for k in row if k not in columns)]:  # None where an epoch lacks a metric
+                columns.setdefault(key, [None] * done).append(row.get(key))
+        return on_epoch
+
 
 def stages_to_run(pipeline: Pipeline, until: str | None, given_model: bool) -> list[Stage]:
     """The stages this run runs, in order: those the pipeline has (search only with `search:`), through `until`."""
@@ -338,10 +351,13 @@ class _Run:
         ending = {"status": "stopped", "stopped_after": stopped_after} if stopped_after is not None else \
             {"status": "passed" if passed else "failed"}
         report = render_report(self.base, self.results, **ending)
+        html = self._write_html(report)
         report_path = self.run_dir / "report.json"
         write_json(report_path, report)
         self.tracker.log_artifact(self.run_dir / "pipeline.yaml")
         self.tracker.log_artifact(report_path)
+        if html is not None:
+            self.tracker.log_artifact(html)
         if stopped_after is None:  # the gates decided: their table for a CI job's summary
             gates_path = self.run_dir / "gates.md"
             with atomic_write(gates_path) as tmp:
@@ -351,6 +367,21 @@ class _Run:
                                **({STOPPED_AFTER_TAG: stopped_after} if stopped_after is not None else {})})
         self.tracker.end("FINISHED" if passed or stopped_after is not None else "FAILED")
         return report
+
+    def _write_html(self, report: dict[str, Any]) -> Path | None:
+        """report.html beside report.json, its rendering time recorded in the report (`report_html`); returns its
+        path. A report that cannot be drawn costs a warning line, never the finished run."""
+        from kdpipe.html_report import write_report
+
+        path = self.run_dir / "report.html"
+        try:
+            took = write_report(report, path, self.ctx.data)
+        except Exception as exc:  # noqa: BLE001 - the run's outcome is decided; the page is a view of it
+            self.progress.info(f"warning: report.html not written: {type(exc).__name__}: {exc}")
+            report["report_html"] = {"error": f"{type(exc).__name__}: {exc}"}
+            return None
+        report["report_html"] = {"path": str(path), **took}
+        return path
 
 
 def _end_badly(exc: BaseException, run: _Run) -> BaseException:

@@ -67,13 +67,14 @@ def run(ctx) -> DistillResult:
         load_method(method, trained, ctx.device)
         ctx.progress.info(f"  student reused from the search's best trial: {trained}")
     else:
+        history: dict = {}
         trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
-                          seed=ctx.pipeline.training_seed, on_epoch=ctx.log_epoch,
+                          seed=ctx.pipeline.training_seed, on_epoch=ctx.log_epoch_into(history),
                           settings=ctx.trainer_options("distill"))
         start = time.perf_counter()
         method.fit(trainer)
         report["distill"] = {"timing": stage_timing(trainer, time.perf_counter() - start),
-                             "optimizer_steps": trainer.optimizer_steps}
+                             "optimizer_steps": trainer.optimizer_steps, "history": history}
         # The exported weights are the best epoch's on validation; the last epoch's score is reported beside it.
         epochs = {"val_accuracy_best_epoch": trainer.final_metrics.get("best_val_accuracy"),
                   "val_accuracy_last_epoch": trainer.final_metrics.get("val_accuracy")}

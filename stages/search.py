@@ -17,6 +17,7 @@ from kdpipe.methods import get_method
 from kdpipe.results import SearchResult, Stage, TeacherResult
 from kdpipe.search import (DIRECTIONS, Campaign, TrialRuns, best_trial, fail_orphans, make_pruner, make_sampler,
                            open_study, resolve_space, save_plots, summarize, with_export)
+from kdpipe.search.plots import campaign_data
 
 
 class Search(Stage):
@@ -91,6 +92,7 @@ def _best(ctx, study, storage: str, space, campaign, cache) -> SearchResult:
     summary = summarize(study, storage, search.objective)
     summary["teacher_forward_passes"] = cache.forward_passes
     summary["teacher_view_passes"] = cache.view_passes  # teacher views (augmented data): one pass per campaign
+    summary.update(campaign_data(study, search.objective))  # what report.html draws
     _log_campaign(ctx, study, summary)
     best = best_trial(study, search.objective)
     if best is None:

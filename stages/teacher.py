@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kdpipe import __version__, distributed
-from kdpipe.cache_store import lookup, store
+from kdpipe.cache_store import load_json, lookup, store, store_json
 from kdpipe.chance import ChanceLevel
 from kdpipe.errors import GateFailed
 from kdpipe.fingerprint import fingerprint, module_content, path_content
@@ -69,22 +69,28 @@ class Teacher(Stage):
         if cfg is None:
             return TeacherResult(report={"teacher": None})
         teacher = ctx.teacher
-        report = {}
+        report, history = {}, None
         if cfg.checkpoint is not None:
             source = f"checkpoint {cfg.checkpoint}"
         else:
             key = cache_key(ctx)
             cached = ctx.cache_dir / "teachers" / f"{key}.pt"
+            # The learning curves of the training that made the entry, under its key: the same for every run using it.
+            curves = ctx.cache_dir / "teacher-history" / f"{key}.json"
+            warn = lambda line: ctx.progress.info(f"  {line}")  # noqa: E731
             # Rank 0 verifies the entry (a corrupt one is removed and retrained); every rank takes its decision.
-            if distributed.broadcast_object(ctx.is_main and lookup(cached, lambda line: ctx.progress.info(f"  {line}"))):
+            if distributed.broadcast_object(ctx.is_main and lookup(cached, warn)):
                 teacher.load_state_dict(torch.load(cached, map_location=ctx.device, weights_only=True))
                 source = f"cache {cached}"
                 ctx.progress.info(f"  teacher loaded from cache {cached}")
+                history = load_json(curves, warn) if ctx.is_main else None
             else:
-                report["teacher_training"] = train(ctx, teacher)
+                history = {}
+                report["teacher_training"] = train(ctx, teacher, history)
                 if ctx.is_main:
                     state = teacher.state_dict()
                     store(cached, lambda tmp: torch.save(state, tmp))
+                    store_json(curves, history)
                 source = "trained"
         freeze(teacher)
         if ctx.is_main:
@@ -93,6 +99,8 @@ class Teacher(Stage):
         ctx.tracker.log_metrics({"teacher/test_accuracy": acc})
         report["teacher"] = {"source": source, "params": count_params(teacher), "accuracy": acc,
                              "val_accuracy": accuracy(teacher, ctx.data.x_val, ctx.data.y_val)}
+        if history:  # a checkpoint has none, nor a cache entry made before its curves were kept
+            report["teacher"]["history"] = history
         return above_chance(ctx, TeacherResult(report=report, accuracy=acc))
 
     def restore(self, ctx, result: TeacherResult) -> TeacherResult:
@@ -125,12 +133,14 @@ def above_chance(ctx, result: TeacherResult) -> TeacherResult:
     return result
 
 
-def train(ctx, teacher) -> dict:
-    """Train the teacher from scratch; returns report.json's teacher_training."""
+def train(ctx, teacher, history: dict) -> dict:
+    """Train the teacher from scratch, its learning curves kept in `history`; returns report.json's
+    teacher_training."""
     cfg = ctx.pipeline.teacher.train
     scratch = get_method("none")
     trainer = Trainer(ctx.data, epochs=cfg.epochs, batch_size=ctx.pipeline.data.batch_size, optimizer=cfg.optimizer,
-                      seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch, settings=ctx.trainer_options("teacher"))
+                      seed=ctx.pipeline.seed, on_epoch=ctx.log_epoch_into(history),
+                      settings=ctx.trainer_options("teacher"))
     torch.manual_seed(ctx.pipeline.seed)
     scratch(scratch.Params(), student=teacher, teacher=None, num_classes=ctx.data.num_classes,
             input_shape=ctx.data.input_shape).fit(trainer, label="teacher")

@@ -48,16 +48,23 @@ def teacher_content(ctx, cfg) -> dict:
 
 def cached_teacher(ctx, content: dict, measure, what: str) -> dict:
     """`measure()`, a measurement of the frozen teacher, cached by `content`: reruns and campaign workers pay for it
-    once."""
+    once. An onnxruntime measurement's entry holds the test predictions too; one written before it did is measured
+    again."""
     path = ctx.results[ExportResult].teacher_onnx_path
     entry = ctx.cache_dir / "teacher-validate" / f"{fingerprint(content)}.json"
     cached = load_json(entry, lambda line: ctx.progress.info(f"  {line}"))
+    if cached is not None and content.get("runtime") is None and "predictions" not in cached:
+        ctx.progress.info(f"  {what}: cache entry {entry} holds no test predictions; measuring again")
+        cached = None
     if cached is not None:
         ctx.progress.info(f"  {what} from cache {entry}")
+        found = {k: np.asarray(v) for k, v in cached.pop("predictions", {}).items()}
         return {**cached, "path": str(path), "latency_ms": {int(b): v for b, v in cached["latency_ms"].items()},
-                "cached": True}
+                **({"predictions": found} if found else {}), "cached": True}
     measured = measure()
-    store_json(entry, {k: v for k, v in as_report(measured).items() if k != "path"})
+    kept = {k: v.tolist() for k, v in measured.get("predictions", {}).items()}
+    store_json(entry, {**{k: v for k, v in as_report(measured).items() if k != "path"},
+                       **({"predictions": kept} if kept else {})})
     return {**measured, "cached": False}
 
 
@@ -170,7 +177,41 @@ def side_by_side(quantization: dict, fp32: dict, int8: dict | None, qat: dict) -
 
 
 def as_report(model: dict) -> dict:
-    return {**model, "latency_ms": {str(b): v for b, v in model["latency_ms"].items()}}
+    """A measured model as report.json holds it: its per-sample predictions go to `evaluation` only."""
+    return {**{k: v for k, v in model.items() if k != "predictions"},
+            "latency_ms": {str(b): v for b, v in model["latency_ms"].items()}}
+
+
+DISAGREEMENTS_SHOWN = 16
+
+
+def evaluation(y: np.ndarray, classes: list[str], student: dict, teacher: dict | None) -> dict:
+    """report.json's `evaluation`, from the onnxruntime test predictions (kdpipe.deploy.predictions) of the
+    delivered student and of the teacher: each one's confusion matrix (rows: true class, columns: predicted) and
+    per-class accuracy (None for a class the test split lacks), and the test samples where the two predict
+    different classes, the DISAGREEMENTS_SHOWN most telling first: ranked by the confidence of the model that is
+    right (a confident right answer the other missed), then those both get wrong, by the larger confidence."""
+    def scored(predicted: np.ndarray) -> dict:
+        confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        np.add.at(confusion, (y, predicted), 1)
+        support = confusion.sum(1)
+        return {"confusion": confusion.tolist(),
+                "per_class_accuracy": [float(confusion[c, c] / n) if n else None for c, n in enumerate(support)]}
+
+    out = {"classes": classes, "test_samples": len(y), "student": scored(student["predictions"]["predicted"])}
+    if teacher is None:
+        return out
+    s, t = student["predictions"], teacher["predictions"]
+    out["teacher"] = scored(t["predicted"])
+    differ = np.flatnonzero(s["predicted"] != t["predicted"])
+    right = np.where(t["predicted"] == y, t["confidence"], np.where(s["predicted"] == y, s["confidence"],
+                                                                   np.maximum(s["confidence"], t["confidence"]) - 1))
+    ranked = differ[np.argsort(-right[differ], kind="stable")][:DISAGREEMENTS_SHOWN]
+    out["disagreement_count"] = len(differ)
+    out["disagreements"] = [{"index": int(i), "label": int(y[i]), "student": int(s["predicted"][i]),
+                             "teacher": int(t["predicted"][i]), "student_confidence": float(s["confidence"][i]),
+                             "teacher_confidence": float(t["confidence"][i])} for i in ranked]
+    return out
 
 
 def model_metrics(model: dict) -> dict[str, float]:
@@ -217,6 +258,8 @@ class Validate(Stage):
                           "precision": "fp32" if delivered == "fp32" else "int8", "quantization": quantization}
         ctx.tracker.set_tags({"kdpipe.quantization": quantization})
         report["latency_ms"] = {str(b): v for b, v in measured["latency_ms"].items()}
+        classes = ctx.data.provenance.get("classes") or [str(c) for c in range(ctx.data.num_classes)]
+        report["evaluation"] = {**evaluation(y_test, classes, measured, teacher), "student_model": delivered}
         if teacher is not None:
             report["speedup_vs_teacher"] = {str(b): teacher["latency_ms"][b]["p50"] / measured["latency_ms"][b]["p50"]
                                             for b in cfg.batch_sizes}

@@ -20,9 +20,8 @@ def save_plots(study, objective_names: list[str], directory: Path) -> tuple[list
     from optuna.visualization import matplotlib as vis
 
     directory.mkdir(parents=True, exist_ok=True)
-    acc = objective_names.index("val_accuracy")
     multi = len(objective_names) > 1
-    target = (lambda t: t.values[acc]) if multi else None
+    target = _accuracy_target(objective_names)
     plots = {
         "optimization_history": lambda: vis.plot_optimization_history(study, target=target, target_name="val_accuracy"),
         "param_importances": lambda: vis.plot_param_importances(study, target=target, target_name="val_accuracy"),
@@ -43,3 +42,27 @@ def save_plots(study, objective_names: list[str], directory: Path) -> tuple[list
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             skipped.append(f"{name}: {exc}")
     return written, skipped
+
+
+def _accuracy_target(objective_names: list[str]):
+    """What the history and the importances are of: val_accuracy (Optuna's own objective when it is the only one)."""
+    acc = objective_names.index("val_accuracy")
+    return (lambda t: t.values[acc]) if len(objective_names) > 1 else None
+
+
+def campaign_data(study, objective_names: list[str]) -> dict:
+    """report.json's search.trials (each complete trial's number and objective values: the history and the Pareto
+    front's cloud) and search.param_importances (on val_accuracy; None when too few trials to tell, with why), so
+    that a run's report draws them without opening the study."""
+    import optuna
+    from optuna.trial import TrialState
+
+    out = {"trials": [{"number": t.number, "values": t.values} for t in study.get_trials(states=(TrialState.COMPLETE,))]}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            importances = optuna.importance.get_param_importances(study, target=_accuracy_target(objective_names))
+        out["param_importances"] = {name: float(value) for name, value in importances.items()}
+    except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+        out["param_importances"], out["param_importances_skipped"] = None, str(exc)
+    return out
