@@ -13,7 +13,9 @@ from conftest import FAST, PIPELINES, read_report, run_process
 
 @pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process_and_only_rank_0_logs(workdir, monkeypatch):
-    overrides = [a for o in FAST for a in ("--set", o)]
+    # Fifteen epochs: at FAST's six the student is still near 80% and moves by a point between teachers of the
+    # cache (the same settings trained on one thread or two), while per-rank BatchNorm statistics make DDP differ.
+    overrides = [a for o in (*FAST, "distill.epochs=15") for a in ("--set", o)]
     # One thread per process, as torchrun sets for each rank.
     single = run_process("run", PIPELINES / "digits.yaml", *overrides, "--runs-dir", workdir / "single",
                          env={"OMP_NUM_THREADS": "1"})

@@ -73,8 +73,9 @@ def test_two_workers_share_a_postgres_study(postgres_url, workdir):
 
     from kdpipe.search import sqlalchemy_url
 
+    storage = RDBStorage(sqlalchemy_url(postgres_url))  # Optuna's schema made before the workers start, not racing them
     workers = start_workers(postgres_url, "shared", trials=2, count=2, cwd=workdir)
-    assert_workers_shared_study(workers, RDBStorage(sqlalchemy_url(postgres_url)), "shared", trials=2)
+    assert_workers_shared_study(workers, storage, "shared", trials=2)
 
 
 @pytest.mark.slow
