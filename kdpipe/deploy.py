@@ -62,14 +62,17 @@ def inputs_for(path: Path, data, split: str = "test") -> np.ndarray:
     return graph_inputs(data, split, "uint8" if takes_uint8(path) else "float").cpu().numpy()
 
 
-def measure_model(path: Path, cfg, x: np.ndarray, y: np.ndarray, batch_sizes: list[int] | None = None) -> dict:
+def measure_model(path: Path, cfg, x: np.ndarray, y: np.ndarray, batch_sizes: list[int] | None = None,
+                  keep_logits: bool = False) -> dict:
     """Accuracy, latency per batch size (validate.batch_sizes unless given), size, the providers in use, the
     session's settings as read back from it and each sample's prediction (`predictions`), for one ONNX file, in a
-    session with validate's settings (kdpipe.onnx_runtime.configured_session)."""
+    session with validate's settings (kdpipe.onnx_runtime.configured_session). `keep_logits`: the logits too, for
+    a second runtime to be compared with (N × classes floats, so only when asked)."""
     sess = configured_session(path, cfg)
     check_batch_sizes(path, fixed_batch_size(sess), cfg.batch_sizes)
     timed = cfg.batch_sizes if batch_sizes is None else batch_sizes
-    found = predictions(predict(sess, x))
+    logits = predict(sess, x)
+    found = predictions(logits)
     return {
         "path": str(path),
         "accuracy": float((found["predicted"] == y).mean()),
@@ -78,6 +81,7 @@ def measure_model(path: Path, cfg, x: np.ndarray, y: np.ndarray, batch_sizes: li
         "providers_used": sess.get_providers(),
         "session": options_of(sess),
         "predictions": found,
+        **({"logits": logits} if keep_logits else {}),
     }
 
 

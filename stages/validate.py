@@ -75,19 +75,14 @@ def measure_teacher(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
                           "teacher accuracy and latency")
 
 
-def measure_on_openvino(path: Path, cfg, x: np.ndarray, y: np.ndarray) -> dict:
-    """measure_openvino, its parity taken against onnxruntime's logits on the same inputs in a session with
-    validate's settings."""
-    return measure_openvino(path, cfg, x, y, predict(configured_session(path, cfg), x))
-
-
 def measure_teacher_openvino(ctx, cfg, x_test: np.ndarray, y_test: np.ndarray) -> dict:
-    """measure_on_openvino for the frozen teacher, cached by what its onnxruntime measurement is (teacher_content,
-    the parity compares with it) and the OpenVINO build."""
+    """measure_openvino for the frozen teacher, cached by what its onnxruntime measurement is (teacher_content,
+    the parity compares with it) and the OpenVINO build. Its onnxruntime measurement may come from the cache,
+    without logits: the parity's reference logits are computed here, in a session with validate's settings."""
     path = ctx.results[ExportResult].teacher_onnx_path
     content = {**teacher_content(ctx, cfg), "runtime": "openvino", "openvino": import_openvino().get_version()}
-    return cached_teacher(ctx, content, lambda: measure_on_openvino(path, cfg, x_test, y_test),
-                          "teacher's OpenVINO accuracy and latency")
+    measure = lambda: measure_openvino(path, cfg, x_test, y_test, predict(configured_session(path, cfg), x_test))  # noqa: E731
+    return cached_teacher(ctx, content, measure, "teacher's OpenVINO accuracy and latency")
 
 
 def gates_for(model: dict, teacher: dict | None, cfg,
@@ -177,8 +172,9 @@ def side_by_side(quantization: dict, fp32: dict, int8: dict | None, qat: dict) -
 
 
 def as_report(model: dict) -> dict:
-    """A measured model as report.json holds it: its per-sample predictions go to `evaluation` only."""
-    return {**{k: v for k, v in model.items() if k != "predictions"},
+    """A measured model as report.json holds it: its per-sample predictions go to `evaluation` only, its logits
+    nowhere."""
+    return {**{k: v for k, v in model.items() if k not in ("predictions", "logits")},
             "latency_ms": {str(b): v for b, v in model["latency_ms"].items()}}
 
 
@@ -238,7 +234,8 @@ class Validate(Stage):
         y_test = ctx.data.y_test.cpu().numpy()
         chance = ChanceLevel.of(ctx.data.y_test)
 
-        fp32 = measure_model(export.onnx_path, cfg, x_test, y_test)
+        on_both = "openvino" in cfg.runtimes  # OpenVINO's parity compares with each student's onnxruntime logits
+        fp32 = measure_model(export.onnx_path, cfg, x_test, y_test, keep_logits=on_both)
         fallback = [p for p in requested if p not in fp32["providers_used"]]
         for p in fallback:
             why = "not available in this onnxruntime" if p in dropped else "could not be initialized"
@@ -248,10 +245,12 @@ class Validate(Stage):
         if export.teacher_onnx_path is not None:
             teacher = measure_teacher(ctx, cfg, x_test, y_test)
             report["teacher"] = {"onnx": as_report(teacher)}
-        delivered, measured, path = "fp32", fp32, export.onnx_path
+        delivered, students = "fp32", {"fp32": fp32}
         if export.int8_onnx_path is not None or export.qat_onnx_path is not None:
-            delivered, measured, report["quantization"] = deliver(ctx, export, fp32, teacher, chance, x_test, y_test)
-            path = {"fp32": export.onnx_path, "int8": export.int8_onnx_path, "qat": export.qat_onnx_path}[delivered]
+            delivered, students, report["quantization"] = deliver(ctx, export, fp32, teacher, chance, x_test, y_test,
+                                                                  keep_logits=on_both)
+        measured = students[delivered]
+        path = Path(measured["path"])
         quantization = quantization_of(delivered, ctx.pipeline.export.quantize)
         report["student"] = {"accuracy": measured["accuracy"], "chance_rate": chance.rate}
         report["onnx"] = {"path": measured["path"], "size_bytes": measured["size_bytes"],
@@ -274,8 +273,8 @@ class Validate(Stage):
         for gate in gates:
             if gate.name == "above_chance" and not gate.passed:
                 ctx.progress.info(f"  above_chance: {chance.verdict('student', measured['accuracy'], gate.limit)}")
-        if "openvino" in cfg.runtimes:
-            section, openvino_gates = on_openvino(ctx, export, delivered, chance, x_test, y_test)
+        if on_both:
+            section, openvino_gates = on_openvino(ctx, export, students, delivered, chance, x_test, y_test)
             report["runtimes"] = {"openvino": section}
             gates += openvino_gates
         return ValidateResult(report=report, gates=tuple(gates), onnx_path=path, accuracy=measured["accuracy"],
@@ -285,17 +284,17 @@ class Validate(Stage):
 
 
 def deliver(ctx, export: ExportResult, fp32: dict, teacher: dict | None, chance: ChanceLevel, x_test: np.ndarray,
-            y_test: np.ndarray) -> tuple[str, dict, dict]:
-    """Measure the INT8 candidates and choose the model to deliver; returns (fp32 | int8 | qat, the delivered
-    model as measured, report.json's quantization part)."""
+            y_test: np.ndarray, keep_logits: bool) -> tuple[str, dict[str, dict], dict]:
+    """Measure the INT8 candidates and choose the model to deliver; returns (fp32 | int8 | qat, each student as
+    measured by its name, report.json's quantization part)."""
     cfg = ctx.pipeline.validation
     quantization: dict = {}
     qat = int8 = None
     if export.qat_onnx_path is not None:
-        qat = measure_model(export.qat_onnx_path, cfg, x_test, y_test)
+        qat = measure_model(export.qat_onnx_path, cfg, x_test, y_test, keep_logits=keep_logits)
         quantization["qat"] = as_report(qat)
     if export.int8_onnx_path is not None:
-        int8 = measure_model(export.int8_onnx_path, cfg, x_test, y_test)
+        int8 = measure_model(export.int8_onnx_path, cfg, x_test, y_test, keep_logits=keep_logits)
     delivered, reason = choose_delivery(ctx.pipeline.export.deliver, fp32, int8,
                                         gates_for(int8, teacher, cfg, chance) if int8 else (),
                                         ctx.pipeline.export.int8_max_accuracy_drop,
@@ -311,18 +310,18 @@ def deliver(ctx, export: ExportResult, fp32: dict, teacher: dict | None, chance:
     if qat is not None:
         quantization["compared"] = side_by_side(export.report["quantization"], fp32, int8, qat)
     ctx.progress.info(f"  delivering {delivered.upper()}: {reason}")
-    return delivered, {"fp32": fp32, "int8": int8, "qat": qat}[delivered], quantization
+    measured = {name: model for name, model in (("fp32", fp32), ("int8", int8), ("qat", qat)) if model is not None}
+    return delivered, measured, quantization
 
 
-def on_openvino(ctx, export: ExportResult, delivered: str, chance: ChanceLevel, x_test: np.ndarray,
-                y_test: np.ndarray) -> tuple[dict, list[Gate]]:
-    """Every model onnxruntime measured, measured in OpenVINO with its parity against onnxruntime; returns
-    report.json's runtimes.openvino and the gates on OpenVINO's measurement of the delivered model (gates_for's,
-    and runtime_agreement_min), each named openvino/GATE."""
+def on_openvino(ctx, export: ExportResult, students: dict[str, dict], delivered: str, chance: ChanceLevel,
+                x_test: np.ndarray, y_test: np.ndarray) -> tuple[dict, list[Gate]]:
+    """Every model onnxruntime measured (`students` as measured, with their logits), measured in OpenVINO with its
+    parity against onnxruntime's logits; returns report.json's runtimes.openvino and the gates on OpenVINO's
+    measurement of the delivered model (gates_for's, and runtime_agreement_min), each named openvino/GATE."""
     cfg = ctx.pipeline.validation
-    paths = {"fp32": export.onnx_path, "int8": export.int8_onnx_path, "qat": export.qat_onnx_path}
-    measures = {name: (lambda path=path: measure_on_openvino(path, cfg, x_test, y_test))
-                for name, path in paths.items() if path is not None}
+    measures = {name: (lambda m=m: measure_openvino(Path(m["path"]), cfg, x_test, y_test, m["logits"]))
+                for name, m in students.items()}
     if export.teacher_onnx_path is not None:
         measures["teacher"] = lambda: measure_teacher_openvino(ctx, cfg, x_test, y_test)
     models = {}

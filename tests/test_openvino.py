@@ -33,12 +33,30 @@ VALIDATE_GATES = ("above_chance", "accuracy_min", "max_accuracy_drop_vs_teacher"
 
 @pytest.fixture(scope="module")
 def both_runtimes(tmp_path_factory, teacher_cache, mlflow_store_template):
-    """One FAST default-pipeline run with QAT, every model measured in onnxruntime and OpenVINO."""
+    """One FAST default-pipeline run with QAT, every model measured in onnxruntime and OpenVINO; with it, how many
+    times onnxruntime predicted the test split per ONNX file name (spied on, the real functions still run)."""
+    from kdpipe import deploy
+    from kdpipe.stages import validate
+
+    opened, predicted = {}, Counter()
+
+    def spy_session(path, cfg, real=deploy.configured_session):
+        found = real(path, cfg)
+        opened[id(found)] = Path(path).name
+        return found
+
+    def spy_predict(sess, x, real=deploy.predict):
+        predicted[opened.get(id(sess))] += len(x) == 359  # the test split
+        return real(sess, x)
+
     with pytest.MonkeyPatch.context() as patch:
         workdir = enter_workdir(patch, tmp_path_factory.mktemp("openvino"), teacher_cache, mlflow_store_template)
+        for module in (deploy, validate):
+            patch.setattr(module, "configured_session", spy_session)
+            patch.setattr(module, "predict", spy_predict)
         result = cli("run", DIGITS, *sets(*FAST, *LENIENT, *QAT, BOTH))
     assert result.exit_code == 0, result.output
-    return workdir, read_report(result.stdout)
+    return workdir, read_report(result.stdout), predicted
 
 
 def runtime_precisions(path: Path, cfg: ValidateConfig) -> set[str]:
@@ -50,7 +68,7 @@ def runtime_precisions(path: Path, cfg: ValidateConfig) -> set[str]:
 
 
 def test_fp32_static_int8_and_qat_files_run_in_openvino_as_in_onnxruntime(both_runtimes, digits):
-    _, report = both_runtimes
+    _, report, _ = both_runtimes
     run_dir = Path(report["run_dir"])
     x, y = digits.x_test.cpu().numpy(), digits.y_test.cpu().numpy()
     cfg = ValidateConfig(threads=1, batch_sizes=[1, 7, 64], warmup=2, runs=20)
@@ -80,8 +98,17 @@ def test_fp32_static_int8_and_qat_files_run_in_openvino_as_in_onnxruntime(both_r
         assert measured["size_bytes"] == path.stat().st_size and measured["path"] == str(path)
 
 
+def test_openvino_parity_reuses_the_logits_onnxruntime_measured_each_student_with(both_runtimes):
+    """Each student's onnxruntime pass over the test split serves its accuracy, the report's evaluation and
+    OpenVINO's parity: one pass per file, not a second one for the reference logits."""
+    _, report, predicted = both_runtimes
+    assert set(report["runtimes"]["openvino"]) >= {"fp32", "int8", "qat"}
+    for name in ("student.onnx", "student.int8.onnx", "student.qat.onnx"):
+        assert predicted[name] == 1, predicted
+
+
 def test_a_run_reports_and_gates_every_model_in_both_runtimes(both_runtimes):
-    workdir, report = both_runtimes
+    workdir, report, _ = both_runtimes
     section = report["runtimes"]["openvino"]
     assert set(section) == {"version", "device", "settings", "delivered", "fp32", "int8", "qat", "teacher"}
     assert (section["version"], section["device"]) == (openvino.get_version(), "CPU")
