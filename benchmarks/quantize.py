@@ -6,10 +6,10 @@ test accuracy (mean ± std over seeds), size, and p50 latency at batch 1 and 64 
 
     .venv/bin/python benchmarks/quantize.py                                   # the default benchmark student
     .venv/bin/python benchmarks/quantize.py --seeds 0 1 2 --set export.qat_epochs=5
-    # the 32×32 RGB digits folder, as in the README:
+    # the 32×32 RGB digits folder, as in docs/tutorials/qat.md:
     .venv/bin/python benchmarks/quantize.py --data folder --student '{arch: mobilenetv2}' \
         --set 'teacher.model={arch: mlp, width: 256, depth: 2}' --set distill.epochs=10
-    # a timm student that static PTQ loses accuracy on (the README's LCNet table):
+    # a timm student that static PTQ loses accuracy on (the LCNet table of docs/tutorials/qat.md):
     .venv/bin/python benchmarks/quantize.py --data folder --student "{arch: 'timm:lcnet_050'}" \
         --set 'teacher.model={arch: mlp, width: 256, depth: 2}' --set distill.epochs=60 --set export.qat_epochs=10
 """
@@ -31,7 +31,8 @@ from kdpipe.runner import run_pipeline
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("fp32", "static", "qat")
 # The smallest of the students tried (4 and 8 channels): few channels leave the least redundancy to absorb the
-# rounding of weights and per-tensor 8-bit activations (static PTQ still lost only 0.09 points on it, see README).
+# rounding of weights and per-tensor 8-bit activations (static PTQ still lost only 0.09 points on it, see
+# docs/tutorials/qat.md).
 STUDENT = "{arch: cnn, width: 4, depth: 2}"
 
 

@@ -46,7 +46,7 @@ def render_report(base: dict[str, Any], results: Results, **ending: Any) -> dict
 
 def render_gates_markdown(report: dict[str, Any]) -> str:
     """gates.md: how the run ended, the delivered model and every gate as a Markdown table, for a CI job's summary
-    or a merge-request comment (README: "kdpipe in a CI job")."""
+    or a merge-request comment (docs/tutorials/ci.md)."""
     student, teacher = report.get("student") or {}, report.get("teacher") or {}
     lines = [f"## kdpipe {report['name']}: {report['status']}", ""]
     if "accuracy" in student:

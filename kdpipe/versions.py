@@ -6,7 +6,8 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 
 # (report key, distributions that provide it, first one installed wins): onnxruntime-gpu provides `onnxruntime`.
-# The README's table of supported versions names the same libraries; CI prints these for both of its environments.
+# The table of supported versions (docs/reference/versions.md) names the same libraries; CI prints these for both of
+# its environments.
 LIBRARIES = [("torch", ["torch"]), ("onnxruntime", ["onnxruntime", "onnxruntime-gpu"]), ("mlflow", ["mlflow"]),
              ("onnx", ["onnx"]), ("onnxscript", ["onnxscript"]), ("numpy", ["numpy"]), ("optuna", ["optuna"]),
              ("pydantic", ["pydantic"]), ("Pillow", ["Pillow"]), ("kornia", ["kornia"]), ("datasets", ["datasets"]),

@@ -2,8 +2,8 @@
 (/work/shared/METHODS.md, "Recipe" and each method's section), from the one table below so the files cannot drift.
 
 Usage: python scripts/cifar100_pipelines.py [--check | --table]   (--check: exit 1 when a file differs from what it
-would write, or is missing or extra; nothing is written. --table: print the README's table of the files and the
-published top-1 each should reach)
+would write, or is missing or extra; nothing is written. --table: print the table of the files and the published
+top-1 each should reach, as docs/how-to/port.md shows it)
 """
 
 from __future__ import annotations
