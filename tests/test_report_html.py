@@ -74,10 +74,9 @@ def test_report_html_of_the_default_pipeline(workdir):
     page = run_dir / "report.html"
     html = page.read_text()
     self_contained(html)
-    # The CPU time rendering took, matplotlib's first import included (wall time also counts whatever else the
-    # machine runs). Issue 24 asks for well under 1 s: measured 0.8-1.4 s CPU on a loaded 2-core machine, about
-    # 0.55 s of it matplotlib's import and font set-up; this bound only catches a page that got far slower.
-    assert report["report_html"]["cpu_seconds"] < 3.0, report["report_html"]
+    # What rendering took is recorded, not bounded here: benchmarks/startup.py prints it beside the run's stages.
+    assert set(report["report_html"]) == {"path", "seconds", "cpu_seconds"}
+    assert report["report_html"]["path"] == str(page)
 
     # Learning curves: every distill epoch, and the teacher's (trained here or recorded with its cache entry).
     assert report["distill"]["history"]["student"]["epoch"] == list(range(1, 7))
