@@ -20,7 +20,8 @@ h1{font-size:1.4em}h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}
 td.n{text-align:right}.failed{color:#b00;font-weight:bold}.passed{color:#070}.missing{color:#777;font-style:italic}
 svg{max-width:100%;height:auto}img.thumb{width:48px;height:48px;image-rendering:pixelated;border:1px solid #ccc}
-.runs{display:grid;gap:1em;grid-template-columns:repeat(var(--runs),minmax(0,1fr))}.run{min-width:0}"""
+.runs{display:grid;gap:1em;grid-template-columns:repeat(var(--runs),minmax(0,1fr))}.run{min-width:0;overflow-x:auto}
+.run .runs{grid-template-columns:minmax(0,1fr)}"""  # within a run's column of a comparison: one above the other
 
 
 def render_report(report: dict[str, Any], thumbnails: list[str] | None = None) -> str:
@@ -32,27 +33,54 @@ def render_report(report: dict[str, Any], thumbnails: list[str] | None = None) -
 
 def render_compare(reports: list[dict[str, Any]]) -> str:
     """compare.html: each section's figures of every run side by side, one column per run (no thumbnails)."""
+    return _page(f"kdpipe compare: {len(reports)} runs", _side_by_side(reports))
+
+
+def render_seeds(parent: dict[str, Any], seeds: list[dict[str, Any]]) -> str:
+    """A multi-seed run's report.html: the parent's summary (its gates on the mean over seeds), then each seed's
+    run side by side as `kdpipe compare` shows them."""
+    found = parent.get("seeds") or {}
+    registered = found.get("registered") or {}
+    said = (f"<p>Accuracies and gates above: the mean over seeds {escape(', '.join(map(str, found.get('seeds', []))))}"
+            f". Registered: {escape(str(registered.get('seed')))} ({escape(str(registered.get('why', '')))}).</p>")
+    return _page(f"kdpipe {parent['name']}: {parent['status']}", _summary(parent) + said + _side_by_side(seeds))
+
+
+def _side_by_side(reports: list[dict[str, Any]]) -> str:
     columns = [sections(r) for r in reports]
     head = "".join(f"<div class=run>{_summary(r)}</div>" for r in reports)
     body = f'<div class=runs style="--runs:{len(reports)}">{head}</div>'
     for title in columns[0]:
         cells = "".join(f"<div class=run>{c[title]}</div>" for c in columns)
         body += f'<h2>{title}</h2><div class=runs style="--runs:{len(reports)}">{cells}</div>'
-    return _page(f"kdpipe compare: {len(reports)} runs", body)
+    return body
 
 
-def write_report(report: dict[str, Any], path: Path, data=None) -> dict[str, float]:
-    """Render report.html into `path` (atomically), thumbnails from `data` (kdpipe.data.Splits, the run's test
-    split) where it holds images; returns the wall seconds it took and the CPU seconds this thread spent on it (what
-    it costs, whatever else shares the machine), matplotlib's first import included."""
+def write_report(report: dict[str, Any], path: Path, data=None) -> dict[str, Any]:
+    """write_page of report.html for one run, thumbnails from `data` (kdpipe.data.Splits, the run's test split)
+    where it holds images."""
+    def render() -> str:
+        shown = [d["index"] for d in (report.get("evaluation") or {}).get("disagreements", [])]
+        return render_report(report, thumbnails(data, shown) if data is not None and shown else None)
+
+    return write_page(path, render)
+
+
+def write_page(path: Path, render) -> dict[str, Any]:
+    """Write the page `render()` returns into `path` (atomically). Returns report.json's `report_html`: the path,
+    the wall seconds it took and the CPU seconds this thread spent on it (what it costs, whatever else shares the
+    machine); or the error that kept it from being written, since a page is a view of a run and never decides it."""
     from kdpipe.atomic import atomic_write
 
     start, cpu = time.perf_counter(), time.thread_time()
-    shown = [d["index"] for d in (report.get("evaluation") or {}).get("disagreements", [])]
-    page = render_report(report, thumbnails(data, shown) if data is not None and shown else None)
-    with atomic_write(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return {"seconds": round(time.perf_counter() - start, 3), "cpu_seconds": round(time.thread_time() - cpu, 3)}
+    try:
+        page = render()
+        with atomic_write(path) as tmp:
+            tmp.write_text(page, encoding="utf-8")
+    except Exception as exc:  # noqa: BLE001 - whatever kept the page from being drawn or written
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"path": str(path), "seconds": round(time.perf_counter() - start, 3),
+            "cpu_seconds": round(time.thread_time() - cpu, 3)}
 
 
 def thumbnails(data, indices: list[int]) -> list[str] | None:
@@ -134,7 +162,14 @@ def _summary(report: dict[str, Any]) -> str:
 
 def _curves(report: dict[str, Any]) -> str:
     teacher = report.get("teacher") or {}
-    histories = {**(teacher.get("history") or {}), **((report.get("distill") or {}).get("history") or {})}
+    distilled = (report.get("distill") or {}).get("history") or {}
+    histories = {**(teacher.get("history") or {}), **distilled}
+    said, fine_tuned = "", (((report.get("quantization") or {}).get("qat") or {}).get("history") or {})
+    if fine_tuned:  # the QAT epochs continue the student's curves after its last distillation epoch
+        after = max((max(c["epoch"]) for c in distilled.values() if c.get("epoch")), default=0)
+        histories.update({name: {**columns, "epoch": [after + e for e in columns["epoch"]]}
+                          for name, columns in fine_tuned.items()})
+        said = f"<p>Quantization-aware fine-tuning (qat): epochs {after + 1} on, after the distillation's.</p>"
     notes = []
     source = str(teacher.get("source", ""))
     if teacher.get("history") and source.startswith("cache"):
@@ -150,7 +185,7 @@ def _curves(report: dict[str, Any]) -> str:
         notes.append("The student is the search's best trial, reused: its curves are in that trial's MLflow run."
                      if reused else _not_run(report, "distill"))
     figure = figures.learning_curves(histories) if histories else ""
-    return figure + "".join(_missing(n) for n in notes)
+    return figure + said + "".join(_missing(n) for n in notes)
 
 
 def _evaluation(report: dict[str, Any]) -> str:

@@ -373,15 +373,11 @@ class _Run:
         path. A report that cannot be drawn costs a warning line, never the finished run."""
         from kdpipe.html_report import write_report
 
-        path = self.run_dir / "report.html"
-        try:
-            took = write_report(report, path, self.ctx.data)
-        except Exception as exc:  # noqa: BLE001 - the run's outcome is decided; the page is a view of it
-            self.progress.info(f"warning: report.html not written: {type(exc).__name__}: {exc}")
-            report["report_html"] = {"error": f"{type(exc).__name__}: {exc}"}
+        report["report_html"] = written = write_report(report, self.run_dir / "report.html", self.ctx.data)
+        if "error" in written:
+            self.progress.info(f"warning: report.html not written: {written['error']}")
             return None
-        report["report_html"] = {"path": str(path), **took}
-        return path
+        return Path(written["path"])
 
 
 def _end_badly(exc: BaseException, run: _Run) -> BaseException:

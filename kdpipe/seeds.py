@@ -23,6 +23,7 @@ from kdpipe import __version__, distributed
 from kdpipe.atomic import write_json
 from kdpipe.cache_store import CACHE_DIR_ENV, check_cache_dir
 from kdpipe.errors import InputError, RunInterrupted
+from kdpipe.html_report import render_seeds, write_page
 from kdpipe.pipeline import Pipeline, load_pipeline
 from kdpipe.progress import Progress
 from kdpipe.report import new_report
@@ -295,7 +296,7 @@ class _Parent:
             seed, why = best_seed(found["runs"])
             if seed is not None:
                 self.step = f"seed-{seed}"
-                registered = self.run_child(f"seed-{seed}", seed, None)
+                registered = reports[f"seed-{seed}"] = self.run_child(f"seed-{seed}", seed, None)
                 found["runs"][seeds.index(seed)].update(status=registered["status"], registered=True)
                 base["mlflow"] = {**base["mlflow"], **{k: registered["mlflow"].get(k) for k in (
                     "model_uri", "model_name", "model_version", "aliases", "alias", "registry")}}
@@ -308,6 +309,10 @@ class _Parent:
         if "teacher_test_accuracy" in found["summary"]:
             report["teacher"] = {"accuracy": found["summary"]["teacher_test_accuracy"]["mean"]}
         report.pop("stage_seconds", None)
+        page = self.run_dir / "report.html"
+        report["report_html"] = write_page(page, lambda: render_seeds(report, [reports[f"seed-{s}"] for s in seeds]))
+        if "error" in report["report_html"]:
+            self.progress.info(f"warning: report.html not written: {report['report_html']['error']}")
         path = self.run_dir / "report.json"
         write_json(path, report)
         metrics = {f"seeds/{key}/{stat}": value[stat] for key, value in found["summary"].items()
@@ -318,6 +323,8 @@ class _Parent:
         self.tracker.log_metrics(metrics)
         self.tracker.log_artifact(self.run_dir / "pipeline.yaml")
         self.tracker.log_artifact(path)
+        if "error" not in report["report_html"]:
+            self.tracker.log_artifact(page)
         self.tracker.set_tags({"kdpipe.status": report["status"],
                                "kdpipe.registered_seed": str(found["registered"]["seed"])})
         self.tracker.end("FINISHED" if passed else "FAILED")

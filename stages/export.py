@@ -206,11 +206,12 @@ def export_qat(ctx, calibration: list[np.ndarray], x_val: torch.Tensor, graph_in
     report.json's quantization.qat and the graph's path."""
     cfg = ctx.pipeline.export
     path = ctx.run_dir / "student.qat.onnx"
+    history: dict = {}  # the fine-tuning's learning curves, which report.html draws after the distillation's
     fake_quantized, trainer = fine_tune(ctx.pipeline, ctx.student, ctx.teacher, ctx.data, calibration,
-                                        ctx.trainer_options("qat"), ctx.log_epoch)
+                                        ctx.trainer_options("qat"), ctx.log_epoch_into(history))
     export_qat_graph(fake_quantized, ctx.data, cfg, path, graph_input)
     x_test, y_test = ctx.data.x_test, ctx.data.y_test
-    return {"path": str(path), "epochs": cfg.qat_epochs, "timing": trainer.timing_summary(),
+    return {"path": str(path), "epochs": cfg.qat_epochs, "timing": trainer.timing_summary(), "history": history,
             "accuracy_torch": accuracy(fake_quantized, x_test.to(ctx.device), y_test.to(ctx.device)),
             "parity": prediction_parity(for_export(fake_quantized, ctx.data, graph_input), path, x_val,
                                         "fake-quantized PyTorch student")}, path

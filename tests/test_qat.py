@@ -102,6 +102,17 @@ def test_fp32_static_and_qat_are_compared_side_by_side_and_the_qat_model_is_regi
     assert "QuantizeLinear" in {node.op_type for node in registered.graph.node}
 
 
+def test_the_qat_epochs_are_kept_and_drawn_after_the_distillation_epochs(qat_run):
+    _, _, report = qat_run
+    fine_tuned = report["quantization"]["qat"]["history"]["qat"]
+    assert fine_tuned["epoch"] == [1, 2] and len(fine_tuned["val_accuracy"]) == 2
+    assert all(value > 0 for value in fine_tuned["train_loss"])
+    html = Path(report["report_html"]["path"]).read_text()
+    assert "Quantization-aware fine-tuning (qat): epochs 7 on" in html  # FAST distils 6 epochs
+    curves = html[html.index("<h2>Learning curves</h2>"):html.index("<h2>Test predictions</h2>")]
+    assert ">qat loss<" in curves and ">qat<" in curves  # the legend's entries for its loss and its accuracy
+
+
 def test_every_candidate_has_latency_percentiles_throughput_size_and_the_session_it_was_measured_in(qat_run):
     """FP32, static INT8 and QAT INT8 are measured alike: p50/p90/p99 and throughput per validated batch size, the
     file's size, and the session settings read back from the session that timed them (validate's)."""

@@ -212,6 +212,28 @@ def test_three_seeds_register_the_best_seed_only(seeds_env):
 
 
 @pytest.mark.slow
+def test_the_parent_has_a_page_with_every_seeds_run_side_by_side(seeds_env):
+    from test_report_html import check_in_browser, self_contained
+
+    report = seeds_env
+    page = Path(report["run_dir"]) / "report.html"
+    assert report["report_html"]["path"] == str(page) and report["report_html"]["seconds"] > 0
+    html = page.read_text()
+    self_contained(html)
+    for seed in (0, 1, 2):  # each seed's own run, as kdpipe compare shows it (the baselines are not compared)
+        child = json.loads((Path(report["run_dir"]) / f"seed-{seed}" / "report.json").read_text())
+        assert child["run_id"] in html
+    assert "baseline-0" not in html and html.count("training loss parts") == 3
+    registered = report["seeds"]["registered"]["seed"]
+    assert f"the mean over seeds 0, 1, 2. Registered: {registered} (" in html
+    mean = report["gates"]["accuracy_min"]["value"]
+    assert f"{mean:.6g}" in html  # the parent's gates, on the mean
+    check_in_browser(page)
+    artifacts = [a.path for a in client().list_artifacts(report["mlflow"]["run_id"])]
+    assert "report.html" in artifacts
+
+
+@pytest.mark.slow
 def test_a_gate_failing_on_the_mean_registers_nothing(workdir):
     result = cli("run", DIGITS, "--seeds", "0,1", *sets(*FAST, *CHEAP, "validate.gates.accuracy_min=0.999",
                                                         "validate.gates.max_accuracy_drop_vs_teacher=0.5"))
