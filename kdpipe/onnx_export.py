@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdpipe import gc_tuning
+
 
 class OnnxInterface(nn.Module):
     """Fixes the graph's input name to `input` and its output to `logits`, whatever the model's forward names."""
@@ -67,10 +69,12 @@ def reuse_torchlib_ops() -> bool:
     search trial. The list depends only on the installed onnxscript, so it is computed once. Where torch or
     onnxscript lay this out differently, exports run as before (returns False)."""
     try:
-        from torch.onnx._internal import _lazy_import
+        with gc_tuning.imports_uncollected():  # onnxscript and its operator list live as long as the process
+            from torch.onnx._internal import _lazy_import
 
-        apis = importlib.import_module(_lazy_import.onnxscript_apis._name)
-        apis.get_torchlib_ops = functools.cache(apis.get_torchlib_ops)
+            apis = importlib.import_module(_lazy_import.onnxscript_apis._name)
+            apis.get_torchlib_ops = functools.cache(apis.get_torchlib_ops)
+            apis.get_torchlib_ops()
     except (ImportError, AttributeError):
         return False
     return True

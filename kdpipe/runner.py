@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdpipe import __version__, distributed
+from kdpipe import __version__, distributed, gc_tuning
 from kdpipe.atomic import atomic_write, write_json
 from kdpipe.cache_store import check_cache_dir
 from kdpipe.data import Splits
@@ -251,6 +251,7 @@ class _Run:
            onnx_model: Path | None) -> tuple[Path | None, dict[str, Any]]:
         try:
             with contextlib.ExitStack() as run_scope:
+                run_scope.enter_context(gc_tuning.frozen_while_running())
                 self._start_tracking(run_scope)
                 self.ctx = self._context(onnx_model)
                 if not self.resumed:  # a resumed run's ledger is already on disk; a read-only one must end truthfully
@@ -277,7 +278,8 @@ class _Run:
             check_reachable(self.tracking)
             for uri in http_uris(self.tracking):
                 run_scope.enter_context(self.progress.http_retries(uri))
-        self.tracker = Tracker(self.tracking) if self.env.is_main else SilentTracker()
+        with gc_tuning.imports_uncollected():  # MLflow and its store: long-lived
+            self.tracker = Tracker(self.tracking) if self.env.is_main else SilentTracker()
         if self.resumed:
             if self.env.is_main:
                 self.tracker = ResumedTracker(self.tracker, self.ledger["mlflow_run_id"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import itertools
 import math
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdpipe import distributed
+from kdpipe import distributed, gc_tuning
 from kdpipe.errors import InputError
 from kdpipe.inference import predict
 from kdpipe.train.checkpoints import PhaseCheckpoint
@@ -175,6 +177,9 @@ class Trainer:
 
         Returns the last phase's final metrics, with `best_val_accuracy` of its first evaluated model.
         """
+        if "torch._dynamo" not in sys.modules:  # what torch.optim's first step imports: long-lived
+            with gc_tuning.imports_uncollected():
+                importlib.import_module("torch._dynamo")
         result: dict[str, float] = {}
         for number, phase in enumerate(phases):
             result = self._run_phase(number, phase)
