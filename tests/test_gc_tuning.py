@@ -54,7 +54,7 @@ def test_a_run_keeps_its_imports_out_of_its_collections_and_leaves_nothing_froze
     frozen_at_collections = []
 
     def record(phase, info):
-        if phase == "start" and info["generation"] == 2:
+        if phase == "start":  # any generation: a full one may not come at all in a process that imported all before
             frozen_at_collections.append(gc.get_freeze_count())
 
     gc.callbacks.append(record)
@@ -63,8 +63,10 @@ def test_a_run_keeps_its_imports_out_of_its_collections_and_leaves_nothing_froze
     finally:
         gc.callbacks.remove(record)
     assert result.exit_code == 0, result.output
-    # torch, torch._dynamo, MLflow and the ONNX exporter: millions of objects no full collection scans again
-    assert frozen_at_collections and min(frozen_at_collections) > 500_000, frozen_at_collections
+    # torch, torch._dynamo, MLflow and the ONNX exporter: millions of objects no collection scans again, from the
+    # command's start (a few collections before, while typer parses the command line, and after its end see none)
+    frozen = [count for count in frozen_at_collections if count > 500_000]
+    assert len(frozen) > 10 and len(frozen) > 0.9 * len(frozen_at_collections), frozen_at_collections
     assert gc.get_freeze_count() == 0 and gc.isenabled()
 
 
