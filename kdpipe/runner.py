@@ -78,15 +78,20 @@ class RunContext:
 
     def log_epoch_into(self, history: dict[str, dict[str, list]]):
         """log_epoch that also keeps each epoch's training loss parts and validation accuracy in `history` (label →
-        {"epoch": [...], metric: [...]}), report.json's learning curves. A resumed stage's history starts at the
-        epoch it resumed from: the earlier ones are in MLflow only."""
-        def on_epoch(label: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
-            self.log_epoch(label, epoch, epochs, metrics)
+        {"epoch": [...], metric: [...]}), report.json's learning curves. A stage resumed after epoch 1 starts its
+        history with the epochs its MLflow run recorded before the interruption."""
+        def keep(columns: dict[str, list], epoch: int, metrics: dict[str, float]) -> None:
             row = {"epoch": epoch, **{k: v for k, v in metrics.items() if k.startswith(("train_", "val_accuracy"))}}
-            columns = history.setdefault(label, {})
             done = len(columns.get("epoch", []))
             for key in [*columns, *(k for k in row if k not in columns)]:  # None where an epoch lacks a metric
                 columns.setdefault(key, [None] * done).append(row.get(key))
+
+        def on_epoch(label: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+            self.log_epoch(label, epoch, epochs, metrics)
+            if label not in history and epoch > 1:  # resumed: the epochs before are in the MLflow run only
+                for earlier, logged in (self.tracker.logged_epochs(label, before=epoch) or {}).items():
+                    keep(history.setdefault(label, {}), earlier, logged)
+            keep(history.setdefault(label, {}), epoch, metrics)
         return on_epoch
 
 

@@ -250,6 +250,19 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.runs.log_metrics(self.run_id, metrics, step)
 
+    def logged_epochs(self, label: str, before: int) -> dict[int, dict[str, float]]:
+        """The per-epoch metrics this run logged as `label/NAME` at steps below `before` (epoch → NAME → value):
+        what a resumed stage logged before it was interrupted."""
+        client = self.runs.client
+        found: dict[int, dict[str, float]] = {}
+        for key in client.get_run(self.run_id).data.metrics:
+            scope, _, name = key.partition("/")
+            if scope == label:
+                for metric in client.get_metric_history(self.run_id, key):
+                    if metric.step < before:
+                        found.setdefault(metric.step, {})[name] = metric.value
+        return dict(sorted(found.items()))
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.runs.client.log_artifact(self.run_id, str(path), artifact_path)
 

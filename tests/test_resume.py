@@ -42,9 +42,12 @@ def test_sigkill_during_distill_then_resume(workdir):
 
     runs, client = mlflow_runs(workdir)
     assert len(runs) == 1 and runs[0].info.status in ("FINISHED", "FAILED")
+    curves = report["distill"]["history"]["student"]  # report.html's: the epochs before the kill come from MLflow
+    assert curves["epoch"] == list(range(1, EPOCHS + 1)), curves["epoch"]
     for key in ("student/val_accuracy", "student/train_loss"):
-        steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
-        assert steps == list(range(1, EPOCHS + 1)), (key, steps)  # every epoch once: no gap, no duplicate
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key))
+        assert [step for step, _ in logged] == list(range(1, EPOCHS + 1)), (key, logged)  # every epoch once
+        assert curves[key.split("/")[1]] == pytest.approx([value for _, value in logged]), key
     assert len(client.get_metric_history(runs[0].info.run_id, "stage_seconds/teacher")) == 1
 
 
