@@ -47,7 +47,8 @@ def imports_uncollected():
 def frozen_while_running():
     """What is alive on entering is frozen; on leaving, everything frozen returns to the collector, so a process
     that goes on (a test session, a notebook running several pipelines, a multi-seed parent between its seeds)
-    collects a finished run's objects once they are garbage."""
+    collects a finished run's objects once they are garbage. (gc has one permanent generation: what a process froze
+    itself is unfrozen too; KDPIPE_GC_FREEZE=0 keeps kdpipe's hands off it.)"""
     freeze()
     try:
         yield
