@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.errors import InputError
+from kdpipe.report import number_or_na
 
 
 def read_reports(run_dirs: list[Path]) -> list[dict[str, Any]]:
@@ -36,12 +37,8 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
         onnx, latency = report.get("onnx") or {}, report.get("latency_ms") or {}
         delivered = f"{Path(onnx['path']).name} ({onnx.get('precision')})" if onnx.get("path") else "n/a"
         cells = [report["run_id"], (report.get("method") or {}).get("name", "n/a"), report["status"],
-                 _number(student.get("accuracy"), ".4f"), _number(teacher.get("accuracy"), ".4f"), delivered,
-                 *[_number((latency.get(str(b)) or {}).get("p50"), ".4g") for b in sizes],
-                 _number(onnx["size_bytes"] / 1e3 if "size_bytes" in onnx else None, ".1f")]
+                 number_or_na(student.get("accuracy"), ".4f"), number_or_na(teacher.get("accuracy"), ".4f"), delivered,
+                 *[number_or_na((latency.get(str(b)) or {}).get("p50"), ".4g") for b in sizes],
+                 number_or_na(onnx["size_bytes"] / 1e3 if "size_bytes" in onnx else None, ".1f")]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)

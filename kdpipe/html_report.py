@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import figures
+from kdpipe.report import number_or_na
 
 CSS = """body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
 h1{font-size:1.4em}h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.6em}
@@ -141,7 +142,10 @@ def _summary(report: dict[str, Any]) -> str:
     status = report["status"] + (f" after {report['stopped_after']}" if report.get("stopped_after") else "")
     student, teacher = report.get("student") or {}, report.get("teacher") or {}
     onnx, data = report.get("onnx") or {}, report.get("data") or {}
-    number = lambda v, f=".4f": "n/a" if v is None else f"#{v:{f}}"  # noqa: E731
+
+    def number(value, spec=".4f"):  # "#" marks a cell _table aligns right
+        return number_or_na(value, spec) if value is None else "#" + number_or_na(value, spec)
+
     facts = [("run", report["run_id"]), ("status", status), ("method", (report.get("method") or {}).get("name")),
              ("data", f"{data.get('source')}: train {data.get('train')}, val {data.get('val')}, test {data.get('test')}, "
                       f"{data.get('num_classes')} classes"),

@@ -7,6 +7,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+from kdpipe.report import number_or_na
+
 
 class Progress:
     def __init__(self, stream=None):
@@ -62,8 +64,7 @@ class Progress:
         width = max(len(g.name) for g in gates)
         self._print(f"{'gate':<{width}}  {'value':>12}  {'limit':>12}  result")
         for g in gates:
-            value = "n/a" if g.value is None else f"{g.value:.6g}"
-            self._print(f"{g.name:<{width}}  {value:>12}  {g.limit:>12.6g}  {'passed' if g.passed else 'FAILED'}")
+            self._print(f"{g.name:<{width}}  {number_or_na(g.value):>12}  {g.limit:>12.6g}  {'passed' if g.passed else 'FAILED'}")
 
     @contextmanager
     def http_retries(self, server: str):

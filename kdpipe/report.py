@@ -44,6 +44,12 @@ def render_report(base: dict[str, Any], results: Results, **ending: Any) -> dict
     return report
 
 
+def number_or_na(value: float | None, spec: str = ".6g") -> str:
+    """A report's optional number as every view of a run shows it (console, gates.md, report.html, compare):
+    formatted with `spec`, or "n/a" where it was not measured."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def render_gates_markdown(report: dict[str, Any]) -> str:
     """gates.md: how the run ended, the delivered model and every gate as a Markdown table, for a CI job's summary
     or a merge-request comment (docs/tutorials/ci.md)."""
@@ -57,8 +63,7 @@ def render_gates_markdown(report: dict[str, Any]) -> str:
         lines += [f"student test accuracy {student['accuracy']:.4f}{vs_teacher}{delivered}", ""]
     lines += ["| gate | value | limit | result |", "|---|---:|---:|---|"]
     for name, gate in report["gates"].items():
-        value = "n/a" if gate["value"] is None else f"{gate['value']:.6g}"
-        lines.append(f"| {name} | {value} | {gate['limit']:.6g} | {'passed' if gate['passed'] else '**FAILED**'} |")
+        lines.append(f"| {name} | {number_or_na(gate['value'])} | {gate['limit']:.6g} | {'passed' if gate['passed'] else '**FAILED**'} |")
     return "\n".join(lines) + "\n"
 
 

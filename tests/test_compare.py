@@ -40,3 +40,27 @@ def test_a_directory_without_report_json_exits_2_naming_it(workdir):
     assert result.exit_code == 2
     assert result.stderr.strip() == f"no report.json in {workdir / 'empty'}: not a kdpipe run directory"
     assert not (workdir / "compare.html").exists()
+
+
+def test_an_unmeasured_gate_reads_n_a_in_every_view_of_a_run(capsys):
+    """The console table, gates.md, report.html's summary and compare's table format a report's optional numbers
+    with one helper: a gate a runtime could not measure is "n/a" in each, a measured one the same digits."""
+    import io
+
+    from kdpipe.compare import markdown_table
+    from kdpipe.html_report import _summary
+    from kdpipe.progress import Progress
+    from kdpipe.report import render_gates_markdown
+    from kdpipe.results import Gate
+
+    gates = [Gate("openvino/runtime_agreement_min", None, 0.99, False), Gate("accuracy_min", 0.9861111, 0.9, True)]
+    report = {"name": "digits", "run_id": "r1", "status": "failed", "student": {"accuracy": 0.9861111},
+              "teacher": {}, "gates": {g.name: g.as_dict() for g in gates}}
+    console = io.StringIO()
+    Progress(console).gate_table(gates)
+    markdown, page = render_gates_markdown(report), _summary(report)
+    assert "runtime_agreement_min           n/a" in console.getvalue() and "0.986111" in console.getvalue()
+    assert "| openvino/runtime_agreement_min | n/a | 0.99 | **FAILED** |" in markdown
+    assert "| accuracy_min | 0.986111 | 0.9 | passed |" in markdown
+    assert "<td>n/a</td><td class=n>0.99</td>" in page and "<td class=n>0.986111</td>" in page
+    assert "| 0.9861 | n/a |" in markdown_table([report])
