@@ -262,6 +262,11 @@ class ExportConfig(Strict):
     calibration_percentile: Annotated[float, Field(gt=50.0, le=100.0)] = param(
         99.999, low=99.9, high=99.9999, when={"calibration_method": ["percentile"]},
         description="calibration_method percentile: the percentile of |x| an activation range keeps")
+    int8_weight_bits: Literal[7, 8] = Field(
+        7, description="INT8 weights' range, every quantize mode: 7 ([-64, 64]) gives the same results on every CPU; "
+                       "8 ([-128, 127]) a little more precision where the CPU multiplies uint8 by int8 exactly (VNNI, "
+                       "ARM), but x86 CPUs without VNNI (AVX2-only, AVX-512 before Cascade Lake) saturate the sums "
+                       "of those products in 16 bits and compute such a model wrongly")
     deliver: Literal["fp32", "int8", "best"] = Field(
         "fp32", description="the model validated against the gates and registered (int8 with quantize qat: the QAT "
                             "model); best: an INT8 model (with qat: the more accurate of static and QAT) only when it "

@@ -44,7 +44,7 @@ def build_ptq(fp32_path: Path, int8_path: Path, mode: str, calibration: list[np.
     for the graph) of the FP32 graph, marked with its mode; returns how it was pre-processed. Raises
     QuantizationFailed."""
     pre_process = quantize(fp32_path, int8_path, mode, calibration, export_cfg.calibration_method,
-                           export_cfg.calibration_percentile)
+                           export_cfg.calibration_percentile, weight_bits=export_cfg.int8_weight_bits)
     add_metadata(int8_path, {QUANTIZATION_KEY: mode})
     return pre_process
 

@@ -38,7 +38,8 @@ def fit_budget(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray], 
     def build(path: Path, timed: bool, excluded: list[str] | None = None,
               only: list[str] | None = None) -> tuple[str, dict]:
         pre_process = quantize(fp32_path, path, "static", calibration, export_cfg.calibration_method,
-                               export_cfg.calibration_percentile, nodes_to_exclude=excluded, nodes_to_quantize=only)
+                               export_cfg.calibration_percentile, nodes_to_exclude=excluded, nodes_to_quantize=only,
+                               weight_bits=export_cfg.int8_weight_bits)
         timed_sizes = [latency_batch_size] if timed else []
         return pre_process, measure_model(path, validation_cfg, x_val, y_val, batch_sizes=timed_sizes)
 

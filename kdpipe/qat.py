@@ -33,21 +33,23 @@ KEY = "export.quantize"
 QUANTIZATION_KEY = "kdpipe.quantization"  # ONNX metadata_props: none | dynamic | static | qat
 
 
-def qconfig_mapping():
+def qconfig_mapping(weight_bits: int):
     """INT8 per-channel symmetric weights, per-tensor affine uint8 activations, moving-average min/max observers.
 
-    Weights use [-128, 127], ONNX's int8 range: the exporter refuses the narrower [-127, 127]."""
+    Weights use [-64, 63] with weight_bits 7 (export.int8_weight_bits: what x86 CPUs without VNNI compute
+    exactly), else [-128, 127], ONNX's int8 range (the exporter refuses the narrower [-127, 127])."""
     from torch.ao.quantization import FakeQuantize, QConfig, QConfigMapping
     from torch.ao.quantization.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
 
     activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                         dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
+    low, high = {7: (-64, 63), 8: (-128, 127)}[weight_bits]
+    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=low, quant_max=high,
                                     dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
     return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
 
 
-def fake_quantize(student: nn.Module, example: torch.Tensor) -> nn.Module:
+def fake_quantize(student: nn.Module, example: torch.Tensor, weight_bits: int) -> nn.Module:
     """A fake-quantized copy of `student` on the CPU, in training mode, observers not yet calibrated.
     Raises InputError naming export.quantize when torch.fx cannot trace the student."""
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
@@ -58,7 +60,7 @@ def fake_quantize(student: nn.Module, example: torch.Tensor) -> nn.Module:
         expected = model.eval()(probe)
     try:
         with quiet_exporter():
-            prepared = prepare_qat_fx(model.train(), qconfig_mapping(), (example.cpu(),))
+            prepared = prepare_qat_fx(model.train(), qconfig_mapping(weight_bits), (example.cpu(),))
     except Exception as exc:  # noqa: BLE001 - the tracer raises many types (TraceError, TypeError, NotImplementedError)
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise InputError(KEY, f"qat needs a student torch.fx can trace, and {type(student).__name__} cannot be "
@@ -140,7 +142,7 @@ def check_quantizable(pipeline, student: nn.Module, teacher: nn.Module | None, n
     if distributed.from_environment().enabled:
         raise InputError(KEY, "qat fine-tunes in the export stage, which runs on rank 0 alone; run it without torchrun")
     example = torch.zeros((2, *input_shape))
-    fake_quantized = fake_quantize(student, example)
+    fake_quantized = fake_quantize(student, example, pipeline.export.int8_weight_bits)
     qat_method(pipeline, fake_quantized, teacher, num_classes, input_shape)
     # torch converts some fused patterns to quantized ops the ONNX exporter lacks (a Mul followed by a ReLU becomes
     # quantized::mul_relu): found now, not in the export stage after the whole distillation.
@@ -186,9 +188,33 @@ def export_qdq(fake_quantized: nn.Module, example: torch.Tensor, path: Path, ops
 
     dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with quiet_exporter(), atomic_write(path) as tmp:
-        converted = wrap(convert_fx(freeze(copy.deepcopy(fake_quantized).cpu())))
+        frozen = freeze(copy.deepcopy(fake_quantized).cpu())
+        converted = convert_fx(copy.deepcopy(frozen))
+        clamp_weights_to_their_range(frozen, converted)
+        converted = wrap(converted)
         torch.onnx.export(converted, (example.cpu(),), str(tmp), input_names=["input"], output_names=["logits"],
                           opset_version=opset, dynamic_axes=dynamic, dynamo=False)
+
+
+def clamp_weights_to_their_range(fake_quantized: nn.Module, converted: nn.Module) -> None:
+    """Each converted module's INT8 weights clamped to its fake quantizer's [quant_min, quant_max], in place.
+
+    The fake-quantized model clamps its weights there in every forward; convert_fx rounds them with the same scales
+    but clamps to int8's [-128, 127] only, so weights that fine-tuning moved past the observers' moving-average range
+    would export larger than the model that was trained and measured (with export.int8_weight_bits 7: up to 67
+    for a range of [-64, 63], which is also what x86 CPUs without VNNI cannot sum exactly)."""
+    ranges = {name: (m.weight_fake_quant.quant_min, m.weight_fake_quant.quant_max)
+              for name, m in fake_quantized.named_modules() if hasattr(m, "weight_fake_quant")}
+    for name, module in converted.named_modules():
+        if name not in ranges or not callable(getattr(module, "weight", None)):
+            continue
+        weight, (low, high) = module.weight(), ranges[name]
+        if weight.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine):
+            continue
+        clamped = torch._make_per_channel_quantized_tensor(
+            weight.int_repr().clamp(low, high), weight.q_per_channel_scales(), weight.q_per_channel_zero_points(),
+            weight.q_per_channel_axis())
+        module.set_weight_bias(clamped, module.bias())
 
 
 def prediction_parity(model: nn.Module, onnx_path: Path, x: torch.Tensor, against: str) -> dict:
@@ -211,7 +237,8 @@ def fine_tune(pipeline, student: nn.Module, teacher: nn.Module | None, data, cal
     from kdpipe.train import Phase, Trainer
 
     device = data.y_train.device
-    fake_quantized = fake_quantize(student, torch.from_numpy(calibration[0][:2])).to(device)
+    fake_quantized = fake_quantize(student, torch.from_numpy(calibration[0][:2]),
+                                   pipeline.export.int8_weight_bits).to(device)
     method = qat_method(pipeline, fake_quantized, teacher, data.num_classes, data.input_shape)
     calibrate(fake_quantized, calibration, device)
     cfg = pipeline.export

@@ -136,7 +136,8 @@ def export_int8(ctx, result: ExportResult, x_val: torch.Tensor, graph_input: str
     quantization = {
         "mode": cfg.quantize, "path": str(int8_path), "deliver": cfg.deliver,
         "calibration_samples": sum(len(b) for b in graph_calibration) if graph_calibration else 0,
-        "calibration_method": calibration_method(cfg) if graph_calibration else None}
+        "calibration_method": calibration_method(cfg) if graph_calibration else None,
+        "weight_bits": cfg.int8_weight_bits}
     if cfg.quantize == "qat":
         quantization["qat"], qat_path = export_qat(ctx, calibration_batches(ctx.data, cfg, batch_size, seed), x_val,
                                                    graph_input)

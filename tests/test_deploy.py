@@ -59,6 +59,38 @@ def test_teacher_is_exported_and_timed_the_same_way(deployed):
     assert teacher_onnx["size_bytes"] > 10 * report["onnx"]["size_bytes"]
 
 
+def int8_weights(path: Path) -> dict[str, np.ndarray]:
+    """A quantized model's int8 weight tensors by name (zero points are int8 too, but one number per channel)."""
+    from onnx import numpy_helper
+
+    arrays = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    return {name: a for name, a in arrays.items() if a.dtype == np.int8 and a.ndim >= 2}
+
+
+def test_int8_weights_are_7_bit_by_default_so_cpus_without_vnni_compute_them_exactly(deployed, digits, tmp_path):
+    """x86 CPUs without VNNI multiply uint8 activations by int8 weights in pairs summed in 16 bits, which saturate
+    past 32767: 255 * 127 * 2 does, 255 * 64 * 2 = 32640 does not. On such a CPU (the AMD EPYC this was found on)
+    the default pipeline's full-range static INT8 student lost 30 points in onnxruntime and agreed with OpenVINO on
+    half the test images. By default every INT8 weight is in [-64, 64]; export.int8_weight_bits 8 uses the full
+    range, for CPUs that multiply exactly."""
+    from kdpipe.config import ExportConfig
+    from kdpipe.deploy import calibration_batches
+    from kdpipe.quantize import quantize
+
+    _, _, report = deployed
+    assert report["quantization"]["weight_bits"] == 7
+    weights = int8_weights(Path(report["quantization"]["int8"]["path"]))
+    assert len(weights) == 3  # two convolutions and the classifier
+    assert max(int(np.abs(w).max()) for w in weights.values()) == 64
+
+    fp32 = Path(report["quantization"]["fp32"]["path"])
+    calibration = calibration_batches(digits, ExportConfig(calibration_batches=2), 64, 0)
+    for mode, bits, largest in (("static", 8, 127), ("dynamic", 7, 64), ("dynamic", 8, 127)):
+        built = tmp_path / f"{mode}-{bits}.onnx"
+        quantize(fp32, built, mode, calibration if mode == "static" else None, weight_bits=bits)
+        assert max(int(np.abs(w).max()) for w in int8_weights(built).values()) == largest, (mode, bits)
+
+
 def test_int8_is_validated_side_by_side_with_fp32(deployed):
     """Acceptance 3: the default pipeline's INT8 model next to FP32 in report.json, and `best` picks honestly."""
     _, _, report = deployed

@@ -80,7 +80,10 @@ def test_fp32_static_int8_and_qat_files_run_in_openvino_as_in_onnxruntime(both_r
         measured = measure_openvino(path, cfg, x, y, reference)
         parity = measured["parity_vs_onnxruntime"]
         assert parity["samples"] == len(x) == 359
-        assert parity["agreement"] >= 0.99, (name, parity)  # at most 3 of 359 test images on a class boundary
+        # Two INT8 kernels round differently, so images on a class boundary may flip: at most 3 of 359 on a
+        # VNNI CPU, 4 of 359 on the QAT file on an AVX2-only AMD EPYC (onnxruntime without graph optimizations
+        # agreed with itself optimized there; OpenVINO differed from both by one output step more)
+        assert parity["agreement"] >= (0.985 if quantized else 0.99), (name, parity)
         if quantized:  # two INT8 kernels: the same scales, their own rounding
             assert 0 < parity["max_abs_diff"] < 0.5 and abs(measured["accuracy"] - (reference.argmax(1) == y).mean()) <= 0.01
         else:  # the same float arithmetic: the same classes, logits within float rounding
@@ -121,7 +124,8 @@ def test_a_run_reports_and_gates_every_model_in_both_runtimes(both_runtimes):
     for name, model in onnxruntime.items():
         measured = section[name]
         assert measured["path"] == model["path"] and measured["size_bytes"] == model["size_bytes"]
-        assert measured["parity_vs_onnxruntime"]["agreement"] >= 0.99 and measured["parity_vs_onnxruntime"]["samples"] == 359
+        assert measured["parity_vs_onnxruntime"]["agreement"] >= (0.985 if name in ("int8", "qat") else 0.99)
+        assert measured["parity_vs_onnxruntime"]["samples"] == 359
         assert abs(measured["accuracy"] - model["accuracy"]) <= 0.01
         assert set(measured["latency_ms"]) == {"1", "64"}
         assert all(0 < s["p50"] <= s["p90"] <= s["p99"] and s["runs"] == 50 for s in measured["latency_ms"].values())

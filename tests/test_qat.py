@@ -37,7 +37,7 @@ def rebuild_fake_quantized(run_dir, data):
 
     student = build_model(ModelConfig(arch="cnn", width=8, depth=2), "student.model", data.input_shape, data.num_classes)
     student.load_state_dict(torch.load(run_dir / "student.pt", weights_only=True)["student"])
-    fake_quantized = fake_quantize(student, data.x_val[:2])
+    fake_quantized = fake_quantize(student, data.x_val[:2], weight_bits=7)
     saved = torch.load(run_dir / "checkpoints" / "qat" / "0-qat.pt", weights_only=True)
     assert saved["finished"] and saved["epoch"] == 2
     fake_quantized.load_state_dict(saved["modules"][0])
@@ -57,6 +57,11 @@ def test_qat_onnx_is_qdq_runs_in_onnxruntime_and_follows_the_fake_quantized_mode
     constants = [*model.graph.initializer, *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute)]
     int8_weights = [t for t in constants if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
     assert len(int8_weights) == 3, [(t.name, t.data_type, list(t.dims)) for t in constants]  # 2 convs and fc
+    # export.int8_weight_bits 7 (the default): the fake quantizers' [-64, 63], which fine-tuning past the observed
+    # range does not widen in the file
+    largest = [int(np.abs(onnx.numpy_helper.to_array(t)).max()) for t in int8_weights]
+    assert max(largest) == 64 and all(w <= 64 for w in largest), largest
+    assert min(int(onnx.numpy_helper.to_array(t).min()) for t in int8_weights) == -64
     assert {p.key: p.value for p in model.metadata_props}["kdpipe.quantization"] == "qat"
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -71,6 +76,38 @@ def test_qat_onnx_is_qdq_runs_in_onnxruntime_and_follows_the_fake_quantized_mode
     assert agreement >= 0.99, agreement
     assert report["quantization"]["qat"]["parity"]["agreement"] == pytest.approx(agreement)
     assert report["quantization"]["qat"]["parity"]["against"] == "fake-quantized PyTorch student"
+
+
+def test_the_qdq_export_keeps_weights_in_the_range_the_fake_quantized_model_trained_with(tmp_path):
+    """convert_fx rounds weights with the observers' scales but clamps them to int8's range only: weights that grew
+    past the moving-average range during fine-tuning exported as up to 67 where the fake-quantized model (and so
+    every accuracy kdpipe measured of it) clamps at 63. The export clamps them to the fake quantizer's range."""
+    from kdpipe.config import ModelConfig
+    from kdpipe.models import build_model
+    from kdpipe.onnx_runtime import predict as ort_predict, session
+    from kdpipe.qat import calibrate, export_qdq, fake_quantize, freeze
+
+    torch.manual_seed(0)
+    student = build_model(ModelConfig(arch="cnn", width=8, depth=2), "student.model", (1, 8, 8), 10).eval()
+    x = torch.rand(256, 1, 8, 8)
+    for bits, (low, high) in ((7, (-64, 63)), (8, (-128, 127))):
+        fake_quantized = fake_quantize(student, x[:2], weight_bits=bits)
+        calibrate(fake_quantized, [b.numpy() for b in x.split(64)], torch.device("cpu"))
+        with torch.no_grad():  # as fine-tuning does: weights past the range the observers saw
+            for module in fake_quantized.modules():
+                if hasattr(module, "weight_fake_quant"):
+                    module.weight.mul_(1.1)
+        fake_quantized = freeze(fake_quantized)
+        export_qdq(fake_quantized, x[:2], tmp_path / f"{bits}.onnx", opset=18, dynamic_batch=True)
+        model = onnx.load(tmp_path / f"{bits}.onnx")
+        weights = [onnx.numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.t.data_type == onnx.TensorProto.INT8 and len(a.t.dims) > 1]
+        assert len(weights) == 3 and min(int(w.min()) for w in weights) == low, bits
+        assert max(int(w.max()) for w in weights) == high, bits
+        with torch.no_grad():
+            expected = fake_quantized(x).numpy()
+        got = ort_predict(session(tmp_path / f"{bits}.onnx"), x.numpy())
+        assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99, bits
 
 
 def test_fp32_static_and_qat_are_compared_side_by_side_and_the_qat_model_is_registered(qat_run):
@@ -302,7 +339,7 @@ def test_timm_batchnorm_act_students_are_fused_and_their_qdq_model_follows_the_f
         for batch in x.split(64):
             student(batch)
     student.eval()
-    fake_quantized = fake_quantize(student, x[:2])
+    fake_quantized = fake_quantize(student, x[:2], weight_bits=7)
     assert not any(isinstance(m, timm.layers.BatchNormAct2d) for m in fake_quantized.modules())
     calibrate(fake_quantized, [b.numpy() for b in x.split(64)], torch.device("cpu"))
     fake_quantized = freeze(fake_quantized)
