@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +14,12 @@ from conftest import FAST, PIPELINES, read_report, run_process
 
 @pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process_and_only_rank_0_logs(workdir, monkeypatch):
-    # Fifteen epochs: at FAST's six the student is still near 80% and moves by a point between teachers of the
-    # cache (the same settings trained on one thread or two), while per-rank BatchNorm statistics make DDP differ.
-    overrides = [a for o in (*FAST, "distill.epochs=15") for a in ("--set", o)]
+    # A student without BatchNorm: DDP averages the ranks' gradients of the same global batch, so one process and
+    # two differ only in the order floats are summed. With the default CNN, per-rank BatchNorm statistics make DDP
+    # another trajectory: after 15 epochs on an AVX2-only AMD EPYC 0.947 against one process's 0.964, where five
+    # seeds of one process spread over 0.955-0.975.
+    student = f"student.model={{entrypoint: '{Path(__file__).parent / 'fixture_models.py'}:ten_class_mlp', kwargs: {{hidden: 32}}}}"
+    overrides = [a for o in (*FAST, "distill.epochs=15", student) for a in ("--set", o)]
     # One thread per process, as torchrun sets for each rank.
     single = run_process("run", PIPELINES / "digits.yaml", *overrides, "--runs-dir", workdir / "single",
                          env={"OMP_NUM_THREADS": "1"})
@@ -29,7 +33,8 @@ def test_two_process_gloo_run_matches_one_process_and_only_rank_0_logs(workdir, 
     report = read_report(ddp.stdout)
     assert report["status"] in ("passed", "failed"), ddp.stderr
     assert ddp.stdout.count("report.json") == 1  # rank 1 prints nothing
-    assert abs(report["student"]["accuracy"] - single_report["student"]["accuracy"]) <= 0.01
+    # at most one test image apart (the same accuracy on the machine this was measured on, 0.9554)
+    assert abs(report["student"]["accuracy"] - single_report["student"]["accuracy"]) * report["data"]["test"] <= 1 + 1e-9
     assert len(list((workdir / "ddp" / "digits").iterdir())) == 1  # one run directory, rank 0's
 
     import mlflow
