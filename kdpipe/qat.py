@@ -184,27 +184,26 @@ def export_qdq(fake_quantized: nn.Module, example: torch.Tensor, path: Path, ops
                wrap: Callable[[nn.Module], nn.Module] = lambda model: model) -> None:
     """The fine-tuned model as QDQ ONNX (input `input`, output `logits`, like the FP32 export), written atomically;
     `wrap` puts the converted model in what the graph exports (an InputAdapter for `export.input: uint8`)."""
-    from torch.ao.quantization.quantize_fx import convert_fx
-
     dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with quiet_exporter(), atomic_write(path) as tmp:
-        frozen = freeze(copy.deepcopy(fake_quantized).cpu())
-        converted = convert_fx(copy.deepcopy(frozen))
-        clamp_weights_to_their_range(frozen, converted)
-        converted = wrap(converted)
+        converted = wrap(convert_within_ranges(freeze(copy.deepcopy(fake_quantized).cpu())))
         torch.onnx.export(converted, (example.cpu(),), str(tmp), input_names=["input"], output_names=["logits"],
                           opset_version=opset, dynamic_axes=dynamic, dynamo=False)
 
 
-def clamp_weights_to_their_range(fake_quantized: nn.Module, converted: nn.Module) -> None:
-    """Each converted module's INT8 weights clamped to its fake quantizer's [quant_min, quant_max], in place.
+def convert_within_ranges(fake_quantized: nn.Module) -> nn.Module:
+    """The quantized model of `fake_quantized` (convert_fx, which consumes it), each INT8 weight clamped to its
+    fake quantizer's [quant_min, quant_max].
 
     The fake-quantized model clamps its weights there in every forward; convert_fx rounds them with the same scales
     but clamps to int8's [-128, 127] only, so weights that fine-tuning moved past the observers' moving-average range
     would export larger than the model that was trained and measured (with export.int8_weight_bits 7: up to 67
     for a range of [-64, 63], which is also what x86 CPUs without VNNI cannot sum exactly)."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
     ranges = {name: (m.weight_fake_quant.quant_min, m.weight_fake_quant.quant_max)
               for name, m in fake_quantized.named_modules() if hasattr(m, "weight_fake_quant")}
+    converted = convert_fx(fake_quantized)
     for name, module in converted.named_modules():
         if name not in ranges or not callable(getattr(module, "weight", None)):
             continue
@@ -215,6 +214,7 @@ def clamp_weights_to_their_range(fake_quantized: nn.Module, converted: nn.Module
             weight.int_repr().clamp(low, high), weight.q_per_channel_scales(), weight.q_per_channel_zero_points(),
             weight.q_per_channel_axis())
         module.set_weight_bias(clamped, module.bias())
+    return converted
 
 
 def prediction_parity(model: nn.Module, onnx_path: Path, x: torch.Tensor, against: str) -> dict:
