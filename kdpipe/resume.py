@@ -68,6 +68,11 @@ def check_resumed(ledger: dict[str, Any], pipeline: Pipeline, data: Splits, run_
               "data are not compared with those the run started with", file=sys.stderr)
         return now
     if now["pipeline_digest"] != ledger["pipeline_digest"]:
+        added = _keys_added_since(ledger["pipeline"], now)
+        if added:
+            raise InputError("pipeline.yaml", f"the run was started by an earlier kdpipe, which had no {added}; "
+                                              f"--resume continues a run as it began: finish it with that kdpipe, or "
+                                              f"start a new run with kdpipe run {run_dir / 'pipeline.yaml'}")
         was, edited = flatten(ledger["pipeline"]), flatten(now["pipeline"])
         changed = [f"{key} {shown(was.get(key))} → {shown(edited.get(key))}"
                    for key in dict.fromkeys([*was, *edited]) if was.get(key) != edited.get(key)]
@@ -77,6 +82,20 @@ def check_resumed(ledger: dict[str, Any], pipeline: Pipeline, data: Splits, run_
                                           f"{run_dir / 'pipeline.yaml'}")
     _check_same_data(ledger["data"], now["data"], pipeline.data.input_key, run_dir)
     return now
+
+
+def _keys_added_since(recorded: dict[str, Any], now: dict[str, Any]) -> str:
+    """When the run's recorded pipeline differs from `now` (run_record) only by settings this kdpipe fills in and the
+    one that started the run did not have (its record lacks them), those settings with their values, else ""."""
+    try:
+        upgraded = Pipeline.model_validate(recorded).resolved()
+    except Exception:  # noqa: BLE001 - a record this schema refuses differs by more than added settings
+        return ""
+    if fingerprint(upgraded) != now["pipeline_digest"]:
+        return ""
+    was = flatten(recorded)
+    return ", ".join(f"{key} (this one sets {shown(value)})" for key, value in flatten(upgraded).items()
+                     if key not in was)
 
 
 def _check_same_data(was: dict[str, Any], now: dict[str, Any], key: str, run_dir: Path) -> None:

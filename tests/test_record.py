@@ -407,6 +407,33 @@ def test_resuming_an_edited_record_is_refused_naming_what_changed(workdir):
     assert (run_dir / "ledger.json").read_text() == ledger and "stopped_after" in (run_dir / "report.json").read_text()
 
 
+def test_a_run_an_earlier_kdpipe_started_is_refused_naming_the_settings_it_did_not_have(workdir):
+    """A setting added since the run started is in this kdpipe's pipeline, not in the run's record: the refusal says
+    so instead of asking the user to undo an edit they never made; an edit beside it is still named as one."""
+    import json
+
+    from kdpipe.fingerprint import fingerprint
+
+    stopped = run_process("run", PIPELINES / "digits.yaml", *sets(*QUICK), "--until", "teacher", env=ONE_THREAD)
+    assert stopped.returncode == 0, stopped.stderr
+    run_dir = only_run(workdir)
+    # The record and ledger the release before export.int8_weight_bits wrote: the same pipeline without that key.
+    earlier = yaml.safe_load((run_dir / "pipeline.yaml").read_text())
+    del earlier["export"]["int8_weight_bits"]
+    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(earlier, sort_keys=False))
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    ledger.update(pipeline=earlier, pipeline_digest=fingerprint(earlier))
+    (run_dir / "ledger.json").write_text(json.dumps(ledger))
+    assert_refused(run_process("run", "--resume", run_dir), run_dir, "pipeline.yaml",
+                   "the run was started by an earlier kdpipe, which had no export.int8_weight_bits (this one sets 7)",
+                   "finish it with that kdpipe")
+
+    earlier["distill"]["epochs"] = 99
+    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(earlier, sort_keys=False))
+    assert_refused(run_process("run", "--resume", run_dir), run_dir, "pipeline.yaml", "changed since the run started",
+                   "distill.epochs 3 → 99", "export.int8_weight_bits None → 7")
+
+
 def test_resuming_on_changed_data_is_refused_naming_what_changed(workdir):
     folder = digit_folder(workdir / "pets", {"one": 1, "seven": 7, "zero": 0})
     file = write_pipeline(workdir / "pets.yaml", data={"source": "imagefolder", "path": str(folder), "channels": 1,
