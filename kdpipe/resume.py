@@ -13,7 +13,7 @@ from kdpipe.config_errors import shown
 from kdpipe.data import Splits
 from kdpipe.errors import InputError
 from kdpipe.fingerprint import fingerprint
-from kdpipe.pipeline import Pipeline
+from kdpipe.pipeline import Pipeline, validate_pipeline
 from kdpipe.tracking import flatten
 
 
@@ -68,7 +68,7 @@ def check_resumed(ledger: dict[str, Any], pipeline: Pipeline, data: Splits, run_
               "data are not compared with those the run started with", file=sys.stderr)
         return now
     if now["pipeline_digest"] != ledger["pipeline_digest"]:
-        added = _keys_added_since(ledger["pipeline"], now)
+        added = _keys_added_since(ledger["pipeline"], now["pipeline_digest"])
         if added:
             raise InputError("pipeline.yaml", f"the run was started by an earlier kdpipe, which had no {added}; "
                                               f"--resume continues a run as it began: finish it with that kdpipe, or "
@@ -84,14 +84,15 @@ def check_resumed(ledger: dict[str, Any], pipeline: Pipeline, data: Splits, run_
     return now
 
 
-def _keys_added_since(recorded: dict[str, Any], now: dict[str, Any]) -> str:
-    """When the run's recorded pipeline differs from `now` (run_record) only by settings this kdpipe fills in and the
-    one that started the run did not have (its record lacks them), those settings with their values, else ""."""
+def _keys_added_since(recorded: dict[str, Any], digest_now: str) -> str:
+    """When the run's recorded pipeline differs from the one whose run_record digest is `digest_now` only by settings
+    this kdpipe fills in and the one that started the run did not have (its record lacks them), those settings with
+    their values, else ""."""
     try:
-        upgraded = Pipeline.model_validate(recorded).resolved()
-    except Exception:  # noqa: BLE001 - a record this schema refuses differs by more than added settings
+        upgraded = validate_pipeline(recorded).resolved()
+    except InputError:  # a record this kdpipe refuses differs by more than added settings
         return ""
-    if fingerprint(upgraded) != now["pipeline_digest"]:
+    if fingerprint(upgraded) != digest_now:
         return ""
     was = flatten(recorded)
     return ", ".join(f"{key} (this one sets {shown(value)})" for key, value in flatten(upgraded).items()
